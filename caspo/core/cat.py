@@ -1,0 +1,351 @@
+"""CaT inference (paper Algorithm 2) and the baselines it is compared with, on one code path.
+
+A search is a small state machine: ``pending()`` says which prefixes need next-step proposals,
+``feed()`` takes them. ``run_searches`` drives many searches together and batches every pending
+proposal into one ``StepProposer.propose`` call per (samples, temperature) group, so a batch of
+questions (or of concurrent requests, in Serve) costs one model call per step.
+
+Methods (all through the same Search):
+  * ``cat``    — each active branch proposes K steps; a step multiplies the branch's cumulative
+                 confidence C by c; branches with C < τ are pruned, completed branches go to the
+                 answer set, the top K survivors by C stay active; answer = completed branch with the
+                 highest C; none → "no confident answer" (DESIGN §4).
+  * ``greedy`` — one branch, temperature 0.
+  * ``sc``     — K independent samples (self-consistency), majority vote on final answers.
+  * ``bon``    — the same K samples, answer = completed sample with the highest C (best-of-K).
+
+How a step is scored is pluggable (``entropy``: c = exp(-mean H), the paper's; ``logprob``: exp of
+the mean token log-probability; ``product``: both) and reported. Cumulative confidence is kept in log
+space. Whatever the scoring, each result also carries the entropy-based C of its answer branch, so
+calibration is measured on the same quantity for every method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from caspo.core.confidence import SCORINGS, log_step_multiplier, log_step_score, mean_entropy
+from caspo.core.steps import final_answer, parse_number
+
+METHODS = ("greedy", "sc", "bon", "cat")
+NO_CONFIDENT_ANSWER = "no confident answer"
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A question plus the steps taken so far. ``seed`` (when set) makes the proposer's sampling for
+    this prefix reproducible whatever else shares its batch."""
+
+    question: str
+    steps: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ProposedStep:
+    text: str  # the step, without its delimiter; "" when the model produced no step
+    token_entropies: tuple[float, ...]
+    token_logprobs: tuple[float, ...]
+    ended: bool = False  # the model ended its output (EOS / length) instead of a delimiter
+    entropy_estimate: bool = False  # entropies are a top-k estimate, not the full vocabulary
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_logprobs)
+
+
+class StepProposer(Protocol):
+    def propose(self, prefixes: Sequence[Prefix], n: int, temperature: float) -> list[list[ProposedStep]]:
+        """For each prefix, n sampled next steps (temperature 0: greedy, n must be 1)."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    method: str = "cat"
+    k: int = 4
+    tau: float = 0.5
+    max_steps: int = 12
+    scoring: str = "entropy"
+    temperature: float = 0.7
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau must be in [0, 1], got {self.tau!r}")
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+
+
+@dataclass
+class Node:
+    id: int
+    parent: int | None
+    step: str
+    depth: int
+    log_c: float = 0.0  # log of this step's multiplier under the search's scoring
+    log_C: float = 0.0  # log cumulative confidence of the path ending here
+    log_C_entropy: float = 0.0  # the same under entropy scoring (for calibration)
+    mean_entropy: float = 0.0
+    mean_logprob: float = 0.0
+    tokens: int = 0
+    status: str = "active"  # active | expanded | completed | pruned | dropped | dead | truncated
+
+    def to_dict(self) -> dict:
+        import math
+
+        return {
+            "id": self.id,
+            "parent": self.parent,
+            "step": self.step,
+            "depth": self.depth,
+            "c": math.exp(self.log_c),
+            "C": math.exp(self.log_C),
+            "mean_entropy": self.mean_entropy,
+            "mean_logprob": self.mean_logprob,
+            "tokens": self.tokens,
+            "status": self.status,
+        }
+
+
+@dataclass
+class SearchResult:
+    question: str
+    method: str
+    scoring: str
+    answer: str | None
+    confidence: float  # cumulative confidence C of the answer branch under ``scoring`` (0 if none)
+    entropy_confidence: float  # the same branch's C under entropy scoring (0 if none)
+    steps: tuple[str, ...]  # the answer branch
+    step_mean_entropies: tuple[float, ...]
+    step_confidences: tuple[float, ...]  # per step c = exp(-mean H)
+    reason: str  # "" or NO_CONFIDENT_ANSWER
+    steps_proposed: int = 0
+    tokens_generated: int = 0
+    branches_pruned: int = 0  # cumulative confidence fell below τ
+    branches_dropped: int = 0  # survived τ but outside the top K
+    branches_completed: int = 0
+    votes: dict[str, int] = field(default_factory=dict)
+    tree: list[dict] = field(default_factory=list)
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts, stable across processes (unlike hash())."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") >> 1
+
+
+def answer_key(answer: str) -> str:
+    """Canonical form of a final answer for voting: the number if it is one, else trimmed text."""
+    n = parse_number(answer)
+    return str(n.normalize()) if n is not None else answer.strip().lower()
+
+
+@dataclass(frozen=True)
+class Request:
+    search: "Search"
+    prefixes: list[Prefix]
+    nodes: list[int]
+    n: int
+    temperature: float
+
+
+class Search:
+    """One question's search; see module doc. Not thread-safe; one driver feeds it."""
+
+    def __init__(self, question: str, config: SearchConfig):
+        self.question = question
+        self.cfg = config
+        self.nodes: list[Node] = [Node(0, None, "", 0, status="expanded")]
+        self.active: list[int] = [0]
+        self.completed: list[int] = []
+        self.t = 0
+        self.counters = Counter()
+        c = config
+        if c.method == "greedy":
+            self._n_first, self._n_rest, self._tau, self._keep, self._temp = 1, 1, 0.0, 1, 0.0
+        elif c.method == "cat":
+            self._n_first, self._n_rest, self._tau, self._keep, self._temp = c.k, c.k, c.tau, c.k, c.temperature
+        else:  # sc, bon: K independent chains that split at the first step and never branch again
+            self._n_first, self._n_rest, self._tau, self._keep, self._temp = c.k, 1, 0.0, c.k, c.temperature
+            if c.temperature == 0 and c.k > 1:
+                raise ValueError("temperature must be > 0 for sc/bon with k > 1 (samples would be identical)")
+
+    # ---- protocol with the driver ----------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+    def path(self, node_id: int) -> list[Node]:
+        out = []
+        while node_id is not None and node_id != 0:
+            node = self.nodes[node_id]
+            out.append(node)
+            node_id = node.parent
+        return out[::-1]
+
+    def pending(self) -> Request | None:
+        if self.done:
+            return None
+        prefixes = []
+        for nid in self.active:
+            seed = None if self.cfg.seed is None else derive_seed(self.cfg.seed, nid)
+            prefixes.append(Prefix(self.question, tuple(n.step for n in self.path(nid)), seed))
+        n = self._n_first if self.t == 0 else self._n_rest
+        return Request(self, prefixes, list(self.active), n, self._temp)
+
+    def feed(self, request: Request, proposals: Sequence[Sequence[ProposedStep]]) -> None:
+        if len(proposals) != len(request.nodes):
+            raise ValueError(f"expected proposals for {len(request.nodes)} prefixes, got {len(proposals)}")
+        self.t += 1
+        survivors: list[Node] = []
+        for parent_id, cands in zip(request.nodes, proposals):
+            parent = self.nodes[parent_id]
+            parent.status = "expanded"
+            seen: set[str] = set()
+            for cand in cands:
+                self.counters["steps_proposed"] += 1
+                self.counters["tokens_generated"] += cand.tokens
+                text = cand.text.strip()
+                # CaT merges identical siblings: K copies of one step would spend the whole budget on it
+                if self.cfg.method == "cat":
+                    if text in seen:
+                        continue
+                    seen.add(text)
+                node = self._add(parent, cand, text)
+                if not text:
+                    node.status = "dead"  # the model ended without a step
+                    continue
+                if node.log_C < _log(self._tau):
+                    node.status = "pruned"
+                    self.counters["branches_pruned"] += 1
+                    continue
+                if final_answer(text) is not None:
+                    node.status = "completed"
+                    self.completed.append(node.id)
+                    continue
+                if cand.ended:
+                    node.status = "dead"  # output ended without a final answer
+                    continue
+                survivors.append(node)
+        survivors.sort(key=lambda n: -n.log_C)  # stable: ties keep proposal order
+        for node in survivors[self._keep :]:
+            node.status = "dropped"
+            self.counters["branches_dropped"] += 1
+        self.active = [n.id for n in survivors[: self._keep]]
+        if self.t >= self.cfg.max_steps:
+            for nid in self.active:
+                self.nodes[nid].status = "truncated"
+            self.active = []
+        elif self.cfg.method in ("cat", "bon") and self.completed and self.active:
+            # C never grows (every multiplier is <= 1), so once the best completed branch is at least as
+            # confident as every active one, no active branch can win: stop early, answer unchanged.
+            best = max(self.nodes[i].log_C for i in self.completed)
+            if all(self.nodes[i].log_C <= best for i in self.active):
+                for nid in self.active:
+                    self.nodes[nid].status = "dropped"
+                    self.counters["branches_dropped"] += 1
+                self.active = []
+
+    def _add(self, parent: Node, cand: ProposedStep, text: str) -> Node:
+        log_c = log_step_score(self.cfg.scoring, cand.token_entropies, cand.token_logprobs)
+        node = Node(
+            id=len(self.nodes),
+            parent=parent.id,
+            step=text,
+            depth=parent.depth + 1,
+            log_c=log_c,
+            log_C=parent.log_C + log_c,
+            log_C_entropy=parent.log_C_entropy + log_step_multiplier(cand.token_entropies),
+            mean_entropy=mean_entropy(cand.token_entropies),
+            mean_logprob=(sum(cand.token_logprobs) / len(cand.token_logprobs)) if cand.token_logprobs else 0.0,
+            tokens=cand.tokens,
+        )
+        self.nodes.append(node)
+        return node
+
+    # ---- answer ----------------------------------------------------------------------------
+    def result(self, with_tree: bool = False) -> SearchResult:
+        import math
+
+        chosen: Node | None = None
+        votes: dict[str, int] = {}
+        if self.completed:
+            done = [self.nodes[i] for i in self.completed]
+            if self.cfg.method == "sc":
+                counts = Counter(answer_key(final_answer(n.step)) for n in done)
+                votes = dict(counts)
+                # majority; ties go to the answer whose best chain is most confident, then to the earliest
+                best_for = {}
+                for n in done:
+                    key = answer_key(final_answer(n.step))
+                    if key not in best_for or n.log_C > best_for[key].log_C:
+                        best_for[key] = n
+                order = {key: i for i, key in reversed(list(enumerate(answer_key(final_answer(n.step)) for n in done)))}
+                win = max(counts, key=lambda a: (counts[a], best_for[a].log_C, -order[a]))
+                chosen = best_for[win]
+            else:
+                chosen = max(done, key=lambda n: n.log_C)  # max keeps the first of equals
+        path = self.path(chosen.id) if chosen else []
+        return SearchResult(
+            question=self.question,
+            method=self.cfg.method,
+            scoring=self.cfg.scoring,
+            answer=final_answer(chosen.step) if chosen else None,
+            confidence=math.exp(chosen.log_C) if chosen else 0.0,
+            entropy_confidence=math.exp(chosen.log_C_entropy) if chosen else 0.0,
+            steps=tuple(n.step for n in path),
+            step_mean_entropies=tuple(n.mean_entropy for n in path),
+            step_confidences=tuple(math.exp(-n.mean_entropy) for n in path),
+            reason="" if chosen else NO_CONFIDENT_ANSWER,
+            steps_proposed=self.counters["steps_proposed"],
+            tokens_generated=self.counters["tokens_generated"],
+            branches_pruned=self.counters["branches_pruned"],
+            branches_dropped=self.counters["branches_dropped"],
+            branches_completed=len(self.completed),
+            votes=votes,
+            tree=[n.to_dict() for n in self.nodes[1:]] if with_tree else [],
+        )
+
+
+def _log(x: float) -> float:
+    import math
+
+    return math.log(x) if x > 0 else float("-inf")
+
+
+def run_searches(searches: Sequence[Search], proposer: StepProposer, with_tree: bool = False) -> list[SearchResult]:
+    """Drive searches to completion, batching all pending prefixes with equal (n, temperature)."""
+    while True:
+        groups: dict[tuple[int, float], list[Request]] = {}
+        for s in searches:
+            req = s.pending()
+            if req is not None:
+                groups.setdefault((req.n, req.temperature), []).append(req)
+        if not groups:
+            break
+        for (n, temperature), reqs in groups.items():
+            flat = [p for r in reqs for p in r.prefixes]
+            out = proposer.propose(flat, n, temperature)
+            if len(out) != len(flat):
+                raise RuntimeError(f"proposer returned {len(out)} results for {len(flat)} prefixes")
+            i = 0
+            for r in reqs:
+                r.search.feed(r, out[i : i + len(r.prefixes)])
+                i += len(r.prefixes)
+    return [s.result(with_tree=with_tree) for s in searches]
+
+
+def search(question: str, proposer: StepProposer, config: SearchConfig, with_tree: bool = False) -> SearchResult:
+    """Run one search (any method) for one question."""
+    return run_searches([Search(question, config)], proposer, with_tree=with_tree)[0]

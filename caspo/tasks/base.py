@@ -1,0 +1,42 @@
+"""What a task is: a source of problems, a prompt format, and an exact step critic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: str  # the gold final answer, as text
+    gold_steps: tuple[str, ...] = ()  # a gold solution, one step per entry
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    correct: bool
+    reference: str  # the critic's reference (correct) step for this prefix
+    reason: str = ""
+
+
+class Task(Protocol):
+    name: str
+
+    def problems(self, n: int, seed: int, split: str = "test") -> list[Problem]:
+        """n problems, reproducible from seed; split is 'train' or 'test' (disjoint)."""
+
+    def prompt(self, question: str) -> str:
+        """The text a policy is conditioned on before its first step."""
+
+    def judge(self, problem: Problem, prefix: Sequence[str], step: str) -> Judgement:
+        """Is ``step`` a correct next step after ``prefix``? With the reference step for that prefix."""
+
+    def answer_correct(self, problem: Problem, answer: str | None) -> bool:
+        """Is a final answer right for the problem?"""
+
+
+class TaskError(ValueError):
+    """A problem with a task's input (unknown task, bad data file). Message names the cause."""

@@ -1,0 +1,428 @@
+"""GSM8K: grade-school word problems with calculator-annotated gold solutions.
+
+A data file holds one JSON object a line, ``{"question": ..., "answer": ...}``; the answer is a
+worked solution, one step a line, with calculator annotations ``<<expr=value>>`` inside the steps and
+a last line ``#### <final answer>``::
+
+    Natalia sold 48/2 = <<48/2=24>>24 clips in May.
+    Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.
+    #### 72
+
+The step critic checks what can be checked exactly: every calculator annotation in a step must
+evaluate to the value it states (and the number written right after it must be that value), and the
+step's numeric result must equal the result of the gold step at the same position. A final-answer
+step is judged by its answer alone.
+
+Expressions are evaluated by :func:`safe_eval`, an AST walker over a small arithmetic grammar with
+exact rational arithmetic (never ``eval``).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import random
+import re
+from decimal import Decimal, localcontext
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+from caspo.core.steps import answers_match, final_answer, split_steps, step_result
+from caspo.tasks.base import Judgement, Problem, TaskError
+
+# ---- safe arithmetic --------------------------------------------------------------------------
+
+MAX_EXPR_LEN = 500  # characters; GSM8K annotations are at most ~30
+MAX_EXPONENT = 100  # |exponent| of **
+MAX_DIGITS = 100  # any intermediate value: |numerator|, denominator < 10**MAX_DIGITS
+_LIMIT = 10**MAX_DIGITS
+
+_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])")
+# A number followed by '%' and then an operator, ')' or the end means a percentage (N/100); a '%'
+# followed by an operand is the modulo operator.
+_PERCENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*%(?=\s*(?:[)+\-*/]|$))")
+_LEADING_ZEROS = re.compile(r"(?<![\d.])0+(?=\d)")
+_UNICODE_OPS = str.maketrans({"−": "-", "×": "*", "÷": "/", "–": "-"})
+
+
+def _normalise(expr: str) -> str:
+    """Calculator notation → Python arithmetic: drop '$', thousands commas, leading zeros; N% → (N/100)."""
+    s = expr.translate(_UNICODE_OPS).replace("$", "").strip()
+    s = _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), s)
+    s = _LEADING_ZEROS.sub("", s)
+    s = _PERCENT.sub(r"(\1/100)", s)
+    return s
+
+
+def _check(v: Fraction) -> Fraction:
+    if abs(v.numerator) >= _LIMIT * v.denominator:
+        raise ValueError(f"result too large (more than 10**{MAX_DIGITS})")
+    if v.denominator >= _LIMIT:
+        raise ValueError(f"result too precise (denominator over 10**{MAX_DIGITS})")
+    return v
+
+
+def _log10(v: Fraction) -> float:
+    """log10 of the larger of |numerator| and denominator (how many digits a power would need)."""
+    return max(math.log10(abs(v.numerator)) if v.numerator else 0.0, math.log10(v.denominator))
+
+
+def _pow(base: Fraction, exp: Fraction) -> Fraction:
+    if abs(exp) > MAX_EXPONENT:
+        raise ValueError(f"exponent too large: |{exp}| > {MAX_EXPONENT}")
+    if exp.denominator == 1:
+        e = int(exp)
+        if base != 0 and abs(e) * _log10(base) > MAX_DIGITS + 1:
+            raise ValueError(f"result too large (more than 10**{MAX_DIGITS})")
+        if base == 0 and e < 0:
+            raise ValueError("division by zero (0 to a negative power)")
+        return base**e
+    # a fractional power (a root): exact when the result is exact to 50 digits, else rounded there
+    if base < 0:
+        raise ValueError("fractional power of a negative number")
+    if base == 0:
+        if exp < 0:
+            raise ValueError("division by zero (0 to a negative power)")
+        return Fraction(0)
+    if abs(float(exp)) * abs(math.log10(abs(base.numerator)) - math.log10(base.denominator)) > MAX_DIGITS:
+        raise ValueError(f"result too large (more than 10**{MAX_DIGITS})")
+    with localcontext() as ctx:
+        ctx.prec = 50
+        b = Decimal(base.numerator) / Decimal(base.denominator)
+        e = Decimal(exp.numerator) / Decimal(exp.denominator)
+        return Fraction(b**e)
+
+
+def _binop(op: ast.operator, a: Fraction, b: Fraction) -> Fraction:
+    if isinstance(op, ast.Add):
+        return a + b
+    if isinstance(op, ast.Sub):
+        return a - b
+    if isinstance(op, ast.Mult):
+        return a * b
+    if isinstance(op, ast.Pow):
+        return _pow(a, b)
+    if isinstance(op, (ast.Div, ast.FloorDiv, ast.Mod)):
+        if b == 0:
+            raise ValueError("division by zero")
+        if isinstance(op, ast.Div):
+            return a / b
+        return Fraction(a // b) if isinstance(op, ast.FloorDiv) else a % b
+    raise ValueError(f"operator not allowed: {type(op).__name__}")
+
+
+def _walk(node: ast.AST, src: str) -> Fraction:
+    if isinstance(node, ast.Expression):
+        return _walk(node.body, src)
+    if isinstance(node, ast.Constant):
+        v = node.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"only numbers are allowed, got {v!r}")
+        text = ast.get_source_segment(src, node) or repr(v)
+        try:
+            return _check(Fraction(text.replace("_", "")))  # the literal as written, not a float
+        except (ValueError, ZeroDivisionError):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"number out of range: {text}") from None
+            return _check(Fraction(v))
+    if isinstance(node, ast.UnaryOp):
+        if isinstance(node.op, ast.USub):
+            return -_walk(node.operand, src)
+        if isinstance(node.op, ast.UAdd):
+            return _walk(node.operand, src)
+        raise ValueError(f"operator not allowed: {type(node.op).__name__}")
+    if isinstance(node, ast.BinOp):
+        a = _walk(node.left, src)
+        b = _walk(node.right, src)
+        return _check(_binop(node.op, a, b))
+    if isinstance(node, ast.Call):
+        raise ValueError("function calls are not allowed")
+    if isinstance(node, ast.Attribute):
+        raise ValueError("attribute access is not allowed")
+    if isinstance(node, ast.Name):
+        raise ValueError(f"names are not allowed: {node.id!r}")
+    if isinstance(node, ast.Tuple):
+        raise ValueError("a comma that is not a thousands separator")
+    raise ValueError(f"syntax not allowed: {type(node).__name__}")
+
+
+def eval_fraction(expr: str) -> Fraction:
+    """The exact rational value of a calculator expression; see :func:`safe_eval`."""
+    if not isinstance(expr, str):
+        raise ValueError(f"expression must be a string, got {type(expr).__name__}")
+    if len(expr) > MAX_EXPR_LEN:
+        raise ValueError(f"expression too long ({len(expr)} characters, at most {MAX_EXPR_LEN})")
+    src = _normalise(expr)
+    if not src:
+        raise ValueError("empty expression")
+    try:
+        tree = ast.parse(src, mode="eval")
+    except (SyntaxError, MemoryError, RecursionError, ValueError) as e:
+        raise ValueError(f"not an arithmetic expression: {expr!r}") from e
+    try:
+        return _walk(tree, src)
+    except RecursionError:
+        raise ValueError(f"expression nested too deeply: {expr!r}") from None
+
+
+def _to_decimal(v: Fraction, prec: int = 50) -> Decimal:
+    with localcontext() as ctx:
+        ctx.prec = prec
+        return Decimal(v.numerator) / Decimal(v.denominator)
+
+
+def safe_eval(expr: str) -> Decimal:
+    """Evaluate a calculator expression as written in GSM8K annotations, exactly.
+
+    Allowed: numeric literals (``1,200`` thousands commas, ``$``, ``15%`` = 15/100 before an operator
+    or at the end), ``+ - * / // % **``, unary ``+``/``-``, parentheses. ``**`` takes
+    ``|exponent| <= 100`` and every intermediate value must stay under ``10**100``.
+    Arithmetic is rational (``0.1*3`` is exactly ``0.3``); the result is a Decimal, exact when it
+    terminates, else rounded to 50 significant digits. Anything else raises ValueError.
+    """
+    return _to_decimal(eval_fraction(expr))
+
+
+# ---- calculator annotations -------------------------------------------------------------------
+
+_ANNOTATION = re.compile(r"<<(.*?)>>")
+_NUMBER_AFTER = re.compile(r"\s*\$?\s*(-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+)")
+
+
+def calc_annotations(step: str) -> list[tuple[str, str]]:
+    """All ``<<expr=value>>`` annotations of a step, as (expr, value) stripped; value after the last '='."""
+    out = []
+    for m in _ANNOTATION.finditer(step):
+        body = m.group(1)
+        if "=" in body:
+            expr, value = body.rsplit("=", 1)
+            out.append((expr.strip(), value.strip()))
+    return out
+
+
+def _decimals(value: str) -> int:
+    m = re.search(r"\.(\d+)", value)
+    return len(m.group(1)) if m else 0
+
+
+def value_matches(computed: Fraction, value: str) -> bool:
+    """Does a written value state ``computed``? Exactly, or rounded to the decimals it is written with
+    (``10/3=3.33``; integers must be exact). ``20%`` may mean 20 or 0.2."""
+    candidates = [eval_fraction(value)]
+    if value.rstrip().endswith("%"):
+        candidates.append(eval_fraction(value.rstrip()[:-1]))
+    d = _decimals(value)
+    half_ulp = Fraction(1, 2 * 10**d) if d else Fraction(0)
+    return any(computed == w or (d and abs(computed - w) <= half_ulp) for w in candidates)
+
+
+def verify_step_annotations(step: str) -> tuple[bool, str]:
+    """(True, reason) when every calculator annotation of the step evaluates to the value it states
+    and the number written right after an annotation (if any) is that value; else (False, reason).
+
+    A step with no annotation is vacuously true, with the reason ``"no calculator annotation"``;
+    callers that must tell such steps apart (check_data) use :func:`calc_annotations` first.
+    """
+    for m in _ANNOTATION.finditer(step):
+        if "=" not in m.group(1):
+            return False, f"annotation without '=': {m.group(0)}"
+    if step.count("<<") != step.count(">>"):
+        return False, "unbalanced '<<' / '>>'"
+    matches = list(_ANNOTATION.finditer(step))
+    if not matches:
+        return True, "no calculator annotation"
+    for m in matches:
+        expr, value = (p.strip() for p in m.group(1).rsplit("=", 1))
+        try:
+            computed = eval_fraction(expr)
+        except ValueError as e:
+            return False, f"cannot evaluate {expr!r}: {e}"
+        try:
+            ok = value_matches(computed, value)
+        except ValueError as e:
+            return False, f"value {value!r} of {expr!r} is not a number: {e}"
+        if not ok:
+            return False, f"{expr}={value} is wrong: {expr} = {_fmt(computed)}"
+        shown = _NUMBER_AFTER.match(step, m.end())
+        if shown:
+            try:
+                ok = value_matches(computed, shown.group(1))
+            except ValueError:
+                ok = False
+            if not ok:
+                return False, f"writes {shown.group(1)} after <<{expr}={value}>>"
+    return True, f"{len(matches)} annotation{'s' if len(matches) != 1 else ''} verified"
+
+
+def _fmt(v: Fraction) -> str:
+    d = _to_decimal(v, 12)
+    return format(d.normalize(), "f") if d == d.to_integral_value() else str(d)
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def load_jsonl(path: str | Path) -> list[Problem]:
+    """GSM8K problems from a JSONL file; ids are ``gsm8k-<1-based line number>``.
+
+    Raises TaskError for a missing file, and for a line that is not a JSON object with string
+    ``question`` and ``answer`` fields or whose answer has no ``#### <final answer>`` last line.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"data file not found: {path}")
+    problems: list[Problem] = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for key in ("question", "answer"):
+                if key not in obj:
+                    raise TaskError(f"{where}: missing field {key!r}")
+                if not isinstance(obj[key], str):
+                    raise TaskError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+            steps = split_steps(obj["answer"])
+            final = final_answer(steps[-1]) if steps else None
+            if not final or not steps[-1].lstrip().startswith("####"):
+                raise TaskError(f"{where}: answer does not end with a '#### <final answer>' line")
+            problems.append(
+                Problem(
+                    id=f"gsm8k-{lineno}",
+                    question=obj["question"],
+                    answer=final.replace(",", ""),
+                    gold_steps=tuple(steps),
+                    meta={"line": lineno, "path": str(path)},
+                )
+            )
+    return problems
+
+
+def check_data(path: str | Path, perturb: bool = False, seed: int = 0, limit: int | None = None) -> dict:
+    """Verify the calculator annotations of every gold step in a data file (the first ``limit`` problems).
+
+    Returns ``{"steps", "verified", "failed", "unannotated", "examples"}``: ``steps`` counts steps
+    with at least one annotation (verified + failed); ``unannotated`` counts other non-final steps;
+    final ``####`` lines are not counted. ``examples``: up to 10 failures as {"line", "step", "reason"}.
+    With ``perturb``, every annotation's value (and its copy written right after it) first gets one
+    digit changed, chosen with random.Random(seed), so that a sound verifier rejects nearly all steps.
+    """
+    rng = random.Random(seed)
+    problems = load_jsonl(path)
+    if limit is not None:
+        problems = problems[:limit]
+    out = {"steps": 0, "verified": 0, "failed": 0, "unannotated": 0, "examples": []}
+    for prob in problems:
+        for step in prob.gold_steps:
+            if final_answer(step) is not None:
+                continue
+            if perturb:
+                step = perturb_step(step, rng)
+            if not calc_annotations(step):
+                out["unannotated"] += 1
+                continue
+            out["steps"] += 1
+            ok, reason = verify_step_annotations(step)
+            if ok:
+                out["verified"] += 1
+            else:
+                out["failed"] += 1
+                if len(out["examples"]) < 10:
+                    out["examples"].append({"line": prob.meta.get("line"), "step": step, "reason": reason})
+    return out
+
+
+def _change_digit(value: str, rng: random.Random) -> str:
+    positions = [i for i, c in enumerate(value) if c.isdigit()]
+    if not positions:
+        return value
+    i = rng.choice(positions)
+    new = rng.choice([d for d in "0123456789" if d != value[i]])
+    return value[:i] + new + value[i + 1 :]
+
+
+def perturb_step(step: str, rng: random.Random) -> str:
+    """Change one digit of every annotation's value, and the same in a verbatim copy right after it."""
+    out, pos = [], 0
+    for m in _ANNOTATION.finditer(step):
+        body = m.group(1)
+        out.append(step[pos : m.start()])
+        pos = m.end()
+        if "=" not in body:
+            out.append(m.group(0))
+            continue
+        expr, value = body.rsplit("=", 1)
+        new = _change_digit(value, rng)
+        out.append(f"<<{expr}={new}>>")
+        if value.strip() and step.startswith(value.strip(), pos):
+            out.append(new.strip())
+            pos += len(value.strip())
+    out.append(step[pos:])
+    return "".join(out)
+
+
+# ---- the task ---------------------------------------------------------------------------------
+
+
+class GSM8KTask:
+    name = "gsm8k"
+    test_fraction = 10  # one question in this many (by hash) is in the "test" split
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._problems: list[Problem] = load_jsonl(self.path)
+
+    # ---- problems ---------------------------------------------------------------------------
+    def split_of(self, question: str) -> str:
+        h = int(hashlib.sha1(question.encode("utf-8")).hexdigest(), 16)
+        return "test" if h % self.test_fraction == 0 else "train"
+
+    def all_problems(self, split: str = "any") -> list[Problem]:
+        if split not in ("train", "test", "any"):
+            raise ValueError(f"split must be train, test or any, got {split!r}")
+        return [p for p in self._problems if split == "any" or self.split_of(p.question) == split]
+
+    def problems(self, n: int, seed: int, split: str = "test") -> list[Problem]:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        pool = self.all_problems(split)
+        random.Random(f"gsm8k:{seed}:{split}").shuffle(pool)
+        return pool[:n]
+
+    # ---- format -----------------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        return f"Question: {question.strip()}\nAnswer:\n"
+
+    # ---- critic -----------------------------------------------------------------------------
+    def reference_step(self, problem: Problem, prefix: Sequence[str]) -> str:
+        i = len(prefix)
+        return problem.gold_steps[i] if i < len(problem.gold_steps) else f"#### {problem.answer}"
+
+    def judge(self, problem: Problem, prefix: Sequence[str], step: str) -> Judgement:
+        ref = self.reference_step(problem, prefix)
+        ans = final_answer(step)
+        if ans is not None:
+            if answers_match(ans, problem.answer):
+                return Judgement(True, ref, "final answer correct")
+            return Judgement(False, ref, f"final answer {ans!r}, expected {problem.answer!r}")
+        ok, why = verify_step_annotations(step)
+        if not ok:
+            return Judgement(False, ref, f"calculator annotation: {why}")
+        got, want = step_result(step), step_result(ref)
+        if got is not None and want is not None:
+            if got != want:
+                return Judgement(False, ref, f"result {got}, reference step gives {want}")
+            return Judgement(True, ref, f"result {got} matches the reference step ({why})")
+        return Judgement(True, ref, f"no result to compare with the reference step ({why})")
+
+    def answer_correct(self, problem: Problem, answer: str | None) -> bool:
+        return answers_match(answer, problem.answer)

@@ -1,0 +1,176 @@
+"""CaT and its baselines on scripted proposers whose right answers are known."""
+
+import math
+
+import pytest
+
+from caspo.core.cat import (
+    NO_CONFIDENT_ANSWER,
+    ProposedStep,
+    Search,
+    SearchConfig,
+    run_searches,
+    search,
+)
+
+
+def cand(text, c, p=None):
+    """A proposed step whose entropy multiplier is exactly c (one token with H = -log c)."""
+    return ProposedStep(text, (-math.log(c),), (math.log(p if p is not None else c),))
+
+
+class Scripted:
+    """Returns the scripted candidates for a prefix (first n of them), recording every call."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+
+    def propose(self, prefixes, n, temperature):
+        self.calls.append((len(prefixes), n, temperature))
+        out = []
+        for p in prefixes:
+            options = self.script[p.steps]
+            out.append([options[i % len(options)] for i in range(n)])
+        return out
+
+
+def test_cat_prunes_keeps_top_k_and_answers_highest_C():
+    script = {
+        (): [cand("a", 0.9), cand("b", 0.8), cand("c", 0.3)],  # c: C=0.3 < tau → pruned
+        ("a",): [cand("#### 1", 0.6), cand("a2", 0.95)],  # a→#### 1: C=0.54
+        ("b",): [cand("#### 2", 0.95), cand("b2", 0.5)],  # b→#### 2: C=0.76; b2: C=0.40 < tau
+        ("a", "a2"): [cand("#### 3", 0.9)],  # C = 0.9*0.95*0.9 = 0.7695 > 0.76
+    }
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=3, tau=0.45), with_tree=True)
+    assert res.answer == "3"
+    assert res.steps == ("a", "a2", "#### 3")
+    assert res.confidence == pytest.approx(0.9 * 0.95 * 0.9)
+    assert res.entropy_confidence == pytest.approx(res.confidence)
+    assert res.branches_pruned == 2  # c at depth 1, b2 at depth 2
+    assert res.branches_completed == 3
+    statuses = {n["step"]: n["status"] for n in res.tree}
+    assert statuses["c"] == "pruned" and statuses["b2"] == "pruned" and statuses["#### 2"] == "completed"
+
+
+def test_cat_top_k_retention_drops_the_least_confident():
+    script = {
+        (): [cand("a", 0.9), cand("c", 0.8)],
+        ("a",): [cand("a1", 0.9), cand("a2", 0.5)],  # C: 0.81, 0.45
+        ("c",): [cand("c1", 0.95), cand("c2", 0.9)],  # C: 0.76, 0.72 → top 2 are a1, c1
+        ("a", "a1"): [cand("#### 1", 0.5)],  # 0.405
+        ("c", "c1"): [cand("#### 3", 0.9)],  # 0.684
+        ("c", "c2"): [cand("#### 2", 1.0)],  # 0.72 would win, but c2 is outside the top 2
+    }
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.0), with_tree=True)
+    assert res.answer == "3"
+    assert res.branches_dropped == 2
+    status = {n["step"]: n["status"] for n in res.tree}
+    assert status["c2"] == "dropped" and status["a2"] == "dropped" and status["a1"] == "expanded"
+
+
+def test_cat_no_confident_answer_when_every_branch_dies():
+    script = {(): [cand("a", 0.5), cand("b", 0.4)], ("a",): [cand("#### 1", 0.5)]}
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.6))
+    assert res.answer is None and res.reason == NO_CONFIDENT_ANSWER and res.confidence == 0.0
+    assert res.branches_pruned == 2
+
+
+def test_cat_max_steps_truncates():
+    script = {(): [cand("a", 0.99)], ("a",): [cand("a", 0.99)], ("a", "a"): [cand("a", 0.99)]}
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=1, tau=0.0, max_steps=2))
+    assert res.answer is None and res.reason == NO_CONFIDENT_ANSWER
+
+
+def test_cat_merges_identical_siblings():
+    script = {(): [cand("a", 0.9)], ("a",): [cand("#### 1", 0.9)]}
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=4, tau=0.1), with_tree=True)
+    assert res.answer == "1"
+    assert [n["step"] for n in res.tree] == ["a", "#### 1"]
+    assert res.steps_proposed == 8  # all samples are counted, duplicates are merged
+
+
+def test_cat_stops_early_when_no_active_branch_can_win():
+    script = {
+        (): [cand("#### 7", 0.9), cand("a", 0.8)],
+        ("a",): [cand("#### 8", 1.0)],  # could never beat 0.9: C <= 0.8
+    }
+    p = Scripted(script)
+    res = search("q", p, SearchConfig(method="cat", k=2, tau=0.0))
+    assert res.answer == "7" and len(p.calls) == 1
+
+
+def test_greedy_is_one_branch_at_temperature_zero():
+    script = {(): [cand("a", 0.2)], ("a",): [cand("#### 5", 0.2)]}
+    p = Scripted(script)
+    res = search("q", p, SearchConfig(method="greedy", k=10, tau=0.9))
+    assert res.answer == "5"  # greedy never prunes
+    assert p.calls == [(1, 1, 0.0), (1, 1, 0.0)]
+
+
+def test_self_consistency_majority_vote():
+    # chains split at step 1 into 5 samples, then each continues alone
+    script = {
+        (): [cand("x", 0.9), cand("y", 0.5), cand("z", 0.5), cand("w", 0.99), cand("v", 0.5)],
+        ("x",): [cand("#### 1", 0.9)],
+        ("y",): [cand("#### 2", 0.9)],
+        ("z",): [cand("#### 2.0", 0.9)],  # same answer as 2 numerically
+        ("w",): [cand("#### 1", 0.9)],
+        ("v",): [cand("#### 2", 0.9)],
+    }
+    p = Scripted(script)
+    res = search("q", p, SearchConfig(method="sc", k=5, temperature=0.7))
+    assert res.answer in ("2", "2.0")
+    assert res.votes == {"2": 3, "1": 2}
+    assert p.calls[0] == (1, 5, 0.7) and p.calls[1] == (5, 1, 0.7)
+
+
+def test_self_consistency_tie_goes_to_most_confident_then_earliest():
+    script = {
+        (): [cand("x", 0.5), cand("y", 0.9), cand("z", 0.5), cand("w", 0.5)],
+        ("x",): [cand("#### 1", 0.9)],
+        ("y",): [cand("#### 2", 0.9)],
+        ("z",): [cand("#### 1", 0.9)],
+        ("w",): [cand("#### 2", 0.9)],
+    }
+    assert search("q", Scripted(script), SearchConfig(method="sc", k=4)).answer == "2"
+    even = {k: [cand(c.text, 0.5) for c in v] for k, v in script.items()}
+    assert search("q", Scripted(even), SearchConfig(method="sc", k=4)).answer == "1"
+
+
+def test_best_of_k_by_confidence_and_logprob_scoring():
+    script = {
+        (): [cand("x", 0.9, p=0.2), cand("y", 0.6, p=0.9)],
+        ("x",): [cand("#### 1", 0.9, p=0.9)],
+        ("y",): [cand("#### 2", 0.9, p=0.9)],
+    }
+    ent = search("q", Scripted(script), SearchConfig(method="bon", k=2, scoring="entropy"))
+    lp = search("q", Scripted(script), SearchConfig(method="bon", k=2, scoring="logprob"))
+    assert ent.answer == "1" and lp.answer == "2"
+    assert lp.confidence == pytest.approx(0.81) and lp.entropy_confidence == pytest.approx(0.54)
+    prod = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.0, scoring="product"))
+    assert prod.answer == "2" and prod.confidence == pytest.approx(0.6 * 0.9 * 0.9 * 0.9)  # 0.437 > 0.9*0.2*0.81
+
+
+def test_run_searches_batches_questions_into_one_call_per_step():
+    script = {(): [cand("a", 0.9)], ("a",): [cand("#### 1", 0.9)]}
+    p = Scripted(script)
+    searches = [Search(f"q{i}", SearchConfig(method="greedy")) for i in range(5)]
+    results = run_searches(searches, p)
+    assert [r.answer for r in results] == ["1"] * 5
+    assert p.calls == [(5, 1, 0.0), (5, 1, 0.0)]
+
+
+def test_dead_branches_do_not_answer():
+    script = {(): [ProposedStep("a", (0.1,), (-0.1,), ended=True), ProposedStep("", (0.1,), (-0.1,), ended=True)]}
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.0))
+    assert res.answer is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"method": "beam"}, "method"), ({"k": 0}, "k"), ({"tau": 1.5}, "tau"), ({"scoring": "x"}, "scoring"), ({"max_steps": 0}, "max_steps")],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SearchConfig(**kwargs)

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from caspo.core.confidence import (
+    cumulative_confidence,
+    log_step_score,
+    step_confidence,
+    step_multiplier,
+    token_entropy,
+    token_logprobs,
+)
+
+
+def test_uniform_entropy_is_log_v():
+    for v in (2, 25, 100, 151_936):
+        h = token_entropy(torch.zeros(3, v))
+        assert torch.allclose(h, torch.full((3,), math.log(v)), atol=1e-4)
+
+
+def test_one_hot_entropy_is_zero_even_with_minus_inf():
+    logits = torch.full((2, 10), float("-inf"))
+    logits[:, 3] = 0.0
+    assert torch.equal(token_entropy(logits), torch.zeros(2))
+    big = torch.tensor([[1e4, 0.0, -1e4]])
+    assert token_entropy(big).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_random_logits_match_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 7, 50, generator=g, dtype=torch.float64) * 3
+    p = torch.softmax(logits, -1)
+    direct = -(p * torch.log(p)).sum(-1)
+    assert torch.allclose(token_entropy(logits).double(), direct, atol=1e-5)
+
+
+def test_entropy_ignores_temperature_free_scale_only_via_logits():
+    # entropy is a property of the logits it is given; scaling logits changes it (sharper → lower)
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    assert token_entropy(logits * 2) < token_entropy(logits)
+
+
+def test_padding_is_masked():
+    logits = torch.randn(2, 5, 30)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    h = token_entropy(logits, mask)
+    assert torch.equal(h[0, 3:], torch.zeros(2))
+    assert torch.allclose(h[0, :3], token_entropy(logits[0, :3]))
+    lp = token_logprobs(logits, torch.zeros(2, 5, dtype=torch.long), mask)
+    assert torch.equal(lp[0, 3:], torch.zeros(2))
+
+
+def test_token_logprobs_direct():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # p = (1/4, 3/4)
+    assert token_logprobs(logits, torch.tensor([1])).item() == pytest.approx(math.log(0.75))
+
+
+def test_step_confidence_and_multiplier():
+    ents = [0.2, 0.4]
+    assert step_confidence(ents) == pytest.approx(-0.3)
+    assert step_multiplier(ents) == pytest.approx(math.exp(-0.3))
+    assert step_multiplier([]) == 1.0
+    assert cumulative_confidence([math.log(0.5), math.log(0.5)]) == pytest.approx(0.25)
+
+
+def test_scorings():
+    ents, lps = [0.1, 0.3], [-0.5, -1.5]
+    assert log_step_score("entropy", ents, lps) == pytest.approx(-0.2)
+    assert log_step_score("logprob", ents, lps) == pytest.approx(-1.0)
+    assert log_step_score("product", ents, lps) == pytest.approx(-1.2)
+    with pytest.raises(ValueError, match="scoring"):
+        log_step_score("ppl", ents, lps)

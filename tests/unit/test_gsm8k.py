@@ -1,0 +1,250 @@
+"""GSM8K task: safe calculator, annotation verifier, data loading, critic and splits."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from caspo.tasks.base import Problem, TaskError
+from caspo.tasks.gsm8k import (
+    GSM8KTask,
+    calc_annotations,
+    check_data,
+    load_jsonl,
+    safe_eval,
+    verify_step_annotations,
+)
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
+needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"GSM8K data not found at {DATA}")
+
+GOLD = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n"
+    "#### 72"
+)
+QUESTION = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_file(tmp_path: Path) -> Path:
+    rows = [{"question": f"Q{i}: {QUESTION}", "answer": GOLD.replace("#### 72", f"#### {i},000")} for i in range(200)]
+    return _write(tmp_path / "small.jsonl", [json.dumps(r) for r in rows])
+
+
+# ---- the gold data ----------------------------------------------------------------------------
+
+
+@needs_data
+def test_gold_annotations_verify():
+    # Every calculator annotation of the first 500 gold solutions evaluates exactly (rational
+    # arithmetic) to its value, and the number written after it is that value (some written with
+    # thousands commas, e.g. <<4500*5=22500>>22,500). No known data errors: failed must be 0.
+    r = check_data(DATA, limit=500)
+    assert r["failed"] == 0, r["examples"]
+    assert r["steps"] == r["verified"] > 1000
+    assert r["unannotated"] > 0  # GSM8K has some prose-only steps
+
+
+@needs_data
+def test_perturbed_annotations_fail():
+    r = check_data(DATA, perturb=True, seed=3, limit=500)
+    assert r["steps"] > 1000
+    assert r["verified"] <= 0.01 * r["steps"]
+    assert r["failed"] == r["steps"] - r["verified"]
+    assert len(r["examples"]) == 10
+    assert all({"line", "step", "reason"} <= set(e) for e in r["examples"])
+
+
+@needs_data
+def test_perturbation_is_caught_by_arithmetic():
+    # The copy after the annotation is perturbed too, so the failure is the arithmetic, not the copy.
+    r = check_data(DATA, perturb=True, seed=0, limit=20)
+    assert r["examples"][0]["line"] == 1
+    assert "is wrong" in r["examples"][0]["reason"]
+
+
+# ---- safe_eval --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expr,value",
+    [
+        ("48/2", "24"),
+        ("5*12+3", "63"),
+        ("(1/2)*30", "15"),
+        ("2**3", "8"),
+        ("-4+10", "6"),
+        ("1,200*3", "3600"),
+        ("$1,200.50*2", "2401"),
+        ("15%*200", "30"),
+        ("50%", "0.5"),
+        ("10%3", "1"),
+        ("0.1*3", "0.3"),
+        ("20000*.8", "16000"),
+        ("560//10", "56"),
+        ("2**-2", "0.25"),
+        ("+(3-5)", "-2"),
+        ("100-50-30-15", "5"),
+    ],
+)
+def test_safe_eval_values(expr, value):
+    assert safe_eval(expr) == Decimal(value)
+
+
+def test_safe_eval_is_exact():
+    assert safe_eval("0.1*3") == Decimal("0.3")
+    assert safe_eval("0.1+0.2") == Decimal("0.3")
+    assert safe_eval("1/3*3") == 1
+
+
+@pytest.mark.parametrize(
+    "expr,msg",
+    [
+        ("__import__('os')", "function calls"),
+        ("abs(-3)", "function calls"),
+        ("a+1", "names"),
+        ("(1).real", "attribute"),
+        ("2**10000", "exponent"),
+        ("9**9**9", "exponent"),
+        ("10**99*10**99", "too large"),
+        ("1/0", "division by zero"),
+        ("True+1", "only numbers"),
+        ("'1'+'2'", "only numbers"),
+        ("[1]", "not allowed"),
+        ("1,2", "comma"),
+        ("1 +", "not an arithmetic expression"),
+        ("", "empty"),
+        ("1+" * 400 + "1", "too long"),
+    ],
+)
+def test_safe_eval_rejects(expr, msg):
+    with pytest.raises(ValueError, match=msg):
+        safe_eval(expr)
+
+
+# ---- annotations ------------------------------------------------------------------------------
+
+
+def test_calc_annotations():
+    assert calc_annotations("a <<48/2=24>>24 and <<24+1=25>>25") == [("48/2", "24"), ("24+1", "25")]
+    assert calc_annotations("no annotation") == []
+
+
+def test_verify_step_annotations():
+    assert verify_step_annotations("48/2 = <<48/2=24>>24 clips")[0]
+    assert verify_step_annotations("<<4500*5=22500>>22,500 and $<<2*3=6>>6")[0]
+    ok, why = verify_step_annotations("48/2 = <<48/2=25>>25 clips")
+    assert not ok and "48/2 = 24" in why
+    ok, why = verify_step_annotations("48/2 = <<48/2=24>>25 clips")  # right annotation, wrong text
+    assert not ok and "writes 25" in why
+    assert not verify_step_annotations("<<48/2=2 4>>")[0]
+    assert not verify_step_annotations("<<48/2>>24")[0]
+    # rounded to the decimals written: accepted; wrong last digit or rounded to an integer: not
+    assert verify_step_annotations("<<10/3=3.33>>3.33")[0]
+    assert not verify_step_annotations("<<10/3=3.34>>3.34")[0]
+    assert not verify_step_annotations("<<10/3=3>>3")[0]
+    assert verify_step_annotations("no annotation here") == (True, "no calculator annotation")
+
+
+# ---- load_jsonl -------------------------------------------------------------------------------
+
+
+def test_load_jsonl(tmp_path):
+    path = _write(
+        tmp_path / "d.jsonl",
+        [json.dumps({"question": QUESTION, "answer": GOLD}), "", json.dumps({"question": "q", "answer": "x\n#### 1,500"})],
+    )
+    probs = load_jsonl(path)
+    assert [p.id for p in probs] == ["gsm8k-1", "gsm8k-3"]
+    assert probs[0].answer == "72" and probs[1].answer == "1500"
+    assert probs[0].gold_steps == tuple(GOLD.split("\n"))
+    assert probs[0].question == QUESTION
+
+
+def test_load_jsonl_missing_file(tmp_path):
+    with pytest.raises(TaskError, match="data file not found"):
+        load_jsonl(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        ('{"question": "q", "answer": ', "malformed JSON"),
+        ('["q", "a"]', "JSON object"),
+        ('{"question": "q"}', "'answer'"),
+        ('{"question": 3, "answer": "#### 3"}', "'question' must be a string"),
+        ('{"question": "q", "answer": "no final line"}', "####"),
+    ],
+)
+def test_load_jsonl_bad_line(tmp_path, bad, msg):
+    path = _write(tmp_path / "bad.jsonl", [json.dumps({"question": "q", "answer": GOLD}), "", bad])
+    with pytest.raises(TaskError, match=msg) as e:
+        load_jsonl(path)
+    assert "line 3" in str(e.value) and str(path) in str(e.value)
+
+
+# ---- the task ---------------------------------------------------------------------------------
+
+
+def _problem() -> Problem:
+    return Problem(id="gsm8k-1", question=QUESTION, answer="72", gold_steps=tuple(GOLD.split("\n")))
+
+
+def test_judge(small_file):
+    task = GSM8KTask(small_file)
+    p = _problem()
+    gold = list(p.gold_steps)
+    assert task.judge(p, [], gold[0]).correct
+    assert task.judge(p, gold[:1], gold[1]).correct
+    assert task.judge(p, [], "Half of 48 is 48/2 = <<48/2=24>>24.").correct  # other words, same result
+    j = task.judge(p, [], "Natalia sold 48/2 = <<48/2=25>>25 clips in May.")  # arithmetic slip
+    assert not j.correct and j.reference == gold[0] and "annotation" in j.reason
+    j = task.judge(p, [], "Natalia sold 48/3 = <<48/3=16>>16 clips in May.")  # right arithmetic, wrong step
+    assert not j.correct and "16" in j.reason
+    assert not task.judge(p, [], "Natalia sold 25 clips in May.").correct  # unannotated, wrong result
+    assert task.judge(p, gold[:2], "#### 72").correct
+    assert task.judge(p, gold[:2], "#### 72.0").correct
+    j = task.judge(p, gold[:2], "#### 73")
+    assert not j.correct and j.reference == "#### 72"
+    assert task.judge(p, gold, "x").reference == "#### 72"  # past the gold solution
+    assert task.answer_correct(p, "72") and task.answer_correct(p, "$72")
+    assert not task.answer_correct(p, "71") and not task.answer_correct(p, None)
+
+
+def test_prompt(small_file):
+    assert GSM8KTask(small_file).prompt("  How many?  ") == "Question: How many?\nAnswer:\n"
+    assert GSM8KTask.name == "gsm8k"
+
+
+def test_problems_deterministic_and_disjoint(small_file):
+    task = GSM8KTask(small_file)
+    a = task.problems(5, seed=1, split="train")
+    assert [p.id for p in a] == [p.id for p in GSM8KTask(small_file).problems(5, seed=1, split="train")]
+    assert [p.id for p in a] != [p.id for p in task.problems(5, seed=2, split="train")]
+    test = task.problems(1000, seed=0, split="test")
+    train = task.problems(1000, seed=0, split="train")
+    assert 0 < len(test) < len(train) and len(test) + len(train) == 200  # fewer than asked: all of them
+    assert not {p.question for p in test} & {p.question for p in train}
+    assert len(task.problems(1000, seed=0, split="any")) == 200
+    assert task.problems(0, seed=0) == []
+    with pytest.raises(ValueError):
+        task.problems(3, seed=0, split="dev")
+
+
+@needs_data
+def test_problems_real_data():
+    task = GSM8KTask(DATA)
+    test = task.problems(50, seed=7)
+    assert len(test) == 50 and test == task.problems(50, seed=7)
+    assert all(task.split_of(p.question) == "test" for p in test)
+    assert all(task.judge(p, [], p.gold_steps[0]).correct for p in test)
+    assert all(task.judge(p, p.gold_steps[:-1], p.gold_steps[-1]).correct for p in test)
