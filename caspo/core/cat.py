@@ -126,7 +126,7 @@ class SearchResult:
     answer: str | None
     confidence: float  # cumulative confidence C of the answer branch under ``scoring`` (0 if none)
     entropy_confidence: float  # the same branch's C under entropy scoring (0 if none)
-    steps: tuple[str, ...]  # the answer branch
+    steps: tuple[str, ...]  # the answer branch; without an answer, the deepest branch explored
     step_mean_entropies: tuple[float, ...]
     step_confidences: tuple[float, ...]  # per step c = exp(-mean H)
     reason: str  # "" or NO_CONFIDENT_ANSWER
@@ -296,7 +296,12 @@ class Search:
                 chosen = best_for[win]
             else:
                 chosen = max(done, key=lambda n: n.log_C)  # max keeps the first of equals
-        path = self.path(chosen.id) if chosen else []
+        if chosen is not None:
+            path = self.path(chosen.id)
+        else:  # no answer: report the deepest branch explored (most confident of equals) for step metrics
+            explored = [n for n in self.nodes[1:] if n.step]
+            deepest = max(explored, key=lambda n: (n.depth, n.log_C), default=None)
+            path = self.path(deepest.id) if deepest else []
         return SearchResult(
             question=self.question,
             method=self.cfg.method,

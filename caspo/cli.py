@@ -1,0 +1,355 @@
+"""The ``caspo`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from caspo.core.cat import METHODS, SearchConfig
+from caspo.core.confidence import SCORINGS
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def print_table(rows: list[dict], columns: list[str], file=sys.stdout) -> None:
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
+
+
+EVAL_COLUMNS = ["method", "scoring", "k", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "latency_s", "tokens", "n"]
+
+
+# ---- commands -------------------------------------------------------------------------------------
+def _search_config(args) -> SearchConfig:
+    try:
+        return SearchConfig(
+            method=args.method,
+            k=args.k,
+            tau=args.tau,
+            max_steps=args.max_steps,
+            scoring=args.scoring,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _backend(model: str, max_step_tokens: int = 32):
+    from caspo.models.hf import HFBackend
+
+    return HFBackend(model, max_step_tokens=max_step_tokens)
+
+
+def cmd_eval(args) -> int:
+    from caspo.evaluation import evaluate
+    from caspo.tasks import get_task
+
+    cfg = _search_config(args)
+    if args.n < 1:
+        raise UsageError(f"-n must be >= 1, got {args.n}")
+    task = get_task(args.task, args.data)
+    problems = task.problems(args.n, seed=args.seed, split=args.split)
+    backend = _backend(args.model)
+    rep = evaluate(backend, task, problems, cfg, batch=args.batch, progress=not args.json)
+    out = rep.summary()
+    out["model"] = args.model
+    out["task"] = args.task
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print_table([out], EVAL_COLUMNS)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Load (or train) the tiny reasoner and compare greedy, SC@K and CaT@K with both scorings."""
+    from caspo.evaluation import evaluate
+    from caspo.tasks import get_task
+
+    task = get_task("arith")
+    problems = task.problems(args.n, seed=args.seed, split="test")
+    backend = _backend(args.model)
+    print(f"model: {backend.path}  problems: {len(problems)} held-out synthetic  k={args.k} tau={args.tau}", flush=True)
+    runs = [
+        SearchConfig(method="greedy", seed=args.seed),
+        SearchConfig(method="sc", k=args.k, temperature=args.temperature, seed=args.seed),
+        SearchConfig(method="cat", k=args.k, tau=args.tau, temperature=args.temperature, scoring="entropy", seed=args.seed),
+        SearchConfig(method="cat", k=args.k, tau=args.tau, temperature=args.temperature, scoring="logprob", seed=args.seed),
+    ]
+    rows = []
+    for cfg in runs:
+        rep = evaluate(backend, task, problems, cfg, batch=args.batch, progress=True, desc=f"{cfg.method}/{cfg.scoring}")
+        rows.append(rep.summary())
+        print(f"  {cfg.method:6s} {cfg.scoring:8s} accuracy {rep.accuracy:.3f}  ({rep.latency_s:.3f} s/question)", flush=True)
+    greedy_latency = rows[0]["latency_s"]
+    for r in rows:
+        r["latency_x_greedy"] = r["latency_s"] / greedy_latency if greedy_latency else None
+    print()
+    print_table(rows, EVAL_COLUMNS + ["latency_x_greedy"])
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"model": backend.path, "n": len(problems), "seed": args.seed, "runs": rows}, f, indent=2)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def cmd_train_base(args) -> int:
+    from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
+
+    out = args.out or str(caspo_home() / "tiny")
+    cfg = TinyTrainConfig(seed=args.seed, steps=args.steps)
+    path = train_tiny(cfg, out, progress=True)
+    print(f"saved the tiny reasoner to {path}")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    if args.task != "gsm8k":
+        raise UsageError(f"check-data supports --task gsm8k, got {args.task!r}")
+    from caspo.tasks.gsm8k import check_data
+
+    res = check_data(args.data, perturb=args.perturb, seed=args.seed)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print_table([res], ["steps", "verified", "failed", "unannotated"])
+        for ex in res["examples"]:
+            print(f"  line {ex['line']}: {ex['step']!r}: {ex['reason']}")
+    return 0
+
+
+# ---- the mesh ---------------------------------------------------------------------------------------
+DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
+
+
+def _config(args):
+    from caspo.config import load_config
+
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_CONFIG):
+        path = DEFAULT_CONFIG
+    return load_config(path, args.set)
+
+
+def cmd_up(args) -> int:
+    import signal
+    import threading
+
+    from caspo.services.mesh import MeshRunner
+
+    cfg = _config(args)
+    runner = MeshRunner(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
+    try:
+        st = runner.start(progress=True)
+        print(f"  {'registry':10s} {st['registry']}\n  {'redis':10s} {st['redis_url']}", flush=True)
+        print("mesh is up; `caspo status` to inspect, `caspo down` (or Ctrl-C) to stop", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("stopping the mesh ...", flush=True)
+        runner.stop()
+        print("mesh stopped", flush=True)
+    return 0
+
+
+def cmd_down(args) -> int:
+    from caspo.services.mesh import stop_running_mesh
+
+    cfg = _config(args)
+    if stop_running_mesh(cfg):
+        print("mesh stopped")
+    else:
+        print(f"no mesh is running from {cfg.mesh.run_dir}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    import asyncio
+
+    from caspo.services.mesh import MeshClient, MeshError
+
+    cfg = _config(args)
+    try:
+        client = MeshClient.from_state(cfg)
+        services = asyncio.run(client.registry())
+    except MeshError as e:
+        raise UsageError(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - grpc errors: the registry is gone
+        raise UsageError(f"the mesh registry at {client.registry_address} does not answer ({type(e).__name__}); is `caspo up` still running?") from e
+    if args.json:
+        print(json.dumps({"registry": client.registry_address, "services": services}))
+    else:
+        print(f"registry {client.registry_address}")
+        print_table(services, ["name", "address", "policy_version", "healthy", "restarts"])
+    return 0 if all(s["healthy"] for s in services) else 1
+
+
+def cmd_generate_pairs(args) -> int:
+    import asyncio
+    import contextlib
+
+    from caspo.services.mesh import MeshClient, MeshRunner, read_state, _alive
+    from caspo.tasks import get_task
+    from caspo.trainer.collect import collect_round
+
+    cfg = _config(args)
+    if args.n < 1:
+        raise UsageError(f"-n must be >= 1, got {args.n}")
+    if args.round < 0:
+        raise UsageError(f"--round must be >= 0, got {args.round}")
+    task = get_task(cfg.task.name, cfg.task.data)
+    problems = task.problems(args.n, seed=cfg.pairs.seed + 1000 * args.round, split="train")
+    st = read_state(cfg)
+    with contextlib.ExitStack() as stack:
+        if not (st and _alive(int(st.get("pid", -1)))):
+            if not args.json:
+                print("no running mesh found: starting one for this command (`caspo up` keeps one running)", file=sys.stderr)
+            stack.enter_context(MeshRunner(cfg))
+        client = MeshClient.from_state(cfg)
+
+        async def go():
+            try:
+                return await collect_round(client, task, problems, cfg.pairs, args.round, progress=not args.json)
+            finally:
+                await client.close()
+
+        rep = asyncio.run(go())
+    out = rep.summary()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"round {rep.round}: {rep.questions} questions, {rep.steps_judged} steps judged "
+              f"(step accuracy {rep.step_accuracy:.3f}), tau_train {rep.tau:.4f}, policy v{rep.policy_version}, critic {rep.critic}")
+        rows = [{"case": c, "pairs": n} for c, n in sorted(rep.pairs.items())]
+        rows += [{"case": f"skip: {c}", "pairs": n} for c, n in sorted(rep.skipped.items())]
+        print_table(rows, ["case", "pairs"])
+        print(f"stored: {rep.added} new, {rep.duplicates} already there")
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG} when present)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+
+
+def _add_search_args(p: argparse.ArgumentParser, method: str = "greedy") -> None:
+    p.add_argument("--method", default=method, help=f"one of {', '.join(METHODS)} (default {method})")
+    p.add_argument("--k", type=int, default=4, help="branch budget / samples (default 4)")
+    p.add_argument("--tau", type=float, default=0.5, help="CaT pruning threshold in [0, 1] (default 0.5)")
+    p.add_argument("--scoring", default="entropy", help=f"step score: {', '.join(SCORINGS)} (default entropy)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for sc/bon/cat (default 0.7)")
+    p.add_argument("--max-steps", type=int, default=12, help="maximum steps per solution (default 12)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caspo", description="CASPO training and CaT inference on a Ray service mesh")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="evaluate a policy with a search method")
+    p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
+    p.add_argument("--task", default="arith", help="arith or gsm8k")
+    p.add_argument("--data", help="data file for file-backed tasks (gsm8k)")
+    _add_search_args(p)
+    p.add_argument("-n", type=int, default=200, help="number of problems (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", choices=["train", "test", "any"])
+    p.add_argument("--batch", type=int, default=16, help="questions per batched model call (default 16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="tiny reasoner: greedy vs SC@K vs CaT@K (both scorings)")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("-n", type=int, default=200)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--out", default="runs/demo/inference.json", help="where to write the JSON results")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-base", help="train the built-in tiny reasoner from scratch")
+    p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny)")
+    p.add_argument("--steps", type=int, default=1300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_base)
+
+    p = sub.add_parser("check-data", help="verify the calculator annotations of a GSM8K-format file")
+    p.add_argument("--task", default="gsm8k")
+    p.add_argument("--data", required=True)
+    p.add_argument("--perturb", action="store_true", help="change one number per annotation first (a verifier check)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check_data)
+    p = sub.add_parser("up", help="start Ray, Redis and every mesh service; stay up until stopped")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", help="services, addresses, policy versions and health")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("down", help="stop the running mesh")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("generate-pairs", help="one data round through the mesh: rollouts, confidence, critic, pairs")
+    _add_config_args(p)
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("-n", type=int, default=200, help="questions (default 200)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate_pairs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from caspo.config import ConfigError
+    from caspo.models.base import ModelLoadError
+    from caspo.tasks.base import TaskError
+
+    try:
+        return args.func(args)
+    except (UsageError, TaskError, ModelLoadError, ConfigError) as e:
+        print(f"caspo: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("caspo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

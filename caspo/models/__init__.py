@@ -1,0 +1,1 @@
+"""Model backends behind one interface: hf (transformers), vllm (GPU); the built-in tiny reasoner."""

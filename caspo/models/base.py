@@ -1,0 +1,63 @@
+"""The model backend interface every engine implements, and its adapter to CaT's StepProposer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from caspo.core.cat import Prefix, ProposedStep
+from caspo.core.steps import DEFAULT_DELIMITER, join_steps
+
+
+class ModelLoadError(ValueError):
+    """A model path or id that holds no loadable model. The message names the path."""
+
+
+@dataclass(frozen=True)
+class StepScore:
+    """Teacher-forced scores of a given step's tokens (step text plus its delimiter)."""
+
+    token_entropies: tuple[float, ...]
+    token_logprobs: tuple[float, ...]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_logprobs)
+
+
+class Backend(Protocol):
+    name: str
+    path: str
+    version: int
+
+    def sample_steps(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        temperature: float,
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[list[ProposedStep]]:
+        """For each prompt, n sampled next steps ending at the step delimiter, with per-token
+        entropies and log-probs from the logits the sampler used (before temperature)."""
+
+    def score_steps(self, prompts: Sequence[str], steps: Sequence[str]) -> list[StepScore]:
+        """Exact per-token entropies and log-probs of ``steps[i]`` after ``prompts[i]`` in one
+        batched teacher-forced pass."""
+
+    def reload(self, path: str, version: int) -> None:
+        """Swap weights; requests already running finish on the weights they started with."""
+
+
+class PromptedProposer:
+    """Turns a backend into CaT's StepProposer: a Prefix becomes prompt(question) + steps so far."""
+
+    def __init__(self, backend: Backend, prompt: Callable[[str], str], delimiter: str = DEFAULT_DELIMITER):
+        self.backend = backend
+        self.prompt = prompt
+        self.delimiter = delimiter
+
+    def text(self, prefix: Prefix) -> str:
+        return self.prompt(prefix.question) + join_steps(prefix.steps, self.delimiter)
+
+    def propose(self, prefixes: Sequence[Prefix], n: int, temperature: float) -> list[list[ProposedStep]]:
+        return self.backend.sample_steps([self.text(p) for p in prefixes], n, temperature, [p.seed for p in prefixes])

@@ -1,0 +1,278 @@
+"""transformers backend (CPU or CUDA): batched step sampling with a KV cache, teacher-forced scoring.
+
+Sampling is a plain decoding loop rather than ``generate`` because three things must hold at once:
+entropies come from the very logits the sampler used (before temperature), a row stops at the first
+step delimiter that follows real content (any token whose text holds the delimiter), and a seeded row
+samples the same tokens whatever else shares its batch (each seeded row draws from its own generator).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from caspo.core.cat import ProposedStep, derive_seed
+from caspo.core.confidence import token_entropy, token_logprobs
+from caspo.core.steps import DEFAULT_DELIMITER
+from caspo.models.base import ModelLoadError, StepScore
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``tiny`` → the built-in tiny reasoner; an existing directory → itself; anything else is passed
+    to ``from_pretrained`` as a hub id (which needs a reachable hub or a local cache)."""
+    if name_or_path == "tiny":
+        from caspo.models.tiny import resolve_tiny
+
+        return str(resolve_tiny())
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"no model at {p}: config.json is missing")
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"no model at {name_or_path}: the path does not exist")
+    return name_or_path
+
+
+def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load model and tokenizer with ``from_pretrained``; weights only from safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from e
+    model.to(device).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+class _Weights:
+    """One loaded policy: what a request captures at its start so a reload cannot change it midway."""
+
+    def __init__(self, model, tokenizer, delimiter: str, version: int, path: str):
+        self.model = model
+        self.tok = tokenizer
+        self.version = version
+        self.path = path
+        self.device = next(model.parameters()).device
+        # every vocabulary entry whose text holds the delimiter can end a step
+        vocab_text = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.delim_token = torch.tensor([delimiter in t for t in vocab_text], device=self.device)
+        self.content_token = torch.tensor([t.strip() != "" for t in vocab_text], device=self.device)
+        self.stop_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(
+        self,
+        path: str = "tiny",
+        version: int = 0,
+        delimiter: str = DEFAULT_DELIMITER,
+        max_step_tokens: int = 32,
+        max_batch_rows: int = 256,
+        device: str | None = None,
+    ):
+        self.delimiter = delimiter
+        self.max_step_tokens = max_step_tokens
+        self.max_batch_rows = max_batch_rows
+        self.device_name = device
+        self._lock = threading.Lock()
+        self._w = self._load(path, version)
+
+    def _load(self, path: str, version: int) -> _Weights:
+        resolved = resolve_model_path(path)
+        model, tok = load_model(resolved, self.device_name)
+        return _Weights(model, tok, self.delimiter, version, resolved)
+
+    @property
+    def version(self) -> int:
+        return self._w.version
+
+    @property
+    def path(self) -> str:
+        return self._w.path
+
+    @property
+    def tokenizer(self):
+        return self._w.tok
+
+    @property
+    def model(self):
+        return self._w.model
+
+    def reload(self, path: str, version: int) -> None:
+        new = self._load(path, version)  # load outside the lock: serving goes on meanwhile
+        with self._lock:
+            self._w = new
+        log.info("reloaded policy version %d from %s", version, new.path)
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def _encode_left(self, w: _Weights, texts: Sequence[str]):
+        # the tokenizer decides about <bos> (add_special_tokens), as it did in training
+        enc = [w.tok.encode(t, add_special_tokens=True) for t in texts]
+        width = max(len(e) for e in enc)
+        pad = w.tok.pad_token_id
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, width - len(e) :] = torch.tensor(e)
+            mask[i, width - len(e) :] = 1
+        return ids.to(w.device), mask.to(w.device)
+
+    def sample_steps(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        temperature: float,
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[list[ProposedStep]]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if temperature == 0 and n > 1:
+            raise ValueError("temperature 0 is greedy: n must be 1")
+        w = self._w  # captured once: a concurrent reload does not touch this request
+        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+        out: list[list[ProposedStep]] = []
+        per_chunk = max(1, self.max_batch_rows // n)
+        for s in range(0, len(prompts), per_chunk):
+            out += self._sample_chunk(w, prompts[s : s + per_chunk], n, temperature, seeds[s : s + per_chunk])
+        return out
+
+    @torch.inference_mode()
+    def _sample_chunk(self, w: _Weights, prompts, n, temperature, seeds) -> list[list[ProposedStep]]:
+        from transformers import DynamicCache
+
+        ids, mask = self._encode_left(w, prompts)
+        cache = DynamicCache(config=w.model.config)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = w.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        if n > 1:  # prefill each prompt once, then fan the cache out to its n samples
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, 0)
+            mask = mask.repeat_interleave(n, 0)
+            pos = pos.repeat_interleave(n, 0)
+        rows = logits.shape[0]
+        gens = None
+        if temperature > 0 and any(sd is not None for sd in seeds):
+            gens = []
+            for i in range(len(prompts)):
+                for j in range(n):
+                    g = None
+                    if seeds[i] is not None:
+                        g = torch.Generator(device=w.device)
+                        g.manual_seed(derive_seed(seeds[i], j))
+                    gens.append(g)
+        next_pos = pos[:, -1] + 1
+        tokens = [[] for _ in range(rows)]
+        ents = [[] for _ in range(rows)]
+        lps = [[] for _ in range(rows)]
+        has_content = torch.zeros(rows, dtype=torch.bool, device=w.device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=w.device)
+        ended = [False] * rows
+        for _ in range(self.max_step_tokens):
+            h = token_entropy(logits)
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                u = torch.rand(logits.shape, device=w.device)
+                if gens is not None:
+                    for r, g in enumerate(gens):
+                        if g is not None:
+                            u[r] = torch.rand(logits.shape[-1], generator=g, device=w.device)
+                gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+                nxt = (logits.float() / temperature + gumbel).argmax(-1)
+            lp = token_logprobs(logits, nxt)
+            h_l, lp_l, nxt_l, fin_l = h.tolist(), lp.tolist(), nxt.tolist(), finished.tolist()
+            for r in range(rows):
+                if not fin_l[r]:
+                    tokens[r].append(nxt_l[r])
+                    ents[r].append(h_l[r])
+                    lps[r].append(lp_l[r])
+            is_stop = torch.tensor([t in w.stop_ids for t in nxt_l], device=w.device)
+            stops_here = is_stop | (w.delim_token[nxt] & has_content)
+            for r in torch.nonzero(is_stop & ~finished).flatten().tolist():
+                ended[r] = True
+            has_content |= w.content_token[nxt]
+            finished |= stops_here
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=w.device)], dim=1)
+            logits = w.model(
+                input_ids=nxt.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=next_pos.unsqueeze(1),
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            next_pos = next_pos + 1
+        fin_l = finished.tolist()
+        out: list[list[ProposedStep]] = []
+        for i in range(len(prompts)):
+            group = []
+            for j in range(n):
+                r = i * n + j
+                text = w.tok.decode(tokens[r], skip_special_tokens=True)
+                cut = text.lstrip()
+                k = cut.find(self.delimiter)
+                step = (cut[:k] if k >= 0 else cut).strip()
+                group.append(
+                    ProposedStep(
+                        text=step,
+                        token_entropies=tuple(ents[r]),
+                        token_logprobs=tuple(lps[r]),
+                        ended=ended[r] or not fin_l[r],
+                    )
+                )
+            out.append(group)
+        return out
+
+    # ---- teacher-forced scoring ---------------------------------------------------------------
+    @torch.inference_mode()
+    def score_steps(self, prompts: Sequence[str], steps: Sequence[str]) -> list[StepScore]:
+        if len(prompts) != len(steps):
+            raise ValueError(f"prompts and steps differ in length ({len(prompts)} vs {len(steps)})")
+        w = self._w
+        out: list[StepScore] = []
+        for s in range(0, len(prompts), self.max_batch_rows):
+            out += self._score_chunk(w, prompts[s : s + self.max_batch_rows], steps[s : s + self.max_batch_rows])
+        return out
+
+    def _score_chunk(self, w: _Weights, prompts, steps) -> list[StepScore]:
+        seqs, spans = [], []
+        for p, st in zip(prompts, steps):
+            pi = w.tok.encode(p, add_special_tokens=True)
+            si = w.tok.encode(st.strip() + self.delimiter, add_special_tokens=False)
+            seqs.append(pi + si)
+            spans.append((len(pi), len(si)))
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), w.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, sq in enumerate(seqs):  # right padding: positions are plain 0..L-1
+            ids[i, : len(sq)] = torch.tensor(sq)
+            mask[i, : len(sq)] = 1
+        ids, mask = ids.to(w.device), mask.to(w.device)
+        logits = w.model(input_ids=ids, attention_mask=mask).logits
+        # logits at position t predict token t+1
+        pred, target = logits[:, :-1], ids[:, 1:]
+        tmask = torch.zeros_like(target)
+        for i, (pl, sl) in enumerate(spans):
+            tmask[i, pl - 1 : pl - 1 + sl] = 1
+        h = token_entropy(pred, tmask)
+        lp = token_logprobs(pred, target, tmask)
+        out = []
+        for i, (pl, sl) in enumerate(spans):
+            out.append(StepScore(tuple(h[i, pl - 1 : pl - 1 + sl].tolist()), tuple(lp[i, pl - 1 : pl - 1 + sl].tolist())))
+        return out

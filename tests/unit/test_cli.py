@@ -1,0 +1,106 @@
+"""The caspo command: a trained-from-scratch model end to end, and every bad input path."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from caspo.cli import main
+from caspo.core.cat import METHODS
+
+
+@pytest.fixture(scope="module")
+def fresh_model(tmp_path_factory):
+    """A tiny model trained for a few seconds (it need not be good, only real)."""
+    from caspo.models.tiny import TinyTrainConfig, train_tiny
+
+    out = tmp_path_factory.mktemp("tiny")
+    train_tiny(TinyTrainConfig(steps=8, batch_size=4, seq_len=128, checkpoint_every=4), out, progress=False)
+    return out
+
+
+def test_trained_model_loads_with_auto_classes(fresh_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(fresh_model)
+    tok = AutoTokenizer.from_pretrained(fresh_model)
+    assert model.config.model_type == "llama"
+    assert (fresh_model / "model.safetensors").exists() and (fresh_model / "tokenizer.json").exists()
+    assert tok.decode(tok.encode("Q:12+7*3\n", add_special_tokens=False)) == "Q:12+7*3\n"
+    assert tok.encode("1", add_special_tokens=True)[0] == tok.bos_token_id
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_eval_each_method_on_five_problems(fresh_model, method, capsys):
+    rc = main(["eval", "--model", str(fresh_model), "--method", method, "--k", "2", "-n", "5", "--max-steps", "4", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 5 and out["method"] == method
+    for key in ("accuracy", "step_accuracy", "ece", "brier"):
+        assert 0.0 <= out[key] <= 1.0, key
+    assert out["tokens"] > 0 and out["latency_s"] > 0
+    assert out["auroc"] is None or 0.0 <= out["auroc"] <= 1.0
+
+
+def test_resume_gives_the_same_model_as_an_unbroken_run(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from caspo.models.tiny import TinyTrainConfig, train_tiny
+
+    cfg = TinyTrainConfig(steps=6, batch_size=2, seq_len=64, checkpoint_every=3)
+    train_tiny(cfg, tmp_path / "whole", progress=False)
+    # a run stopped after its first checkpoint, then resumed, must end where the unbroken run did
+    assert train_tiny(cfg, tmp_path / "broken", progress=False, stop_at=3) is None
+    assert (tmp_path / "broken" / "_resume" / "state.pt").exists()
+    train_tiny(cfg, tmp_path / "broken", progress=False)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "broken" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["eval", "--task", "chess"], "unknown task 'chess'"),
+        (["eval", "--method", "beam"], "method must be one of"),
+        (["eval", "--k", "0"], "k must be an integer >= 1"),
+        (["eval", "--tau", "1.5"], "tau must be in [0, 1]"),
+        (["eval", "--task", "gsm8k"], "needs a data file"),
+        (["eval", "--task", "gsm8k", "--data", "/nonexistent.jsonl"], "data file not found"),
+        (["eval", "--model", "/nonexistent/model"], "no model at /nonexistent/model"),
+        (["eval", "-n", "0"], "-n must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err
+
+
+def test_malformed_data_names_the_line(tmp_path, capsys):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"question": "q", "answer": "1+1=<<1+1=2>>2\\n#### 2"}\n{not json\n')
+    assert main(["eval", "--task", "gsm8k", "--data", str(f)]) == 2
+    assert "line 2" in capsys.readouterr().err
+
+
+def test_model_dir_without_model(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path)]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_real_process_exit_code_and_no_traceback():
+    p = subprocess.run([sys.executable, "-m", "caspo.cli", "eval", "--tau", "-1"], capture_output=True, text=True)
+    assert p.returncode == 2 and "tau must be in [0, 1]" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_check_data_cli(tmp_path, capsys):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"question": "q", "answer": "She has 2+3=<<2+3=5>>5.\\nThen <<5*2=10>>10\\n#### 10"}\n')
+    assert main(["check-data", "--data", str(f), "--json"]) == 0
+    good = json.loads(capsys.readouterr().out)
+    assert good["steps"] == 2 and good["verified"] == 2 and good["failed"] == 0
+    assert main(["check-data", "--data", str(f), "--perturb", "--json"]) == 0
+    bad = json.loads(capsys.readouterr().out)
+    assert bad["verified"] == 0 and bad["failed"] == 2 and bad["examples"]
