@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	@# no CUDA here: take the CPU build of torch first so nothing pulls CUDA wheels
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m caspo.protogen
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 	touch $(STAMP)
 

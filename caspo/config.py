@@ -1,0 +1,173 @@
+"""One typed configuration for the mesh, loaded from YAML with command-line overrides.
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["generator.replicas=2", "pairs.tau_quantile=0.3"])
+
+Every key has a default here; a YAML file sets any subset; ``--set section.key=value`` overrides
+(values parsed as YAML scalars). Unknown sections or keys are errors that name them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class MeshConfig:
+    run_dir: str = "runs/mesh"  # state file, Redis data, logs
+    namespace: str = "caspo"  # Ray namespace of the mesh's named actors
+    host: str = "127.0.0.1"  # where gRPC servers bind
+    redis_url: str | None = None  # external Redis; None: start a local redis-server (or $CASPO_REDIS_URL)
+    num_cpus: int | None = None  # local Ray's CPUs (None: all)
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "tiny"  # "tiny", a directory, or a hub id
+    backend: str = "hf"  # hf | vllm
+    max_step_tokens: int = 32  # a step longer than this ends the output
+    max_batch_rows: int = 256  # rows per forward pass
+
+
+@dataclass
+class GeneratorConfig:
+    replicas: int = 1
+    max_k: int = 16  # samples per prompt a request may ask for
+    max_prompts: int = 512  # prompts per request
+    max_prompt_chars: int = 8192
+    max_steps: int = 16  # rollout steps a request may ask for
+    batch_wait_ms: float = 5.0  # how long a replica waits to merge concurrent requests
+
+
+@dataclass
+class ScorerConfig:
+    max_items: int = 1024
+    max_prompt_chars: int = 8192
+    max_step_chars: int = 2048
+
+
+@dataclass
+class CriticConfig:
+    kind: str = "exact"  # exact: the task's verifier; llm: a model writes the reference step
+    model: str | None = None  # for kind=llm
+    max_items: int = 1024
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"
+    data: str | None = None  # JSONL for file-backed tasks
+
+
+@dataclass
+class PairsConfig:
+    candidates: int = 4  # sampled steps per sub-question: the policy's step and its competitors
+    temperature: float = 0.7
+    tau: float | None = None  # fixed τ_train (eq. 2 scale: -mean entropy); None: use the quantile
+    tau_quantile: float = 0.5  # τ_train = this quantile of the round's step confidences
+    max_steps: int = 12
+    batch: int = 32  # questions per gRPC batch
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
+    t = str(typ)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{section}.{key} may not be null")
+    try:
+        if t.startswith("int") and not isinstance(value, bool):
+            return int(value)
+        if t.startswith("float"):
+            return float(value)
+        if t.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if t.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{section}.{key} must be {t.split(' ')[0]}, got {value!r}") from None
+    return value
+
+
+def _apply(cfg: Config, section: str, values: dict, origin: str) -> None:
+    if not hasattr(cfg, section):
+        names = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ConfigError(f"{origin}: unknown section {section!r} (sections: {names})")
+    sub = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(sub)}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{origin}: unknown key {section}.{key} (keys: {', '.join(fields)})")
+        setattr(sub, key, _coerce(section, key, value, fields[key].type))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        for section, values in data.items():
+            _apply(cfg, section, values or {}, str(p))
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section, {key: yaml.safe_load(raw) if raw else None}, "--set")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.model.backend in ("hf", "vllm"), f"model.backend must be hf or vllm, got {cfg.model.backend!r}")
+    need(cfg.generator.replicas >= 1, f"generator.replicas must be >= 1, got {cfg.generator.replicas}")
+    need(1 <= cfg.pairs.candidates <= cfg.generator.max_k, f"pairs.candidates must be in [1, generator.max_k={cfg.generator.max_k}], got {cfg.pairs.candidates}")
+    need(0.0 <= cfg.pairs.tau_quantile <= 1.0, f"pairs.tau_quantile must be in [0, 1], got {cfg.pairs.tau_quantile}")
+    need(cfg.pairs.temperature > 0, f"pairs.temperature must be > 0, got {cfg.pairs.temperature}")
+    need(cfg.critic.kind in ("exact", "llm"), f"critic.kind must be exact or llm, got {cfg.critic.kind!r}")
+    need(cfg.critic.kind != "llm" or bool(cfg.critic.model), "critic.kind llm needs critic.model")
+
+
+def config_from_dict(data: dict) -> Config:
+    """A Config from ``Config.to_dict()`` output (how actors receive it)."""
+    cfg = Config()
+    for section, values in (data or {}).items():
+        _apply(cfg, section, values or {}, "config")
+    validate(cfg)
+    return cfg
