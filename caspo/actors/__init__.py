@@ -1,0 +1,1 @@
+"""Long-lived Ray actors: generator pool, confidence scorer, critic, pair store, registry."""

@@ -1,0 +1,411 @@
+"""The pair store: each round's preference pairs in Redis, with their lineage (DESIGN §3, §7).
+
+Redis layout (prefix ``caspo:``):
+
+* ``caspo:pair:{round}:{key}``  hash — the pair, its lineage (policy_version, case, confidence, tau,
+  critic, question_id), ``key``, ``round`` and ``ingested_at``;
+* ``caspo:round:{round}:stream`` stream — one entry (field ``key``) per pair new to the round, the
+  order the trainer reads; consumer groups give each entry to one consumer of a group;
+* ``caspo:round:{round}:counts`` hash — a field per case and ``total``;
+* ``caspo:rounds`` set — the rounds that have pairs.
+
+``key`` is :func:`caspo.core.pairs.pair_key` (content hash of prompt/chosen/rejected). The round is part
+of the Redis key, so the same pair put in two rounds counts in both, and putting it twice into one round
+adds it once. ``put`` returns only after Redis replied; Redis (AOF, ``appendfsync always``) has the pair
+on disk by then — that reply is the acknowledgement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Iterable, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from caspo.core.pairs import CASE_INCORRECT, CASE_UNSURE_CORRECT, Pair, pair_key
+from caspo.services.grpc_util import BadRequest, Unavailable, check_range, check_text
+
+__all__ = [
+    "CASES",
+    "CASE_TRAJECTORY",
+    "MAX_PROMPT_CHARS",
+    "MAX_STEP_CHARS",
+    "MAX_NAME_CHARS",
+    "MAX_PUT_PAIRS",
+    "MAX_ROUND",
+    "PairStore",
+    "PutResult",
+]
+
+PREFIX = "caspo:"
+CASE_TRAJECTORY = "trajectory"
+CASES = (CASE_UNSURE_CORRECT, CASE_INCORRECT, CASE_TRAJECTORY)
+
+MAX_PROMPT_CHARS = 16384
+MAX_STEP_CHARS = 4096  # chosen and rejected
+MAX_NAME_CHARS = 256  # question_id, critic, group, consumer
+MAX_PUT_PAIRS = 10000
+MAX_ROUND = 2**62
+# Longest XREADGROUP BLOCK a caller may ask for (the gRPC service enforces it); the socket timeout
+# must outlast it.
+MAX_BLOCK_MS = 60000
+
+_TEXT_FIELDS = ("prompt", "chosen", "rejected")
+_FLOAT_FIELDS = ("confidence", "tau")
+_INT_FIELDS = ("policy_version", "round")
+_STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+_ALLOWED_FIELDS = frozenset(
+    ("prompt", "chosen", "rejected", "case", "confidence", "tau", "policy_version", "question_id", "critic", "key")
+)
+
+# Atomic per pair: only the first writer of a pair key adds the stream entry and counts it.
+# KEYS: pair hash, round stream, round counts, rounds set. ARGV: key, case, round, field, value, ...
+_PUT_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('XADD', KEYS[2], '*', 'key', ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+redis.call('HINCRBY', KEYS[3], 'total', 1)
+redis.call('SADD', KEYS[4], ARGV[3])
+return 1
+"""
+
+
+class PutResult(NamedTuple):
+    added: int
+    duplicates: int
+    keys: list[str]
+
+
+def _redact(url: str) -> str:
+    """The URL without its password (it goes into error messages)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    except ValueError:
+        return "(unparsable url)"
+
+
+class PairStore:
+    """Preference pairs per round in Redis: idempotent ``put``, exactly-once ``read``/``ack`` per
+    consumer group, ``round_pairs`` for reading one whole round, ``stats``.
+
+    Thread-safe (one connection pool); every call blocks until Redis replied. A Redis that cannot be
+    reached raises :class:`~caspo.services.grpc_util.Unavailable`; bad input raises
+    :class:`~caspo.services.grpc_util.BadRequest` naming the field.
+    """
+
+    def __init__(self, url: str, connect_timeout_s: float = 2.0):
+        self.url = url
+        self._shown_url = _redact(url)
+        self.client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=MAX_BLOCK_MS / 1000 + 30,
+            # a short retry rides over a dropped connection; the put script is idempotent, and a read
+            # whose reply was lost is re-delivered from the consumer's pending entries
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        )
+        self._put = self.client.register_script(_PUT_SCRIPT)
+        self._groups: set[tuple[int, str]] = set()
+
+    # -- keys ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def pair_redis_key(round_: int, key: str) -> str:
+        return f"{PREFIX}pair:{round_}:{key}"
+
+    @staticmethod
+    def stream_key(round_: int) -> str:
+        return f"{PREFIX}round:{round_}:stream"
+
+    @staticmethod
+    def counts_key(round_: int) -> str:
+        return f"{PREFIX}round:{round_}:counts"
+
+    ROUNDS_KEY = f"{PREFIX}rounds"
+
+    @contextlib.contextmanager
+    def _redis(self):
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            raise Unavailable(f"redis at {self._shown_url} is unreachable: {e}") from e
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_round(round_) -> int:
+        if isinstance(round_, bool) or not isinstance(round_, int):
+            raise BadRequest(f"round must be an integer, got {round_!r}")
+        return check_range("round", round_, 0, MAX_ROUND)
+
+    @staticmethod
+    def _check_name(field: str, value) -> str:
+        if not isinstance(value, str):
+            raise BadRequest(f"{field} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise BadRequest(f"{field} is empty")
+        return check_text(field, value, MAX_NAME_CHARS)
+
+    @staticmethod
+    def _utf8(field: str, value: str) -> None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{field} is not valid UTF-8 text") from None
+
+    def _normalize(self, i: int, item: Any, lineage: dict | None) -> dict:
+        """One input pair (dict or core Pair) + lineage defaults → a checked dict of all fields."""
+        where = f"pairs[{i}]"
+        if isinstance(item, Pair):
+            item = dataclasses.asdict(item)
+        elif not isinstance(item, dict):
+            raise BadRequest(f"{where} must be a dict or a caspo.core.pairs.Pair, got {type(item).__name__}")
+        d = {**(lineage or {}), **item}
+        unknown = sorted(set(d) - _ALLOWED_FIELDS)
+        if unknown:
+            raise BadRequest(f"{where} has unknown fields {unknown} (allowed: {sorted(_ALLOWED_FIELDS)})")
+        out: dict[str, Any] = {}
+        for name in _TEXT_FIELDS:
+            v = d.get(name, "")
+            if not isinstance(v, str):
+                raise BadRequest(f"{where}.{name} must be a string, got {type(v).__name__}")
+            if not v.strip():
+                raise BadRequest(f"{where}.{name} is empty")
+            check_text(f"{where}.{name}", v, MAX_PROMPT_CHARS if name == "prompt" else MAX_STEP_CHARS)
+            self._utf8(f"{where}.{name}", v)
+            out[name] = v
+        if out["chosen"].strip() == out["rejected"].strip():
+            raise BadRequest(f"{where}.chosen equals {where}.rejected; a preference pair needs two different steps")
+        case = d.get("case", "")
+        if case not in CASES:
+            raise BadRequest(f"{where}.case must be one of {list(CASES)}, got {case!r}")
+        out["case"] = case
+        for name in _FLOAT_FIELDS:
+            v = d.get(name, 0.0)
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise BadRequest(f"{where}.{name} must be a number, got {v!r}") from None
+            if isinstance(v, bool) or math.isnan(f):
+                raise BadRequest(f"{where}.{name} must be a number, got {v!r}")
+            out[name] = f
+        pv = d.get("policy_version", 0)
+        if isinstance(pv, bool) or not isinstance(pv, int):
+            raise BadRequest(f"{where}.policy_version must be an integer, got {pv!r}")
+        out["policy_version"] = pv
+        for name in ("question_id", "critic"):
+            v = d.get(name, "")
+            if not isinstance(v, str):
+                raise BadRequest(f"{where}.{name} must be a string, got {type(v).__name__}")
+            check_text(f"{where}.{name}", v, MAX_NAME_CHARS, allow_empty=True)
+            self._utf8(f"{where}.{name}", v)
+            out[name] = v
+        out["key"] = pair_key(
+            Pair(out["prompt"], out["chosen"], out["rejected"], case, out["confidence"], out["tau"])
+        )
+        return out
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def put(self, round: int, pairs: Iterable[dict | Pair], lineage: dict | None = None) -> PutResult:
+        """Store ``pairs`` in ``round``; returns (added, duplicates, keys) once Redis has them.
+
+        Each pair is a dict of the proto Pair's fields or a :class:`caspo.core.pairs.Pair`; ``lineage``
+        (e.g. ``{"policy_version": 3, "critic": "exact"}``) fills fields a pair does not set. The whole
+        batch is validated before anything is written. A pair already in the round (same content key)
+        is a duplicate: stored once, streamed once, counted once. ``keys[i]`` is pairs[i]'s key.
+        """
+        round_ = self._check_round(round)
+        pairs = list(pairs)
+        if len(pairs) > MAX_PUT_PAIRS:
+            raise BadRequest(f"pairs has {len(pairs)} items; the limit is {MAX_PUT_PAIRS} per put")
+        if lineage is not None and not isinstance(lineage, dict):
+            raise BadRequest(f"lineage must be a dict, got {type(lineage).__name__}")
+        rows = [self._normalize(i, p, lineage) for i, p in enumerate(pairs)]
+        if not rows:
+            return PutResult(0, 0, [])
+        now = repr(time.time())
+        stream, counts = self.stream_key(round_), self.counts_key(round_)
+        with self._redis():
+            pipe = self.client.pipeline(transaction=False)
+            for row in rows:
+                fields: list[str] = []
+                for name, value in row.items():
+                    fields += [name, repr(value) if isinstance(value, float) else str(value)]
+                fields += ["round", str(round_), "ingested_at", now]
+                self._put(
+                    keys=[self.pair_redis_key(round_, row["key"]), stream, counts, self.ROUNDS_KEY],
+                    args=[row["key"], row["case"], str(round_), *fields],
+                    client=pipe,
+                )
+            results = pipe.execute()
+        added = sum(int(r) for r in results)
+        return PutResult(added, len(rows) - added, [row["key"] for row in rows])
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _decode(h: dict) -> dict:
+        d = dict(h)
+        for name in _FLOAT_FIELDS + ("ingested_at",):
+            if name in d:
+                d[name] = float(d[name])
+        for name in _INT_FIELDS:
+            if name in d:
+                d[name] = int(d[name])
+        return d
+
+    def _load(self, round_: int, entries: list) -> list[tuple[str, dict]]:
+        """Stream entries [(id, {"key": k})] → [(id, pair dict)]; entries whose pair is gone are dropped."""
+        entries = [(sid, f) for sid, f in entries if f and f.get("key")]
+        if not entries:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for _, f in entries:
+            pipe.hgetall(self.pair_redis_key(round_, f["key"]))
+        hashes = pipe.execute()
+        return [(sid, self._decode(h)) for (sid, _), h in zip(entries, hashes) if h]
+
+    @staticmethod
+    def _entries(reply) -> list:
+        """XREADGROUP's reply (RESP2 list or RESP3 dict) → the one stream's [(id, fields)]."""
+        if not reply:
+            return []
+        if isinstance(reply, dict):
+            (value,) = reply.values()
+            return list(value[0]) if value and isinstance(value[0], list) else list(value)
+        return list(reply[0][1])
+
+    def _ensure_group(self, round_: int, group: str, force: bool = False) -> None:
+        if not force and (round_, group) in self._groups:
+            return
+        try:
+            self.client.xgroup_create(self.stream_key(round_), group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._groups.add((round_, group))
+
+    def _xreadgroup(self, round_: int, group: str, consumer: str, start: str, count: int, block):
+        stream = self.stream_key(round_)
+        try:
+            return self.client.xreadgroup(group, consumer, {stream: start}, count=count, block=block)
+        except redis.exceptions.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            # the stream or group went away (e.g. a Redis without the data): create it and retry
+            self._ensure_group(round_, group, force=True)
+            return self.client.xreadgroup(group, consumer, {stream: start}, count=count, block=block)
+
+    def read(self, round: int, group: str, consumer: str, count: int, block_ms: int = 0) -> list[tuple[str, dict]]:
+        """Up to ``count`` (stream_id, pair) of ``round`` for ``consumer`` in consumer group ``group``.
+
+        First this consumer's own pending entries (delivered before, not yet acknowledged — e.g. it
+        crashed), then entries no consumer of the group has had. Each entry goes to one consumer of a
+        group; acknowledge with :meth:`ack` before reading again, or the same entries come back.
+        ``block_ms`` > 0 waits that long for new entries when there is nothing to return.
+        """
+        round_ = self._check_round(round)
+        group = self._check_name("group", group)
+        consumer = self._check_name("consumer", consumer)
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise BadRequest(f"count must be an integer, got {count!r}")
+        check_range("count", count, 1, 10**6)
+        if isinstance(block_ms, bool) or not isinstance(block_ms, int):
+            raise BadRequest(f"block_ms must be an integer, got {block_ms!r}")
+        check_range("block_ms", block_ms, 0, MAX_BLOCK_MS)
+        with self._redis():
+            self._ensure_group(round_, group)
+            out = self._load(round_, self._entries(self._xreadgroup(round_, group, consumer, "0", count, None)))
+            if len(out) < count:
+                block = block_ms if block_ms > 0 and not out else None  # redis-py: block=0 waits forever
+                reply = self._xreadgroup(round_, group, consumer, ">", count - len(out), block)
+                out += self._load(round_, self._entries(reply))
+        return out
+
+    def ack(self, round: int, group: str, ids: Iterable[str]) -> int:
+        """Acknowledge stream entries read by ``group``; returns how many were pending."""
+        round_ = self._check_round(round)
+        group = self._check_name("group", group)
+        ids = list(ids)
+        for i, sid in enumerate(ids):
+            if not isinstance(sid, str) or not _STREAM_ID.fullmatch(sid):
+                raise BadRequest(f"ids[{i}] must be a stream entry id like '1700000000000-0', got {sid!r}")
+        if not ids:
+            return 0
+        with self._redis():
+            try:
+                return int(self.client.xack(self.stream_key(round_), group, *ids))
+            except redis.exceptions.ResponseError as e:
+                if "Invalid stream ID" in str(e):
+                    raise BadRequest(f"ids contains an invalid stream entry id: {e}") from None
+                raise
+
+    def pending(self, round: int, group: str) -> int:
+        """Entries of ``round`` delivered to ``group``'s consumers and not yet acknowledged."""
+        round_ = self._check_round(round)
+        group = self._check_name("group", group)
+        with self._redis():
+            try:
+                info = self.client.xpending(self.stream_key(round_), group)
+            except redis.exceptions.ResponseError as e:
+                if "NOGROUP" in str(e):
+                    return 0
+                raise
+        return int(info["pending"])
+
+    def stats(self, round: int | None = None) -> list[dict]:
+        """[{round, total, per_case}] for ``round`` (even when empty), or for every round with pairs."""
+        with self._redis():
+            if round is None:
+                rounds = sorted(int(r) for r in self.client.smembers(self.ROUNDS_KEY))
+            else:
+                rounds = [self._check_round(round)]
+            pipe = self.client.pipeline(transaction=False)
+            for r in rounds:
+                pipe.hgetall(self.counts_key(r))
+            counts = pipe.execute()
+        out = []
+        for r, c in zip(rounds, counts):
+            per_case = {k: int(v) for k, v in c.items() if k != "total"}
+            out.append({"round": r, "total": int(c.get("total", 0)), "per_case": per_case})
+        return out
+
+    def round_pairs(self, round: int, batch: int = 1000) -> list[dict]:
+        """Every pair of ``round`` in stream (ingestion) order, whether or not a group consumed it."""
+        round_ = self._check_round(round)
+        stream = self.stream_key(round_)
+        out: list[dict] = []
+        start = "-"
+        with self._redis():
+            while True:
+                entries = self.client.xrange(stream, min=start, max="+", count=batch)
+                out += [p for _, p in self._load(round_, entries)]
+                if len(entries) < batch:
+                    return out
+                start = "(" + entries[-1][0]  # exclusive: after the last id seen
+
+    def ping(self) -> bool:
+        with self._redis():
+            return bool(self.client.ping())
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,80 @@
+"""The PairStore gRPC service (protos/caspo/v1/pair_store.proto) over a :class:`caspo.actors.pair_store.PairStore`.
+
+Redis calls block, so each runs in a worker thread; the event loop keeps serving other calls (a Read
+with ``block_ms`` waits in its thread). Bad input → INVALID_ARGUMENT naming the field, Redis down →
+UNAVAILABLE (both through ``@rpc``); the service keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from caspo.actors.pair_store import PairStore
+from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
+from caspo.services.grpc_util import check_range, rpc
+
+MAX_READ_COUNT = 10000
+MAX_BLOCK_MS = 60000
+
+_PAIR_FIELDS = ("prompt", "chosen", "rejected", "case", "confidence", "tau", "policy_version", "question_id", "critic")
+
+
+def pair_from_proto(p: pair_store_pb2.Pair) -> dict:
+    """A proto Pair → the store's input dict (``key`` is the store's to fill in, so it is dropped)."""
+    return {name: getattr(p, name) for name in _PAIR_FIELDS}
+
+
+def pair_to_proto(d: dict) -> pair_store_pb2.Pair:
+    return pair_store_pb2.Pair(
+        prompt=d.get("prompt", ""),
+        chosen=d.get("chosen", ""),
+        rejected=d.get("rejected", ""),
+        case=d.get("case", ""),
+        confidence=float(d.get("confidence", 0.0)),
+        tau=float(d.get("tau", 0.0)),
+        policy_version=int(d.get("policy_version", 0)),
+        question_id=d.get("question_id", ""),
+        critic=d.get("critic", ""),
+        key=d.get("key", ""),
+    )
+
+
+class PairStoreServicer(pair_store_pb2_grpc.PairStoreServicer):
+    def __init__(self, store: PairStore):
+        self.store = store
+
+    @rpc
+    async def Put(self, request, context):
+        pairs = [pair_from_proto(p) for p in request.pairs]
+        added, duplicates, keys = await asyncio.to_thread(self.store.put, request.round, pairs)
+        return pair_store_pb2.PutResponse(added=added, duplicates=duplicates, keys=keys)
+
+    @rpc
+    async def Read(self, request, context):
+        check_range("count", request.count, 1, MAX_READ_COUNT)
+        check_range("block_ms", request.block_ms, 0, MAX_BLOCK_MS)
+        rows = await asyncio.to_thread(
+            self.store.read, request.round, request.group, request.consumer, request.count, request.block_ms
+        )
+        return pair_store_pb2.ReadResponse(
+            pairs=[pair_store_pb2.StoredPair(id=sid, pair=pair_to_proto(d)) for sid, d in rows]
+        )
+
+    @rpc
+    async def Ack(self, request, context):
+        acked = await asyncio.to_thread(self.store.ack, request.round, request.group, list(request.ids))
+        return pair_store_pb2.AckResponse(acked=acked)
+
+    @rpc
+    async def Stats(self, request, context):
+        round_ = request.round if request.HasField("round") else None
+        rows = await asyncio.to_thread(self.store.stats, round_)
+        return pair_store_pb2.StatsResponse(
+            rounds=[pair_store_pb2.RoundStats(round=r["round"], total=r["total"], per_case=r["per_case"]) for r in rows]
+        )
+
+
+def add_to_server(server, store: PairStore) -> PairStoreServicer:
+    servicer = PairStoreServicer(store)
+    pair_store_pb2_grpc.add_PairStoreServicer_to_server(servicer, server)
+    return servicer

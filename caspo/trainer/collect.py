@@ -1,0 +1,205 @@
+"""One data round through the mesh (DESIGN §3–4), entirely over gRPC.
+
+For every question, walk the *corrected* trajectory: at sub-question q_j the generator samples K
+candidate steps (the first is the policy's step s_j, the rest are its competitors), the scorer gives
+each its exact confidence and log-probability in one teacher-forced pass, the critic judges each; the
+trajectory continues with s_j when it is correct and with the critic's reference step when it is not.
+Once every step of the round is known, τ_train is fixed (a quantile of the round's step confidences
+unless set), the three-case rule makes the pairs, and the pair store acknowledges them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from caspo.config import PairsConfig
+from caspo.core.cat import derive_seed
+from caspo.core.pairs import Candidate, Pair, Skip, build_pair, resolve_tau
+from caspo.core.steps import is_final, join_steps
+from caspo.tasks.base import Problem, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRecord:
+    problem_id: str
+    prompt: str  # q_j: task prompt + corrected steps so far
+    step: str  # s_j, the policy's step
+    correct: bool
+    confidence: float  # eq. 2: -mean entropy (exact, from the scorer)
+    competitors: list[Candidate]
+    reference: str
+
+
+@dataclass
+class RoundReport:
+    round: int
+    policy_version: int
+    questions: int
+    steps_judged: int
+    step_accuracy: float
+    tau: float
+    pairs: dict[str, int]
+    skipped: dict[str, int]
+    added: int = 0
+    duplicates: int = 0
+    critic: str = ""
+    records: list[StepRecord] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        return {
+            "round": self.round,
+            "policy_version": self.policy_version,
+            "questions": self.questions,
+            "steps_judged": self.steps_judged,
+            "step_accuracy": self.step_accuracy,
+            "tau": self.tau,
+            "pairs": self.pairs,
+            "skipped": self.skipped,
+            "added": self.added,
+            "duplicates": self.duplicates,
+            "critic": self.critic,
+        }
+
+
+async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfig, round_: int, on_done=None):
+    """Corrected trajectories for a chunk of problems; returns step records, critic name, version."""
+    prefixes: list[list[str]] = [[] for _ in problems]
+    active = list(range(len(problems)))
+    records: list[StepRecord] = []
+    critic_name, version = "", 0
+    for t in range(cfg.max_steps):
+        if not active:
+            break
+        prompts = [task.prompt(problems[i].question) + join_steps(prefixes[i]) for i in active]
+        seeds = [derive_seed(cfg.seed, round_, problems[i].id, t) for i in active]
+        gen = await client.propose(prompts, cfg.candidates, cfg.temperature, seeds)
+        version = gen.policy_version
+        cands = [[s.text for s in c.steps] for c in gen.candidates]
+        flat_prompts = [p for p, cs in zip(prompts, cands) for _ in cs]
+        flat_steps = [s for cs in cands for s in cs]
+        scored_steps = [s if s.strip() else " " for s in flat_steps]  # an empty step still gets scored
+        scores, verdicts = await asyncio.gather(
+            client.score(flat_prompts, scored_steps),
+            client.judge(
+                [(problems[i].id, problems[i].question, prefixes[i], s) for i, cs in zip(active, cands) for s in cs]
+            ),
+        )
+        critic_name = verdicts.critic
+        k = 0
+        still = []
+        for i, cs in zip(active, cands):
+            sc = scores.scores[k : k + len(cs)]
+            vd = verdicts.verdicts[k : k + len(cs)]
+            k += len(cs)
+            own, own_v = cs[0], vd[0]
+            competitors = [
+                Candidate(text=cs[j], correct=vd[j].correct, logprob=float(sum(sc[j].token_logprobs)))
+                for j in range(1, len(cs))
+                if cs[j].strip()
+            ]
+            records.append(
+                StepRecord(
+                    problem_id=problems[i].id,
+                    prompt=prompts[active.index(i)],
+                    step=own,
+                    correct=bool(own_v.correct) and bool(own.strip()),
+                    confidence=float(sc[0].confidence),
+                    competitors=competitors,
+                    reference=own_v.reference,
+                )
+            )
+            nxt = own if (own_v.correct and own.strip()) else own_v.reference
+            prefixes[i].append(nxt)
+            if is_final(nxt):
+                if on_done:
+                    on_done(1)
+            else:
+                still.append(i)
+        active = still
+    if on_done and active:
+        on_done(len(active))  # ran out of steps
+    return records, critic_name, version
+
+
+def make_pairs(records: Sequence[StepRecord], cfg: PairsConfig) -> tuple[float, list[tuple[StepRecord, Pair]], Counter]:
+    """τ_train for the round, then the three-case rule on every step record."""
+    if not records:
+        return float("nan"), [], Counter()
+    tau = resolve_tau([r.confidence for r in records], cfg.tau, cfg.tau_quantile)
+    pairs, skipped = [], Counter()
+    for r in records:
+        if not r.step.strip():
+            skipped["empty_step"] += 1
+            continue
+        out = build_pair(r.prompt, r.step, r.correct, r.confidence, r.competitors, r.reference, tau)
+        if isinstance(out, Skip):
+            skipped[out.reason] += 1
+        else:
+            pairs.append((r, out))
+    return tau, pairs, skipped
+
+
+async def collect_round(
+    client,
+    task: Task,
+    problems: Sequence[Problem],
+    cfg: PairsConfig,
+    round_: int,
+    progress: bool = True,
+    store: bool = True,
+) -> RoundReport:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(problems), desc=f"round {round_} pairs", disable=not progress, unit="q")
+    records: list[StepRecord] = []
+    critic, version = "", 0
+    sem = asyncio.Semaphore(2)  # two chunks in flight: generation of one overlaps scoring of the other
+
+    async def run(chunk):
+        async with sem:
+            return await _walk(client, task, chunk, cfg, round_, on_done=bar.update)
+
+    chunks = [problems[i : i + cfg.batch] for i in range(0, len(problems), cfg.batch)]
+    for recs, c, v in await asyncio.gather(*(run(ch) for ch in chunks)):
+        records += recs
+        critic, version = c or critic, max(version, v)
+    bar.close()
+    tau, pairs, skipped = make_pairs(records, cfg)
+    report = RoundReport(
+        round=round_,
+        policy_version=version,
+        questions=len(problems),
+        steps_judged=len(records),
+        step_accuracy=sum(r.correct for r in records) / max(1, len(records)),
+        tau=tau,
+        pairs=dict(Counter(p.case for _, p in pairs)),
+        skipped=dict(skipped),
+        critic=critic,
+        records=records,
+    )
+    if store and pairs:
+        rows = [
+            {
+                "prompt": p.prompt,
+                "chosen": p.chosen,
+                "rejected": p.rejected,
+                "case": p.case,
+                "confidence": p.confidence,
+                "tau": p.tau,
+                "policy_version": version,
+                "question_id": r.problem_id,
+                "critic": critic,
+            }
+            for r, p in pairs
+        ]
+        for i in range(0, len(rows), 500):
+            resp = await client.put_pairs(round_, rows[i : i + 500])
+            report.added += resp.added
+            report.duplicates += resp.duplicates
+    return report
