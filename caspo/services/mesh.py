@@ -177,7 +177,7 @@ def stop_running_mesh(cfg: Config, timeout: float = 60.0) -> bool:
         return False
     pid = int(st.get("pid", -1))
     if pid > 0 and _alive(pid):
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)  # `caspo up` stops cleanly on it (Ray prints a backtrace on SIGTERM)
         deadline = time.time() + timeout
         while _alive(pid) and time.time() < deadline:
             time.sleep(0.2)
