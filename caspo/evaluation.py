@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from caspo.core import metrics
-from caspo.core.cat import Search, SearchConfig, SearchResult, derive_seed, run_searches
+from caspo.progress import bar as progress_bar
+from caspo.core.cat import Search, SearchConfig, SearchResult, derive_seed, run_searches, run_searches_async
 from caspo.models.base import PromptedProposer
 from caspo.tasks.base import Problem, Task
 
@@ -110,6 +111,14 @@ def report_of(cfg: SearchConfig, records: list[ProblemRecord], seconds: float, n
     )
 
 
+def _searches(problems: Sequence[Problem], cfg: SearchConfig) -> list[Search]:
+    out = []
+    for p in problems:
+        seed = None if cfg.seed is None else derive_seed(cfg.seed, p.id)
+        out.append(Search(p.question, SearchConfig(**{**asdict(cfg), "seed": seed})))
+    return out
+
+
 def evaluate(
     backend,
     task: Task,
@@ -120,19 +129,34 @@ def evaluate(
     desc: str | None = None,
 ) -> EvalReport:
     """Run ``cfg`` on every problem (``batch`` questions per model call) and score the results."""
-    from tqdm.auto import tqdm
-
     proposer = PromptedProposer(backend, task.prompt)
     records: list[ProblemRecord] = []
     t0 = time.perf_counter()
-    with tqdm(total=len(problems), desc=desc or f"eval {cfg.method}", disable=not progress, leave=False) as bar:
+    with progress_bar(len(problems), desc or f"eval {cfg.method}", "q", progress) as bar:
         for s in range(0, len(problems), batch):
             chunk = problems[s : s + batch]
-            searches = []
-            for p in chunk:
-                seed = None if cfg.seed is None else derive_seed(cfg.seed, p.id)
-                searches.append(Search(p.question, SearchConfig(**{**asdict(cfg), "seed": seed})))
-            for p, res in zip(chunk, run_searches(searches, proposer)):
+            for p, res in zip(chunk, run_searches(_searches(chunk, cfg), proposer)):
+                records.append(record_of(task, p, res))
+            bar.update(len(chunk))
+    return report_of(cfg, records, time.perf_counter() - t0)
+
+
+async def evaluate_async(
+    proposer,
+    task: Task,
+    problems: Sequence[Problem],
+    cfg: SearchConfig,
+    batch: int = 16,
+    progress: bool = False,
+    desc: str | None = None,
+) -> EvalReport:
+    """``evaluate`` with an async proposer (e.g. the generator service over gRPC)."""
+    records: list[ProblemRecord] = []
+    t0 = time.perf_counter()
+    with progress_bar(len(problems), desc or f"eval {cfg.method}", "q", progress) as bar:
+        for s in range(0, len(problems), batch):
+            chunk = problems[s : s + batch]
+            for p, res in zip(chunk, await run_searches_async(_searches(chunk, cfg), proposer)):
                 records.append(record_of(task, p, res))
             bar.update(len(chunk))
     return report_of(cfg, records, time.perf_counter() - t0)

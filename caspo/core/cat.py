@@ -329,8 +329,10 @@ def _log(x: float) -> float:
     return math.log(x) if x > 0 else float("-inf")
 
 
-def run_searches(searches: Sequence[Search], proposer: StepProposer, with_tree: bool = False) -> list[SearchResult]:
-    """Drive searches to completion, batching all pending prefixes with equal (n, temperature)."""
+def drive(searches: Sequence[Search]):
+    """The search loop without the model: a generator that yields ``(prefixes, n, temperature)``
+    batches and is sent the proposals for each. Every pending prefix with equal (n, temperature)
+    across all searches goes into one batch. Sync and async drivers share it."""
     while True:
         groups: dict[tuple[int, float], list[Request]] = {}
         for s in searches:
@@ -338,16 +340,40 @@ def run_searches(searches: Sequence[Search], proposer: StepProposer, with_tree: 
             if req is not None:
                 groups.setdefault((req.n, req.temperature), []).append(req)
         if not groups:
-            break
+            return
         for (n, temperature), reqs in groups.items():
             flat = [p for r in reqs for p in r.prefixes]
-            out = proposer.propose(flat, n, temperature)
+            out = yield flat, n, temperature
             if len(out) != len(flat):
                 raise RuntimeError(f"proposer returned {len(out)} results for {len(flat)} prefixes")
             i = 0
             for r in reqs:
                 r.search.feed(r, out[i : i + len(r.prefixes)])
                 i += len(r.prefixes)
+
+
+def run_searches(searches: Sequence[Search], proposer: StepProposer, with_tree: bool = False) -> list[SearchResult]:
+    """Drive searches to completion with a (blocking) proposer."""
+    loop = drive(searches)
+    try:
+        batch = next(loop)
+        while True:
+            batch = loop.send(proposer.propose(*batch))
+    except StopIteration:
+        pass
+    return [s.result(with_tree=with_tree) for s in searches]
+
+
+async def run_searches_async(searches: Sequence[Search], proposer, with_tree: bool = False) -> list[SearchResult]:
+    """The same with an async proposer (``await proposer.propose(prefixes, n, temperature)``), e.g.
+    one that calls the generator service over gRPC."""
+    loop = drive(searches)
+    try:
+        batch = next(loop)
+        while True:
+            batch = loop.send(await proposer.propose(*batch))
+    except StopIteration:
+        pass
     return [s.result(with_tree=with_tree) for s in searches]
 
 

@@ -281,3 +281,26 @@ class MeshClient:
     async def stats(self, round_: int | None = None):
         req = pair_store_pb2.StatsRequest(round=round_) if round_ is not None else pair_store_pb2.StatsRequest()
         return await self.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Stats", req)
+
+
+class MeshProposer:
+    """CaT's StepProposer over the generator service: search and evaluation run through the mesh."""
+
+    def __init__(self, client: MeshClient, prompt, delimiter: str = "\n"):
+        self.client = client
+        self.prompt = prompt
+        self.delimiter = delimiter
+
+    async def propose(self, prefixes, n: int, temperature: float):
+        from caspo.core.cat import ProposedStep
+        from caspo.core.steps import join_steps
+
+        texts = [self.prompt(p.question) + join_steps(p.steps, self.delimiter) for p in prefixes]
+        resp = await self.client.propose(texts, n, temperature, [p.seed for p in prefixes])
+        return [
+            [
+                ProposedStep(s.text, tuple(s.token_entropies), tuple(s.token_logprobs), s.ended, s.entropy_estimate)
+                for s in c.steps
+            ]
+            for c in resp.candidates
+        ]

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from caspo.progress import bar as progress_bar
 from caspo.config import PairsConfig
 from caspo.core.cat import derive_seed
 from caspo.core.pairs import Candidate, Pair, Skip, build_pair, resolve_tau
@@ -154,9 +155,7 @@ async def collect_round(
     progress: bool = True,
     store: bool = True,
 ) -> RoundReport:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(problems), desc=f"round {round_} pairs", disable=not progress, unit="q")
+    bar = progress_bar(len(problems), f"round {round_} pairs", "q", progress)
     records: list[StepRecord] = []
     critic, version = "", 0
     sem = asyncio.Semaphore(2)  # two chunks in flight: generation of one overlaps scoring of the other
