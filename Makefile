@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 	touch $(STAMP)
 
+# the main job: greedy vs SC@10 vs CaT@10 on the tiny reasoner, then 2 CASPO rounds through the mesh
 demo: setup
 	$(VENV)/bin/caspo demo
+	$(VENV)/bin/caspo loop --rounds 2 --run demo
 
 test: setup
 	$(PY) -m pytest -q

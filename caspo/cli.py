@@ -252,6 +252,74 @@ def cmd_generate_pairs(args) -> int:
     return 0
 
 
+ROUND_COLUMNS = ["round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_accuracy_logprob", "pairs"]
+
+
+def _round_rows(rows: list[dict]) -> list[dict]:
+    return [{**r, "pairs": " ".join(f"{c}={n}" for c, n in sorted(r.get("pairs", {}).items())) or "-"} for r in rows]
+
+
+def cmd_loop(args) -> int:
+    import contextlib
+
+    import ray
+
+    from caspo.services.mesh import MeshRunner, _alive, read_state
+    from caspo.trainer.loop import RoundController
+
+    overrides = list(args.set)
+    if args.run:
+        overrides.append(f"loop.run={args.run}")
+    if args.pairs:
+        overrides.append(f"loop.pairs={args.pairs}")
+    if args.rounds is not None:
+        overrides.append(f"loop.rounds={args.rounds}")
+    args.set = overrides
+    cfg = _config(args)
+    rounds = None if args.forever else cfg.loop.rounds
+    with contextlib.ExitStack() as stack:
+        st = read_state(cfg)
+        if st and _alive(int(st.get("pid", -1))):
+            ray.init(address=st["ray_address"], namespace=cfg.mesh.namespace, logging_level="WARNING")
+            stack.callback(ray.shutdown)
+        else:
+            print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
+            runner = MeshRunner(cfg)
+            stack.callback(runner.stop)
+            runner.start(progress=True)
+            st = read_state(cfg)
+        actor = ray.remote(num_cpus=0)(RoundController).options(name=f"caspo-loop-{cfg.loop.run}", namespace=cfg.mesh.namespace).remote(
+            cfg.to_dict(), st["registry"], st["redis_url"]
+        )
+        what = "forever" if rounds is None else f"{rounds} rounds"
+        print(f"loop {cfg.loop.run!r}: {what}, pairs={cfg.loop.pairs}, run dir {cfg.loop.runs_dir}/{cfg.loop.run}", flush=True)
+        try:
+            rows = ray.get(actor.run.remote(rounds, True))
+        except KeyboardInterrupt:
+            ray.kill(actor)
+            print("interrupted: run the same command again to resume", file=sys.stderr)
+            return 130
+    if args.json:
+        print(json.dumps({"run": cfg.loop.run, "rounds": rows}))
+    else:
+        print()
+        print_table(_round_rows(rows), ROUND_COLUMNS)
+        print(f"\nrows in {cfg.loop.runs_dir}/{cfg.loop.run}/rounds.jsonl; `caspo report {cfg.loop.runs_dir}/{cfg.loop.run}` draws them")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from caspo.report import write_report
+
+    try:
+        res = write_report(args.run_dir, out_dir=args.out, compare=args.compare)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    for key in ("summary", "reliability", "curves"):
+        print(f"wrote {res[key]}")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG} when present)")
@@ -327,6 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=200, help="questions (default 200)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate_pairs)
+    p = sub.add_parser("loop", help="the continuous CASPO loop: pairs → DPO → publish → evaluate, round after round")
+    _add_config_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rounds", type=int, help="rounds to run (default loop.rounds)")
+    g.add_argument("--forever", action="store_true", help="keep going until stopped")
+    p.add_argument("--run", help="run name: runs/NAME (default loop.run)")
+    p.add_argument("--pairs", choices=["step", "trajectory"], help="step: CASPO; trajectory: the final-answer control")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_loop)
+
+    p = sub.add_parser("report", help="draw a loop run: reliability diagrams, per-round curves, summary.md")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding rounds.jsonl (runs/NAME)")
+    p.add_argument("--out", help="output directory (default RUN_DIR/report)")
+    p.add_argument("--compare", action="extend", nargs="+", default=[], metavar="RUN_DIR", help="other runs to overlay (the trajectory control, say)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

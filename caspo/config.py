@@ -80,6 +80,34 @@ class PairsConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1  # DPO temperature (paper: 0.1)
+    sft_weight: float = 0.0  # NLL on the chosen step added to the DPO loss (0: plain DPO as in the paper)
+    learning_rate: float = 5e-5  # tiny model; paper (7B): 5e-7
+    per_device_batch_size: int = 8  # per Ray Train worker
+    epochs: float = 2
+    max_length: int = 256
+    num_workers: int = 2  # data-parallel Ray Train workers
+    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
+    use_gpu: bool = False
+
+
+@dataclass
+class LoopConfig:
+    run: str = "caspo"  # runs/NAME holds rounds.jsonl, policies/vK, state
+    runs_dir: str = "runs"
+    rounds: int = 3
+    questions: int = 200  # fresh questions per round (seeded by round)
+    pairs: str = "step"  # step: CASPO's three-case rule; trajectory: best vs worst full solution (control)
+    temperatures: list = field(default_factory=lambda: [0.7, 0.7, 0.7, 1.0, 1.0, 1.2])  # per round; last repeats
+    eval_n: int = 200  # fixed held-out problems evaluated after every round
+    eval_seed: int = 12345
+    cat_k: int = 4
+    cat_tau: float = 0.5
+    eval_batch: int = 16
+
+
+@dataclass
 class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -88,6 +116,8 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,6 +192,14 @@ def validate(cfg: Config) -> None:
     need(cfg.pairs.temperature > 0, f"pairs.temperature must be > 0, got {cfg.pairs.temperature}")
     need(cfg.critic.kind in ("exact", "llm"), f"critic.kind must be exact or llm, got {cfg.critic.kind!r}")
     need(cfg.critic.kind != "llm" or bool(cfg.critic.model), "critic.kind llm needs critic.model")
+    need(cfg.loop.pairs in ("step", "trajectory"), f"loop.pairs must be step or trajectory, got {cfg.loop.pairs!r}")
+    need(cfg.loop.rounds >= 0, f"loop.rounds must be >= 0, got {cfg.loop.rounds}")
+    need(cfg.loop.questions >= 1 and cfg.loop.eval_n >= 1, "loop.questions and loop.eval_n must be >= 1")
+    need(
+        isinstance(cfg.loop.temperatures, list) and cfg.loop.temperatures and all(float(t) > 0 for t in cfg.loop.temperatures),
+        f"loop.temperatures must be a non-empty list of temperatures > 0, got {cfg.loop.temperatures!r}",
+    )
+    need(0.0 <= cfg.loop.cat_tau <= 1.0, f"loop.cat_tau must be in [0, 1], got {cfg.loop.cat_tau}")
 
 
 def config_from_dict(data: dict) -> Config:

@@ -69,12 +69,14 @@ class DPOSettings:
     epochs: float = 1
     max_length: int = 256  # prompt + completion tokens; longer rows are truncated, prompt-only-too-long dropped
     loss_type: str = "sigmoid"
+    sft_weight: float = 0.0  # weight of an added NLL term on the chosen completion (0: plain DPO)
     precompute_ref_log_probs: bool = True
     num_workers: int = 2
     use_gpu: bool = False
     seed: int = 0
     logging_steps: int = 1
     delimiter: str = "\n"  # the step delimiter appended to each completion (DESIGN §4)
+    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker (a laptop mesh already holds some)
     gradient_checkpointing: bool = False  # TRL turns it on by default; worth it for 7B, a slowdown for tiny
 
 
@@ -173,7 +175,9 @@ def _train_loop(config: dict) -> dict:
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         num_train_epochs=s.epochs,
         max_length=s.max_length,
-        loss_type=[s.loss_type],
+        # sft_weight > 0 adds NLL on the chosen step (RPO): keeps DPO from lowering the chosen likelihood too
+        loss_type=[s.loss_type] + (["sft"] if s.sft_weight > 0 else []),
+        loss_weights=[1.0] + ([s.sft_weight] if s.sft_weight > 0 else []),
         precompute_ref_log_probs=s.precompute_ref_log_probs,
         gradient_checkpointing=s.gradient_checkpointing,
         report_to="none",
@@ -306,7 +310,11 @@ def train_dpo(
                 "settings": asdict(settings),
                 "progress": progress,
             },
-            scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu),
+            scaling_config=ScalingConfig(
+                num_workers=settings.num_workers,
+                use_gpu=settings.use_gpu,
+                resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})},
+            ),
             run_config=RunConfig(name="dpo", storage_path=str(run_dir / "ray"), **_worker_env()),
         )
         result = trainer.fit()

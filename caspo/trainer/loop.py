@@ -1,0 +1,366 @@
+"""The continuous CASPO loop: a round controller over the mesh (paper §3.2, Algorithm 1, §4.5).
+
+Round k (k = 1, 2, ...):
+  pairs    fresh seeded questions → corrected-trajectory rollouts with policy k-1 at the scheduled
+           temperature → exact confidence + critic → three-case rule → pair store (round k)
+           (or, with ``loop.pairs: trajectory``, best vs worst full solution per question: the control)
+  train    exactly round k's pairs, read from the pair store over gRPC (consumer group "trainer") →
+           DPO on Ray Train, reference = policy k-1 → checkpoint runs/NAME/policies/vk
+  publish  the generator pool and the scorer reload version k; runs/NAME/policy.json names it for Serve
+  eval     the fixed held-out set through the generator service: greedy metrics, CaT@K with entropy and
+           with logprob scoring → one row appended to runs/NAME/rounds.jsonl
+
+Round 0 is the base policy evaluated the same way. Overlap: eval of round k and the pairs stage of
+round k+1 both use policy k, so they run concurrently; the generator pool keeps serving while DPO
+trains (Ray Train runs in its own workers).
+
+Resume: every finished stage is recorded in runs/NAME/state.json and in Redis; running the same
+command again continues after the last finished stage. Pairs are keyed by content and seeded, so a
+repeated pairs stage stores nothing twice; a round's checkpoint is written atomically, so a round is
+never trained twice; pairs are acknowledged in the store only after the checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from caspo.progress import bar as progress_bar
+from caspo.config import Config
+from caspo.core.cat import SearchConfig, derive_seed
+from caspo.core.steps import final_answer
+from caspo.evaluation import evaluate_async
+from caspo.tasks import get_task
+from caspo.trainer.collect import collect_round
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pairs", "train", "publish", "eval")
+TRAINER_GROUP = "trainer"
+READ_BATCH = 10_000  # the store re-delivers un-acked entries first, so a round is read in one go (<= 10k pairs)
+ROW_KEYS = ("round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_accuracy_logprob", "pairs", "policy_version")
+
+
+def store_round(run: str, k: int) -> int:
+    """Pair-store round id of round k of a run: runs sharing one store (a CASPO run and its control,
+    say) must never read each other's pairs, so each run's rounds live in their own block of ids."""
+    import zlib
+
+    return (zlib.crc32(run.encode()) % 1_000_000) * 1000 + k
+
+
+def temperature_for(cfg: Config, round_: int) -> float:
+    """The sampling temperature of round k (1-based): paper schedule 0.7 ×3, 1.0 ×2, 1.2 after."""
+    temps = cfg.loop.temperatures
+    return float(temps[min(round_, len(temps)) - 1])
+
+
+class RunState:
+    """Which stages of which rounds are done; in runs/NAME/state.json and mirrored into Redis."""
+
+    def __init__(self, run_dir: Path, redis_url: str | None = None, run: str = ""):
+        self.path = run_dir / "state.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"done": {}, "policies": {"0": None}}
+        self.redis = None
+        self.key = f"caspo:run:{run}:state"
+        if redis_url:
+            import redis
+
+            self.redis = redis.Redis.from_url(redis_url)
+            if not self.path.exists():  # the run dir was lost but Redis remembers
+                raw = self.redis.get(self.key)
+                if raw:
+                    self.data = json.loads(raw)
+
+    def done(self, round_: int, stage: str) -> bool:
+        return stage in self.data["done"].get(str(round_), {})
+
+    def info(self, round_: int, stage: str):
+        return self.data["done"].get(str(round_), {}).get(stage)
+
+    def mark(self, round_: int, stage: str, info=True) -> None:
+        self.data["done"].setdefault(str(round_), {})[stage] = info
+        self._save()
+
+    def set_policy(self, version: int, path: str) -> None:
+        self.data["policies"][str(version)] = path
+        self._save()
+
+    def policy(self, version: int) -> str | None:
+        return self.data["policies"].get(str(version))
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
+        if self.redis is not None:
+            try:
+                self.redis.set(self.key, json.dumps(self.data))
+            except Exception as e:  # noqa: BLE001 - the file is the source of truth
+                log.warning("could not mirror run state into Redis: %s", e)
+
+
+class RoundController:
+    """Drives rounds over a running mesh. Run it in-process or as a Ray actor (``caspo loop``)."""
+
+    def __init__(self, cfg_dict: dict, registry_address: str, redis_url: str | None = None):
+        from caspo.config import config_from_dict
+        from caspo.models.hf import resolve_model_path
+        from caspo.services.mesh import MeshClient
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.client = MeshClient(registry_address)
+        self.run_dir = Path(self.cfg.loop.runs_dir) / self.cfg.loop.run
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        self.state = RunState(self.run_dir, redis_url, self.cfg.loop.run)
+        if self.state.policy(0) is None:
+            self.state.set_policy(0, resolve_model_path(self.cfg.model.policy))
+        self.task = get_task(self.cfg.task.name, self.cfg.task.data)
+        self.eval_problems = self.task.problems(self.cfg.loop.eval_n, seed=self.cfg.loop.eval_seed, split="test")
+        self.rows_path = self.run_dir / "rounds.jsonl"
+
+    def _sr(self, k: int) -> int:
+        return store_round(self.cfg.loop.run, k)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    async def run(self, rounds: int | None, progress: bool = True) -> list[dict]:
+        """Run rounds 1..rounds (None: forever), resuming after the last finished stage."""
+        await self._ensure_published(self._last_policy_version())
+        k = 1
+        while rounds is None or k <= rounds:
+            jobs = []
+            if not self.state.done(k - 1, "eval"):
+                jobs.append(self._eval(k - 1, progress))
+            if not self.state.done(k, "pairs"):
+                jobs.append(self._pairs(k, progress))
+            await asyncio.gather(*jobs)  # eval(k-1) overlaps pairs(k): both use policy k-1
+            if not self.state.done(k, "train"):
+                await self._train(k, progress)
+            if not self.state.done(k, "publish"):
+                await self._publish(k)
+            k += 1
+        if rounds is not None and not self.state.done(rounds, "eval"):
+            await self._eval(rounds, progress)
+        await self.client.close()
+        return self.rows()
+
+    def rows(self) -> list[dict]:
+        if not self.rows_path.exists():
+            return []
+        rows = {}
+        for line in self.rows_path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["round"]] = row
+        return [rows[k] for k in sorted(rows)]
+
+    def _last_policy_version(self) -> int:
+        return max(int(v) for v, p in self.state.data["policies"].items() if p is not None and (v == "0" or self.state.done(int(v), "train")))
+
+    async def _ensure_published(self, version: int) -> None:
+        """After a restart the services may hold an older policy: publish the newest trained one."""
+        services = {s["name"]: s for s in await self.client.registry()}
+        if services.get("generator", {}).get("policy_version") != version:
+            await self._reload_services(version, self.state.policy(version))
+
+    # ---- stages -------------------------------------------------------------------------------
+    async def _pairs(self, k: int, progress: bool) -> None:
+        t0 = time.time()
+        pcfg = self.cfg.pairs
+        pcfg.temperature = temperature_for(self.cfg, k)
+        problems = self.task.problems(self.cfg.loop.questions, seed=derive_seed("loop", pcfg.seed, k) % (2**31), split="train")
+        if self.cfg.loop.pairs == "trajectory":
+            summary = await self._trajectory_pairs(k, problems, progress)
+        else:
+            rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress)
+            summary = rep.summary()
+        summary["seconds"] = round(time.time() - t0, 1)
+        summary["store_round"] = self._sr(k)
+        summary["round"] = k
+        (self.run_dir / f"round{k}_pairs.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.state.mark(k, "pairs", summary)
+        log.info("round %d pairs: %s", k, summary["pairs"])
+
+    async def _trajectory_pairs(self, k: int, problems, progress: bool) -> dict:
+        """Control: K full solutions per question; chosen = the most likely correct one, rejected = the
+        most likely incorrect one (the same sample budget as K candidates per step)."""
+        from caspo.protos.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+        pcfg = self.cfg.pairs
+        kk = pcfg.candidates
+        rows, skipped, version = [], Counter(), 0
+        bar = progress_bar(len(problems), f"round {k} trajectories", "q", progress)
+        for s in range(0, len(problems), pcfg.batch):
+            chunk = problems[s : s + pcfg.batch]
+            prompts = [
+                common_pb2.Prompt(text=self.task.prompt(p.question), seed=derive_seed(pcfg.seed, k, p.id, j))
+                for p in chunk
+                for j in range(kk)
+            ]
+            req = generator_pb2.RolloutRequest(prompts=prompts, temperature=pcfg.temperature, max_steps=pcfg.max_steps)
+            resp = await self.client.call("generator", generator_pb2_grpc.GeneratorStub, "Rollout", req)
+            version = resp.policy_version
+            for i, p in enumerate(chunk):
+                good, bad = [], []
+                for tr in resp.trajectories[i * kk : (i + 1) * kk]:
+                    steps = [st.text for st in tr.steps if st.text.strip()]
+                    if not steps:
+                        continue
+                    lps = [lp for st in tr.steps for lp in st.token_logprobs]
+                    score = sum(lps) / max(1, len(lps))
+                    answer = final_answer(steps[-1])
+                    (good if self.task.answer_correct(p, answer) else bad).append((score, "\n".join(steps)))
+                if good and bad:
+                    rows.append(
+                        {
+                            "prompt": self.task.prompt(p.question),
+                            "chosen": max(good)[1],
+                            "rejected": max(bad)[1],
+                            "case": "trajectory",
+                            "policy_version": version,
+                            "question_id": p.id,
+                            "critic": f"answer:{self.task.name}",
+                        }
+                    )
+                else:
+                    skipped["all_correct" if good else "all_wrong"] += 1
+            bar.update(len(chunk))
+        bar.close()
+        added = dup = 0
+        for i in range(0, len(rows), 500):
+            r = await self.client.put_pairs(self._sr(k), rows[i : i + 500])
+            added, dup = added + r.added, dup + r.duplicates
+        return {"round": k, "policy_version": version, "questions": len(problems), "pairs": {"trajectory": len(rows)} if rows else {}, "skipped": dict(skipped), "added": added, "duplicates": dup}
+
+    async def _read_round(self, k: int) -> tuple[list[dict], list[str]]:
+        """Exactly round k's pairs, through the pair store's consumer group."""
+        from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
+
+        pairs, ids = [], []
+        while True:
+            req = pair_store_pb2.ReadRequest(round=self._sr(k), group=TRAINER_GROUP, consumer=f"{self.cfg.loop.run}-trainer", count=READ_BATCH)
+            resp = await self.client.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Read", req)
+            new = [sp for sp in resp.pairs if sp.id not in set(ids)]
+            if not new:
+                return pairs, ids
+            for sp in new:
+                ids.append(sp.id)
+                pairs.append({"prompt": sp.pair.prompt, "chosen": sp.pair.chosen, "rejected": sp.pair.rejected, "case": sp.pair.case})
+            if len(resp.pairs) < READ_BATCH:
+                return pairs, ids
+
+    async def _ack(self, k: int, ids: list[str]) -> None:
+        from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
+
+        for i in range(0, len(ids), 1000):
+            req = pair_store_pb2.AckRequest(round=self._sr(k), group=TRAINER_GROUP, ids=ids[i : i + 1000])
+            await self.client.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Ack", req)
+
+    async def _train(self, k: int, progress: bool) -> None:
+        from caspo.trainer.dpo import DPOSettings, train_dpo
+
+        out = self.run_dir / "policies" / f"v{k}"
+        pairs, ids = await self._read_round(k)
+        prev = self.state.policy(k - 1)
+        if (out / "model.safetensors").exists():
+            metrics = {"resumed": True}  # trained before a crash; only the acknowledgement was missing
+        elif not pairs:
+            log.warning("round %d produced no pairs: policy v%d is carried over unchanged", k, k - 1)
+            out = Path(prev)
+            metrics = {"pairs": 0, "carried_over": True}
+        else:
+            d = self.cfg.dpo
+            settings = DPOSettings(
+                beta=d.beta,
+                sft_weight=d.sft_weight,
+                learning_rate=d.learning_rate,
+                per_device_batch_size=d.per_device_batch_size,
+                epochs=d.epochs,
+                max_length=d.max_length,
+                num_workers=d.num_workers,
+                cpus_per_worker=d.cpus_per_worker,
+                use_gpu=d.use_gpu,
+                seed=k,
+            )
+            metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), settings, progress)
+            metrics.pop("history", None)
+        await self._ack(k, ids)
+        metrics["pairs_read"] = len(pairs)
+        self.state.set_policy(k, str(out))
+        self.state.mark(k, "train", metrics)
+        (self.run_dir / f"round{k}_train.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+
+    async def _reload_services(self, version: int, path: str) -> None:
+        import ray
+
+        from caspo.actors.hosts import ACTOR_NAMES
+
+        await self.client.reload(version, path)
+        scorer = ray.get_actor(ACTOR_NAMES["scorer"], namespace=self.cfg.mesh.namespace)
+        await scorer.reload.remote(path, version)
+        tmp = self.run_dir / "policy.json.tmp"
+        tmp.write_text(json.dumps({"version": version, "path": path, "published_at": time.time()}) + "\n")
+        tmp.replace(self.run_dir / "policy.json")  # Serve and other readers watch this file
+
+    async def _publish(self, k: int) -> None:
+        await self._reload_services(k, self.state.policy(k))
+        self.state.mark(k, "publish", {"version": k, "path": self.state.policy(k)})
+
+    async def _eval(self, k: int, progress: bool) -> dict:
+        from caspo.services.mesh import MeshProposer
+
+        lc = self.cfg.loop
+        proposer = MeshProposer(self.client, self.task.prompt)
+        greedy = await evaluate_async(proposer, self.task, self.eval_problems, SearchConfig(method="greedy", seed=lc.eval_seed), batch=lc.eval_batch, progress=progress, desc=f"round {k} eval greedy")
+        cats = {}
+        for scoring in ("entropy", "logprob"):
+            cfg = SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, scoring=scoring, temperature=0.7, seed=lc.eval_seed)
+            cats[scoring] = await evaluate_async(proposer, self.task, self.eval_problems, cfg, batch=lc.eval_batch, progress=progress, desc=f"round {k} eval cat/{scoring}")
+        pairs_info = self.state.info(k, "pairs") or {}
+        g = greedy.summary()
+        row = {
+            "round": k,
+            "policy_version": k,
+            "accuracy": g["accuracy"],
+            "step_accuracy": g["step_accuracy"],
+            "ece": g["ece"],
+            "brier": g["brier"],
+            "auroc": g["auroc"],
+            "entropy_gap": g["entropy_gap"],
+            "cat_accuracy": cats["entropy"].accuracy,
+            "cat_accuracy_logprob": cats["logprob"].accuracy,
+            "cat_k": lc.cat_k,
+            "cat_tau": lc.cat_tau,
+            "pairs": pairs_info.get("pairs", {}),
+            "temperature": temperature_for(self.cfg, k) if k > 0 else None,
+            "mode": lc.pairs,
+            "reliability": _reliability(greedy),
+            "finished_at": time.time(),
+        }
+        with self.rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.state.mark(k, "eval", True)
+        print(summary_line(row), flush=True)
+        return row
+
+
+def _reliability(report) -> list[dict]:
+    from caspo.core.metrics import reliability_bins
+
+    return reliability_bins([r.confidence for r in report.records], [r.correct for r in report.records])
+
+
+def summary_line(row: dict) -> str:
+    pairs = ", ".join(f"{c} {n}" for c, n in sorted(row.get("pairs", {}).items())) or "-"
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    return (
+        f"round {row['round']}: accuracy {f(row['accuracy'])}  step {f(row['step_accuracy'])}  ECE {f(row['ece'])}  "
+        f"Brier {f(row['brier'])}  AUROC {f(row['auroc'])}  gap {f(row['entropy_gap'])}  "
+        f"CaT@{row['cat_k']} entropy {f(row['cat_accuracy'])} logprob {f(row['cat_accuracy_logprob'])}  pairs: {pairs}"
+    )
