@@ -36,6 +36,45 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, mask: torch.Te
     return lp
 
 
+def topk_entropy_estimate(logprobs: Sequence[float], vocab_size: int | None = None) -> float:
+    """Entropy in nats of one position estimated from the top-k log-probs alone (what vLLM returns).
+
+    The known tokens contribute their exact -sum p log p. The leftover mass r = 1 - sum p (clamped
+    at 0) is the tail, whose shape is unknown:
+
+    * without ``vocab_size`` the tail counts as a single token, -r log r. Concentrating the mass gives
+      the least entropy, so the estimate is a **lower bound** on the full-vocabulary entropy.
+    * with ``vocab_size`` V the tail is spread uniformly over the other V - k tokens,
+      -r log(r / (V - k)). Given the true top-k values that is the largest entropy any distribution
+      with that top-k can have, so the estimate is an **upper bound**; it overshoots by the tail's
+      distance from uniform, which is small when r is small (a peaked distribution).
+
+    Both bounds tighten as k grows and equal the exact entropy once the k tokens cover the
+    vocabulary. Entries of -inf (p = 0) are ignored; duplicated token ids must be removed by the
+    caller. Exact values come from :func:`token_entropy` on the full logits.
+    """
+    known = 0.0
+    mass = 0.0
+    k = 0
+    for lp in logprobs:
+        lp = float(lp)
+        k += 1
+        if lp == float("-inf"):
+            continue
+        p = math.exp(lp)
+        mass += p
+        known -= p * lp
+    rest = max(0.0, 1.0 - mass)
+    if rest <= 1e-12:
+        return known
+    if vocab_size is None:
+        return known - rest * math.log(rest)
+    others = vocab_size - k
+    if others <= 0:  # the k tokens are the whole vocabulary: the leftover is rounding error
+        return known
+    return known - rest * math.log(rest / others)
+
+
 def mean_entropy(entropies: Sequence[float]) -> float:
     """Mean token entropy of a step; an empty step has no uncertainty to report (0)."""
     return float(sum(entropies) / len(entropies)) if len(entropies) else 0.0

@@ -71,3 +71,53 @@ def test_scorings():
     assert log_step_score("product", ents, lps) == pytest.approx(-1.2)
     with pytest.raises(ValueError, match="scoring"):
         log_step_score("ppl", ents, lps)
+
+
+# ---- top-k entropy estimate (what the vLLM generator reports; DESIGN §4 "vLLM entropy") ----------
+from caspo.core.confidence import topk_entropy_estimate  # noqa: E402
+
+
+def _topk(logits: torch.Tensor, k: int) -> list[float]:
+    return torch.log_softmax(logits.double(), -1).topk(k).values.tolist()
+
+
+def test_topk_estimate_is_exact_when_topk_covers_the_vocabulary():
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.0, 1.0, 4.0):
+        logits = torch.randn(12, generator=g, dtype=torch.float64) * scale
+        exact = token_entropy(logits).item()
+        full = _topk(logits, 12)
+        assert topk_entropy_estimate(full) == pytest.approx(exact, abs=1e-6)
+        assert topk_entropy_estimate(full, vocab_size=12) == pytest.approx(exact, abs=1e-6)
+    # a one-hot distribution with -inf entries: zero entropy, no nan
+    assert topk_entropy_estimate([0.0, float("-inf"), float("-inf")], vocab_size=3) == 0.0
+
+
+def test_topk_estimate_brackets_and_is_close_for_a_peaked_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(100, generator=g, dtype=torch.float64)
+    logits[7] += 10.0
+    logits[3] += 7.0
+    exact = token_entropy(logits).item()
+    top5 = _topk(logits, 5)
+    lower = topk_entropy_estimate(top5)
+    upper = topk_entropy_estimate(top5, vocab_size=100)
+    assert lower <= exact + 1e-5 <= upper + 2e-5  # token_entropy works in float32
+    assert upper - exact < 0.02  # ~1% of the mass is outside the top 5: the uniform tail is close
+    assert exact - lower < 0.1
+
+
+def test_topk_estimate_bounds_tighten_monotonically_with_k():
+    g = torch.Generator().manual_seed(2)
+    for scale in (0.5, 2.0):
+        logits = torch.randn(40, generator=g, dtype=torch.float64) * scale
+        exact = token_entropy(logits).item()
+        lowers = [topk_entropy_estimate(_topk(logits, k)) for k in range(1, 41)]
+        uppers = [topk_entropy_estimate(_topk(logits, k), vocab_size=40) for k in range(1, 41)]
+        for a, b in zip(lowers, lowers[1:]):
+            assert b >= a - 1e-9
+        for a, b in zip(uppers, uppers[1:]):
+            assert b <= a + 1e-9
+        assert all(lo <= exact + 1e-5 <= up + 2e-5 for lo, up in zip(lowers, uppers))
+        assert lowers[-1] == pytest.approx(exact, abs=1e-6)
+        assert uppers[-1] == pytest.approx(exact, abs=1e-6)
