@@ -274,10 +274,25 @@ class Search:
         self.nodes.append(node)
         return node
 
-    # ---- answer ----------------------------------------------------------------------------
-    def result(self, with_tree: bool = False) -> SearchResult:
-        import math
+    def committed(self) -> list[Node]:
+        """The steps every possible answer starts with: the longest common prefix of the paths of the
+        active and completed branches. The answer is a completed branch, and later branches descend from
+        active ones, so this prefix only ever grows, and a streaming server may send it as it grows."""
+        live = self.active + self.completed
+        if not live:
+            return []
+        paths = [self.path(nid) for nid in live]
+        common: list[Node] = []
+        for nodes in zip(*paths):
+            if any(n.id != nodes[0].id for n in nodes):
+                break
+            common.append(nodes[0])
+        return common
 
+    # ---- answer ----------------------------------------------------------------------------
+    def answer(self) -> tuple[Node | None, list[Node], dict[str, int]]:
+        """The chosen completed branch (None: no confident answer), the path reported (the answer's,
+        else the deepest branch explored, most confident of equals) and SC's votes."""
         chosen: Node | None = None
         votes: dict[str, int] = {}
         if self.completed:
@@ -302,6 +317,12 @@ class Search:
             explored = [n for n in self.nodes[1:] if n.step]
             deepest = max(explored, key=lambda n: (n.depth, n.log_C), default=None)
             path = self.path(deepest.id) if deepest else []
+        return chosen, path, votes
+
+    def result(self, with_tree: bool = False) -> SearchResult:
+        import math
+
+        chosen, path, votes = self.answer()
         return SearchResult(
             question=self.question,
             method=self.cfg.method,
@@ -375,6 +396,50 @@ async def run_searches_async(searches: Sequence[Search], proposer, with_tree: bo
     except StopIteration:
         pass
     return [s.result(with_tree=with_tree) for s in searches]
+
+
+@dataclass(frozen=True)
+class CommittedStep:
+    """A step the search has committed to (see ``Search.committed``), as a stream sends it."""
+
+    index: int  # 0-based position in the answer
+    text: str
+    confidence: float  # this step's c under the search's scoring
+    cumulative: float  # C of the path up to and including this step, under the search's scoring
+    mean_entropy: float
+
+
+def _committed_step(index: int, node: Node) -> CommittedStep:
+    import math
+
+    return CommittedStep(index, node.step, math.exp(node.log_c), math.exp(node.log_C), node.mean_entropy)
+
+
+async def stream_search(search_: Search, proposer, with_tree: bool = False):
+    """Drive one search with an async proposer, yielding each ``CommittedStep`` as soon as the search
+    commits to it and, last, the ``SearchResult``. The steps yielded are the answer's first steps; the
+    rest of the answer branch is yielded (as committed steps) just before the result."""
+    loop = drive([search_])
+    sent = 0
+    try:
+        batch = next(loop)
+        while True:
+            proposals = await proposer.propose(*batch)
+            batch = loop.send(proposals)
+            for node in search_.committed()[sent:]:
+                yield _committed_step(sent, node)
+                sent += 1
+    except StopIteration:
+        pass
+    for node in search_.committed()[sent:]:
+        yield _committed_step(sent, node)
+        sent += 1
+    result = search_.result(with_tree=with_tree)
+    # the rest of the answer branch (all of it when nothing was committed before, e.g. SC's vote)
+    for node in search_.answer()[1][sent:]:
+        yield _committed_step(sent, node)
+        sent += 1
+    yield result
 
 
 def search(question: str, proposer: StepProposer, config: SearchConfig, with_tree: bool = False) -> SearchResult:

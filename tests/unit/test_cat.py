@@ -174,3 +174,86 @@ def test_dead_branches_do_not_answer():
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SearchConfig(**kwargs)
+
+
+# ---- streaming: committed steps ------------------------------------------------------------------
+import asyncio  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from caspo.core.cat import CommittedStep, SearchResult, stream_search  # noqa: E402
+
+
+class AsyncScripted(Scripted):
+    """The scripted proposer behind ``await``; records how many steps had been streamed at each call."""
+
+    def __init__(self, script, seen=None):
+        super().__init__(script)
+        self.seen = seen if seen is not None else []
+        self.streamed_at_call = []
+
+    async def propose(self, prefixes, n, temperature):
+        self.streamed_at_call.append(len(self.seen))
+        return Scripted.propose(self, prefixes, n, temperature)
+
+
+def _stream(question, proposer, cfg):
+    async def go():
+        events = []
+        async for ev in stream_search(Search(question, cfg), proposer):
+            events.append(ev)
+            if isinstance(ev, CommittedStep):
+                proposer.seen.append(ev)
+        return events
+
+    return asyncio.run(go())
+
+
+def test_stream_sends_a_step_once_every_branch_shares_it():
+    script = {
+        (): [cand("a", 0.9), cand("b", 0.2)],  # b pruned at tau 0.5: "a" is committed after step 1
+        ("a",): [cand("x", 0.9), cand("y", 0.8)],  # two live branches: nothing new committed
+        ("a", "x"): [cand("#### 1", 0.9)],
+        ("a", "y"): [cand("#### 2", 0.9)],
+    }
+    proposer = AsyncScripted(script)
+    events = _stream("q", proposer, SearchConfig(method="cat", k=2, tau=0.5))
+    *steps, result = events
+    assert isinstance(result, SearchResult) and result.answer == "1"
+    assert [s.text for s in steps] == list(result.steps) == ["a", "x", "#### 1"]
+    assert [s.index for s in steps] == [0, 1, 2]
+    assert steps[0].confidence == pytest.approx(0.9) and steps[1].cumulative == pytest.approx(0.81)
+    # "a" went out before the search asked for its second and third proposals
+    assert proposer.streamed_at_call == [0, 1, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.data(),
+    st.sampled_from(["cat", "greedy", "sc", "bon"]),
+    st.integers(1, 3),
+    st.floats(0.0, 0.9),
+)
+def test_streamed_steps_are_always_the_reported_path(data, method, k, tau):
+    """Whatever the tree, the steps streamed are exactly the result's steps, in order."""
+    texts = ["a", "b", "c", "#### 1", "#### 2"]
+
+    class RandomProposer:
+        seen: list = []
+        streamed_at_call: list = []
+
+        async def propose(self, prefixes, n, temperature):
+            out = []
+            for p in prefixes:
+                row = []
+                for _ in range(n):
+                    text = "#### 3" if len(p.steps) >= 3 else data.draw(st.sampled_from(texts))
+                    row.append(cand(text, data.draw(st.floats(0.05, 1.0))))
+                out.append(row)
+            return out
+
+    cfg = SearchConfig(method=method, k=k, tau=tau, temperature=0.0 if method == "greedy" else 0.7, max_steps=5)
+    *steps, result = _stream("q", RandomProposer(), cfg)
+    assert tuple(s.text for s in steps) == result.steps
+    assert [s.index for s in steps] == list(range(len(steps)))
