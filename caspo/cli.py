@@ -320,6 +320,92 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """CaT on Ray Serve: HTTP and gRPC, until Ctrl-C."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from caspo.services.cat_serve import build_app, serve_options
+    from caspo.services.mesh import _alive, read_state
+
+    cfg = _config(args)
+    sv = cfg.serve
+    st = read_state(cfg)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING")
+        where = f"the Ray cluster at {os.environ['RAY_ADDRESS']}"
+    elif st and _alive(int(st.get("pid", -1))):
+        ray.init(address=st["ray_address"], logging_level="WARNING")  # beside the running mesh and loop
+        where = "the running mesh's Ray"
+    else:
+        ray.init(num_cpus=cfg.mesh.num_cpus, include_dashboard=False, logging_level="WARNING")
+        where = "a local Ray"
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"starting CaT on Ray Serve in {where} ...", flush=True)
+    try:
+        serve.start(**serve_options(cfg))
+        serve.run(build_app(cfg), name=sv.app_name, route_prefix="/")
+        print(f"  HTTP  http://{sv.host}:{sv.http_port}  (POST /v1/solve, /v1/solve/stream, /v1/chat/completions; GET /v1/models, /healthz)")
+        print(f"  gRPC  {sv.host if sv.host != '0.0.0.0' else '127.0.0.1'}:{sv.grpc_port}  (caspo.v1.CaT/Solve, /SolveStream)")
+        print(f"  policy: hot-reloads from {sv.policy_file}" if sv.policy_file else "  policy: fixed (no serve.policy_file)")
+        print("serving; Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("stopping Serve ...", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _paint(c: float, tty: bool) -> str:
+    text = f"{c:.3f}"
+    if not tty:
+        return text
+    colour = "32" if c >= 0.8 else "33" if c >= 0.5 else "31"  # green, yellow, red
+    return f"\033[{colour}m{text}\033[0m"
+
+
+def cmd_solve(args) -> int:
+    """Ask a running CaT service; print each step with its confidence, then the answer."""
+    from caspo.services.cat_client import SolveError, solve_grpc, solve_http
+
+    params = {k: getattr(args, k) for k in ("method", "k", "tau", "max_steps", "temperature", "scoring", "seed")}
+    tty = sys.stdout.isatty()
+    try:
+        if args.http:
+            result = solve_http(args.http, args.question, timeout=args.timeout, **params)
+            steps = result["steps"]
+        else:
+            steps, result = [], None
+            for ev in solve_grpc(args.grpc, args.question, timeout=args.timeout, **params):
+                if "step" in ev:
+                    steps.append(ev["step"])
+                    if not args.json:
+                        s = ev["step"]
+                        print(f"  {_paint(s['confidence'], tty)}  {s['text']}", flush=True)
+                else:
+                    result = ev["result"]
+    except SolveError as e:
+        raise UsageError(str(e)) from e
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if args.http:
+        for s in steps:
+            print(f"  {_paint(s['confidence'], tty)}  {s['text']}")
+    answer = result.get("answer") if result.get("has_answer") else None
+    print(f"answer: {answer if answer is not None else '(' + result.get('reason', 'no answer') + ')'}  "
+          f"confidence {result.get('confidence', 0.0):.3f}  [{result.get('method')}/{result.get('scoring')} "
+          f"k={result.get('k')} tau={result.get('tau', 0.0):.2f}, policy v{result.get('policy_version', 0)}, {result.get('seconds', 0.0):.2f} s]")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG} when present)")
@@ -404,6 +490,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", choices=["step", "trajectory"], help="step: CASPO; trajectory: the final-answer control")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loop)
+
+    p = sub.add_parser("serve", help="CaT inference on Ray Serve: HTTP :8000 and gRPC :9000, hot-reloading published policies")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("solve", help="ask a running CaT service; prints each step with its confidence, then the answer")
+    p.add_argument("question")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--grpc", default="127.0.0.1:9000", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:9000; steps stream as they are committed)")
+    where.add_argument("--http", metavar="URL", help="HTTP base URL instead, e.g. http://127.0.0.1:8000")
+    p.add_argument("--method", choices=list(METHODS), help="default: the server's (cat)")
+    p.add_argument("--k", type=int)
+    p.add_argument("--tau", type=float)
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--scoring", choices=list(SCORINGS))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("report", help="draw a loop run: reliability diagrams, per-round curves, summary.md")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding rounds.jsonl (runs/NAME)")

@@ -83,7 +83,7 @@ class PairsConfig:
 class DPOConfig:
     beta: float = 0.1  # DPO temperature (paper: 0.1)
     sft_weight: float = 0.0  # NLL on the chosen step added to the DPO loss (0: plain DPO as in the paper)
-    learning_rate: float = 5e-5  # tiny model; paper (7B): 5e-7
+    learning_rate: float = 2e-6  # tiny model (larger rates shift its digits, see README); paper (7B): 5e-7
     per_device_batch_size: int = 8  # per Ray Train worker
     epochs: float = 2
     max_length: int = 256
@@ -108,6 +108,35 @@ class LoopConfig:
 
 
 @dataclass
+class ServeConfig:
+    app_name: str = "caspo"  # the Serve application (gRPC clients may send it as "application" metadata)
+    host: str = "127.0.0.1"  # HTTP bind address (0.0.0.0 in a cluster)
+    http_port: int = 8000
+    grpc_port: int = 9000
+    policy_file: str | None = "runs/caspo/policy.json"  # written by `caspo loop`; replicas hot-reload from it
+    watch_interval_s: float = 2.0  # how often replicas look at policy_file
+    min_replicas: int = 1  # autoscaling bounds of the CaT deployment
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8  # autoscaling target per replica
+    max_ongoing_requests: int = 32  # per replica; more wait in the proxy
+    num_cpus: float = 0.5  # per replica
+    num_gpus: float = 0.0  # per replica (1 on GPU nodes)
+    request_timeout_s: float = 120.0  # end-to-end limit of a request (HTTP and gRPC); the search is cancelled
+    batch_wait_ms: float = 5.0  # a replica merges concurrent requests' branch proposals for this long
+    # request defaults and limits
+    method: str = "cat"
+    k: int = 4
+    tau: float = 0.5
+    max_steps: int = 12
+    temperature: float = 0.7
+    scoring: str = "entropy"
+    max_question_chars: int = 2000
+    max_k: int = 32
+    max_max_steps: int = 32
+    max_temperature: float = 2.0
+
+
+@dataclass
 class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -118,6 +147,7 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,6 +230,13 @@ def validate(cfg: Config) -> None:
         f"loop.temperatures must be a non-empty list of temperatures > 0, got {cfg.loop.temperatures!r}",
     )
     need(0.0 <= cfg.loop.cat_tau <= 1.0, f"loop.cat_tau must be in [0, 1], got {cfg.loop.cat_tau}")
+    sv = cfg.serve
+    need(1 <= sv.min_replicas <= sv.max_replicas, f"serve.min_replicas must be in [1, serve.max_replicas={sv.max_replicas}], got {sv.min_replicas}")
+    need(sv.max_ongoing_requests >= 1, f"serve.max_ongoing_requests must be >= 1, got {sv.max_ongoing_requests}")
+    need(1 <= sv.k <= sv.max_k, f"serve.k must be in [1, serve.max_k={sv.max_k}], got {sv.k}")
+    need(1 <= sv.max_steps <= sv.max_max_steps, f"serve.max_steps must be in [1, serve.max_max_steps={sv.max_max_steps}], got {sv.max_steps}")
+    need(0.0 <= sv.tau <= 1.0, f"serve.tau must be in [0, 1], got {sv.tau}")
+    need(sv.request_timeout_s > 0, f"serve.request_timeout_s must be > 0, got {sv.request_timeout_s}")
 
 
 def config_from_dict(data: dict) -> Config:

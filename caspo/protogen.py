@@ -1,7 +1,8 @@
 """Generate ``caspo.protos`` from ``protos/*.proto`` with grpcio-tools (run by the build, never by hand).
 
 protoc names generated modules after the proto package (``caspo.v1``), which would collide with this
-Python package, so the generated code lives in ``caspo/protos/v1`` and its cross-imports are rewritten
+Python package, so the generated code lives in ``caspo/protos/v1`` and its cross-imports, and the module
+name its message classes record (pickle imports it: Ray Serve pickles gRPC requests), are rewritten
 from ``caspo.v1`` to ``caspo.protos.v1``.
 
     python -m caspo.protogen            # (re)generate
@@ -42,6 +43,8 @@ def generate(proto_dir: Path = PROTO_DIR, out_dir: Path = OUT_DIR) -> list[Path]
         (out_dir / "v1").mkdir(exist_ok=True)
         for f in sorted(src_root.iterdir()):
             text = re.sub(r"\bfrom caspo\.v1 import\b", "from caspo.protos.v1 import", f.read_text())
+            # the module name messages record (and pickle by): Ray Serve pickles requests between processes
+            text = re.sub(r"'caspo\.v1\.(\w+_pb2)'", r"'caspo.protos.v1.\1'", text)
             target = out_dir / "v1" / f.name
             target.write_text(text)
             written.append(target)

@@ -36,7 +36,7 @@ def _torch_threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-def _backend(cfg: Config, path: str | None = None, version: int = 0):
+def make_backend(cfg: Config, path: str | None = None, version: int = 0):
     from caspo.models.hf import HFBackend
 
     if cfg.model.backend == "vllm":
@@ -122,7 +122,7 @@ class ModelReplica:
 
         cfg = config_from_dict(cfg_dict)
         _torch_threads(num_cpus)
-        self.worker = ModelWorker(_backend(cfg, path, version), batch_wait_ms=cfg.generator.batch_wait_ms)
+        self.worker = ModelWorker(make_backend(cfg, path, version), batch_wait_ms=cfg.generator.batch_wait_ms)
 
     async def sample_steps_versioned(self, prompts, n, temperature, seeds):
         return await self.worker.sample_steps_versioned(prompts, n, temperature, seeds)
@@ -223,7 +223,7 @@ class ConfidenceScorer(ServiceHost):
         from caspo.services.scorer import ScorerServicer, add_to_server
 
         _torch_threads(self.num_cpus)
-        backend = await asyncio.to_thread(_backend, self.cfg)
+        backend = await asyncio.to_thread(make_backend, self.cfg)
         self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
         add_to_server(server, ScorerServicer(self.worker, self.cfg.scorer))
 
@@ -247,7 +247,7 @@ class Critic(ServiceHost):
         if self.cfg.critic.kind == "llm":
             from caspo.actors.worker import ModelWorker
 
-            backend = await asyncio.to_thread(_backend, self.cfg, self.cfg.critic.model)
+            backend = await asyncio.to_thread(make_backend, self.cfg, self.cfg.critic.model)
             critic = LLMCritic(ModelWorker(backend), task.prompt)
         else:
             critic = ExactCritic(task)

@@ -1,0 +1,271 @@
+"""CaT on a real Ray Serve (local Ray, 2 CPUs) with the tiny model: gRPC, HTTP, OpenAI, bad input, reload."""
+
+import concurrent.futures as cf
+import json
+import shutil
+import socket
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from caspo.config import load_config
+from caspo.core.cat import SearchConfig, search
+from caspo.models.base import PromptedProposer
+from caspo.models.hf import HFBackend, resolve_model_path
+from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
+from caspo.services.cat_client import SolveError, solve_grpc, solve_http
+from caspo.tasks import get_task
+
+QUESTION = "12+7*3-5"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from caspo.services.cat_serve import build_app, serve_options
+
+    root = tmp_path_factory.mktemp("serve")
+    cfg = load_config(
+        None,
+        [
+            f"serve.http_port={_free_port()}",
+            f"serve.grpc_port={_free_port()}",
+            f"serve.policy_file={root}/policy.json",
+            "serve.watch_interval_s=0.2",
+            "serve.request_timeout_s=60",
+        ],
+    )
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        serve.start(**serve_options(cfg))
+        serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
+        yield cfg, root
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _http(cfg):
+    return f"http://127.0.0.1:{cfg.serve.http_port}"
+
+
+def _grpc(cfg):
+    return f"127.0.0.1:{cfg.serve.grpc_port}"
+
+
+def _stub(cfg):
+    channel = grpc.insecure_channel(_grpc(cfg))
+    return channel, cat_pb2_grpc.CaTStub(channel)
+
+
+def _post(url, body, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _local_search(cfg: SearchConfig, with_tree: bool = False):
+    task = get_task("arith")
+    return search(QUESTION, PromptedProposer(HFBackend(resolve_model_path("tiny")), task.prompt), cfg, with_tree=with_tree)
+
+
+def test_grpc_solve_equals_the_core_search_for_the_same_seed(served):
+    cfg, _ = served
+    channel, stub = _stub(cfg)
+    with channel:
+        resp = stub.Solve(cat_pb2.SolveRequest(question=QUESTION, method="cat", k=4, tau=0.3, seed=7, with_tree=True), timeout=60)
+    local = _local_search(SearchConfig(method="cat", k=4, tau=0.3, seed=7, temperature=0.7), with_tree=True)
+    assert resp.has_answer == (local.answer is not None)
+    assert resp.answer == (local.answer or "")
+    assert tuple(s.text for s in resp.steps) == local.steps
+    assert resp.confidence == pytest.approx(local.confidence, rel=1e-4)
+    assert resp.steps_proposed == local.steps_proposed and resp.policy_version == 0
+    assert [(n.step, n.status) for n in resp.tree] == [(n["step"], n["status"]) for n in local.tree]
+
+
+def test_grpc_stream_sends_steps_then_the_answer(served):
+    cfg, _ = served
+    events = list(solve_grpc(_grpc(cfg), QUESTION, method="cat", k=4, tau=0.3, seed=7))
+    *steps, last = events
+    assert "result" in last and all("step" in e for e in steps)
+    result = last["result"]
+    assert [s["step"]["text"] for s in steps] == [s["text"] for s in result["steps"]]
+    assert [s["step"]["index"] for s in steps] == list(range(len(steps)))
+    greedy = list(solve_grpc(_grpc(cfg), QUESTION, method="greedy"))
+    local = _local_search(SearchConfig(method="greedy"))
+    assert greedy[-1]["result"]["answer"] == (local.answer or "")
+    assert [e["step"]["text"] for e in greedy[:-1]] == list(local.steps)
+
+
+def test_http_solve_and_stream_agree_with_grpc(served):
+    cfg, _ = served
+    body = {"question": QUESTION, "method": "cat", "k": 4, "tau": 0.3, "seed": 7}
+    status, out = _post(_http(cfg) + "/v1/solve", body)
+    assert status == 200
+    grpc_result = list(solve_grpc(_grpc(cfg), QUESTION, method="cat", k=4, tau=0.3, seed=7))[-1]["result"]
+    assert out["answer"] == grpc_result["answer"] and [s["text"] for s in out["steps"]] == [s["text"] for s in grpc_result["steps"]]
+    assert out["policy_version"] == 0 and out["method"] == "cat" and out["k"] == 4
+    req = urllib.request.Request(_http(cfg) + "/v1/solve/stream", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        lines = [json.loads(x) for x in resp.read().decode().splitlines() if x.strip()]
+    assert "result" in lines[-1] and lines[-1]["result"]["answer"] == out["answer"]
+    assert [x["step"]["text"] for x in lines[:-1]] == [s["text"] for s in out["steps"]]
+    assert solve_http(_http(cfg), QUESTION, method="greedy")["answer"] == _local_search(SearchConfig(method="greedy")).answer
+
+
+def test_openai_client_chat_completions_and_models(served):
+    import openai
+
+    cfg, _ = served
+    client = openai.OpenAI(base_url=_http(cfg) + "/v1", api_key="unused")
+    models = client.models.list()
+    model_id = models.data[0].id
+    assert model_id == "caspo-arith"
+    comp = client.chat.completions.create(
+        model=model_id,
+        messages=[{"role": "user", "content": QUESTION}],
+        extra_body={"method": "greedy"},
+    )
+    local = _local_search(SearchConfig(method="greedy"))
+    assert comp.choices[0].message.content == "\n".join(local.steps)
+    extra = comp.model_extra["caspo"]
+    assert extra["answer"] == local.answer and extra["policy_version"] == 0 and extra["method"] == "greedy"
+    assert comp.usage.completion_tokens == local.tokens_generated
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": QUESTION}])
+    with pytest.raises(openai.UnprocessableEntityError, match="k must be in"):
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}], extra_body={"k": 0})
+
+
+GRPC_BAD = [
+    (dict(question=""), "question is empty"),
+    (dict(question="   "), "question is empty"),
+    (dict(question="1+" * 1001), "the limit is 2000"),
+    (dict(question=QUESTION, k=0), "k must be in [1, 32]"),
+    (dict(question=QUESTION, k=33), "k must be in [1, 32]"),
+    (dict(question=QUESTION, tau=1.5), "tau must be in [0.0, 1.0]"),
+    (dict(question=QUESTION, tau=float("nan")), "tau must be a number"),
+    (dict(question=QUESTION, max_steps=0), "max_steps must be in [1, 32]"),
+    (dict(question=QUESTION, max_steps=100), "max_steps must be in [1, 32]"),
+    (dict(question=QUESTION, temperature=-1.0), "temperature must be in [0.0, 2.0]"),
+    (dict(question=QUESTION, method="beam"), "method must be one of greedy, sc, bon, cat"),
+    (dict(question=QUESTION, scoring="vibes"), "scoring must be one of"),
+    (dict(question=QUESTION, method="sc", k=4, temperature=0.0), "temperature must be > 0"),
+]
+
+
+@pytest.mark.parametrize("fields,message", GRPC_BAD)
+def test_grpc_bad_input_is_invalid_argument_naming_the_field(served, fields, message):
+    cfg, _ = served
+    channel, stub = _stub(cfg)
+    with channel:
+        for call in (stub.Solve, lambda r, timeout: list(stub.SolveStream(r, timeout=timeout))):
+            with pytest.raises(grpc.RpcError) as err:
+                call(cat_pb2.SolveRequest(**fields), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in err.value.details()
+
+
+HTTP_BAD = [
+    ({"question": ""}, "question"),
+    ({"question": "1+" * 1001}, "question"),
+    ({"question": QUESTION, "k": 0}, "k"),
+    ({"question": QUESTION, "tau": -0.1}, "tau"),
+    ({"question": QUESTION, "max_steps": 33}, "max_steps"),
+    ({"question": QUESTION, "method": "beam"}, "method"),
+    ({"question": QUESTION, "k": "4"}, "k"),  # wrong JSON types
+    ({"question": 5}, "question"),
+    ({"question": QUESTION, "with_tree": "yes"}, "with_tree"),
+    ({"question": QUESTION, "tau": None, "bogus": 1}, "bogus"),
+    ({}, "question"),
+]
+
+
+@pytest.mark.parametrize("body,field", HTTP_BAD)
+def test_http_bad_input_is_422_naming_the_field(served, body, field):
+    cfg, _ = served
+    status, out = _post(_http(cfg) + "/v1/solve", body)
+    assert status == 422
+    assert any(field in " ".join(map(str, d["loc"])) and field in d["msg"] for d in out["detail"]), out
+
+
+def test_http_malformed_json_and_the_service_keeps_serving(served):
+    cfg, _ = served
+    status, out = _post(_http(cfg) + "/v1/solve", None, raw=b'{"question": ')
+    assert status == 422
+    status, out = _post(_http(cfg) + "/v1/chat/completions", {"model": "caspo-arith", "messages": [], "method": "greedy"})
+    assert status == 422 and "messages" in json.dumps(out)
+    status, out = _post(_http(cfg) + "/v1/chat/completions", {"model": "caspo-arith", "messages": [{"role": "user", "content": QUESTION}], "stream": True})
+    assert status == 422 and "stream" in json.dumps(out)
+    with pytest.raises(SolveError, match="INVALID_ARGUMENT"):
+        list(solve_grpc(_grpc(cfg), ""))
+    assert solve_http(_http(cfg), QUESTION, method="greedy")["has_answer"]
+
+
+def test_deadline_cancels_and_the_service_keeps_serving(served):
+    cfg, _ = served
+    channel, stub = _stub(cfg)
+    with channel:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Solve(cat_pb2.SolveRequest(question="97*2-55+13*3-40", method="cat", k=32, tau=0.0, max_steps=32), timeout=0.05)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert stub.Solve(cat_pb2.SolveRequest(question=QUESTION, method="greedy"), timeout=60).has_answer
+
+
+def test_health_and_hot_reload_during_traffic(served):
+    cfg, root = served
+    with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
+        health = json.loads(resp.read())
+    assert health["status"] == "ok" and health["policy_version"] == 0
+    v1 = root / "v1"
+    shutil.copytree(resolve_model_path("tiny"), v1)
+
+    def ask(i):
+        events = list(solve_grpc(_grpc(cfg), QUESTION, method="cat", k=4, tau=0.3, seed=i))
+        return events[-1]["result"]["policy_version"]
+
+    versions = []
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, i) for i in range(8)]
+        (root / "policy.json").write_text(json.dumps({"version": 1, "path": str(v1)}))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            futures.append(pool.submit(ask, len(futures)))
+            time.sleep(0.2)
+            done = [f.result() for f in futures if f.done()]  # .result() raises if a request failed
+            if sum(v == 1 for v in done) >= 3:
+                break
+        versions = [f.result() for f in futures]  # every request succeeded
+    assert set(versions) <= {0, 1} and versions.count(1) >= 3
+    with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
+        assert json.loads(resp.read())["policy_version"] == 1
+
+
+def test_server_reflection_lists_the_cat_service(served):
+    """What grpcurl relies on to call the service without proto files."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    cfg, _ = served
+    with grpc.insecure_channel(_grpc(cfg)) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reqs = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="caspo.v1.CaT"),
+        ]
+        listed, described = list(stub.ServerReflectionInfo(iter(reqs), timeout=30))
+    assert "caspo.v1.CaT" in {s.name for s in listed.list_services_response.service}
+    assert described.file_descriptor_response.file_descriptor_proto  # the descriptors grpcurl decodes with
