@@ -154,8 +154,9 @@ async def collect_round(
     round_: int,
     progress: bool = True,
     store: bool = True,
+    desc: str | None = None,
 ) -> RoundReport:
-    bar = progress_bar(len(problems), f"round {round_} pairs", "q", progress)
+    bar = progress_bar(len(problems), desc or f"round {round_} pairs", "q", progress)
     records: list[StepRecord] = []
     critic, version = "", 0
     sem = asyncio.Semaphore(2)  # two chunks in flight: generation of one overlaps scoring of the other

@@ -115,7 +115,7 @@ class RoundController:
 
         self.cfg = config_from_dict(cfg_dict)
         self.client = MeshClient(registry_address)
-        self.run_dir = Path(self.cfg.loop.runs_dir) / self.cfg.loop.run
+        self.run_dir = (Path(self.cfg.loop.runs_dir) / self.cfg.loop.run).resolve()  # services may run elsewhere
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         self.state = RunState(self.run_dir, redis_url, self.cfg.loop.run)
@@ -178,7 +178,7 @@ class RoundController:
         if self.cfg.loop.pairs == "trajectory":
             summary = await self._trajectory_pairs(k, problems, progress)
         else:
-            rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress)
+            rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress, desc=f"round {k} pairs")
             summary = rep.summary()
         summary["seconds"] = round(time.time() - t0, 1)
         summary["store_round"] = self._sr(k)
