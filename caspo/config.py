@@ -28,6 +28,9 @@ class MeshConfig:
     host: str = "127.0.0.1"  # where gRPC servers bind
     redis_url: str | None = None  # external Redis; None: start a local redis-server (or $CASPO_REDIS_URL)
     num_cpus: int | None = None  # local Ray's CPUs (None: all)
+    # custom Ray resources each service's actors ask for, so a cluster can pin them to worker groups,
+    # e.g. {generator: {generator: 1}} with a worker group started with resources {"generator": N}
+    placement: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class DPOConfig:
     num_workers: int = 2  # data-parallel Ray Train workers
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
     use_gpu: bool = False
+    resources: dict = field(default_factory=dict)  # extra custom Ray resources per worker (a trainer group)
 
 
 @dataclass
@@ -230,6 +234,10 @@ def validate(cfg: Config) -> None:
         f"loop.temperatures must be a non-empty list of temperatures > 0, got {cfg.loop.temperatures!r}",
     )
     need(0.0 <= cfg.loop.cat_tau <= 1.0, f"loop.cat_tau must be in [0, 1], got {cfg.loop.cat_tau}")
+    services = ("generator", "scorer", "critic", "pair_store")
+    need(isinstance(cfg.mesh.placement, dict) and set(cfg.mesh.placement) <= set(services), f"mesh.placement keys must be among {', '.join(services)}, got {cfg.mesh.placement!r}")
+    for name, res in [*cfg.mesh.placement.items(), ("dpo.resources", cfg.dpo.resources)]:
+        need(isinstance(res, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in res.items()), f"{name} must map resource names to amounts > 0, got {res!r}")
     sv = cfg.serve
     need(1 <= sv.min_replicas <= sv.max_replicas, f"serve.min_replicas must be in [1, serve.max_replicas={sv.max_replicas}], got {sv.min_replicas}")
     need(sv.max_ongoing_requests >= 1, f"serve.max_ongoing_requests must be >= 1, got {sv.max_ongoing_requests}")

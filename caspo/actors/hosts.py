@@ -18,7 +18,7 @@ import logging
 import os
 
 from caspo.config import Config, config_from_dict
-from caspo.services.grpc_util import new_server
+from caspo.services.grpc_util import advertised_address, new_server
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class ServiceHost:
             add_to_server(self.server, HealthServicer(self.service, self.policy_version))
             port = self.server.add_insecure_port(f"{self.cfg.mesh.host}:0")
             await self.server.start()
-            self.address = f"{self.cfg.mesh.host}:{port}"
+            self.address = advertised_address(self.cfg.mesh.host, port)
         except Exception as e:  # noqa: BLE001 - reported through ready()
             log.exception("%s failed to start", self.service)
             self.error = f"{type(e).__name__}: {e}"
@@ -195,6 +195,8 @@ class GeneratorPool(ServiceHost):
         from caspo.services.generator import GeneratorServicer, add_to_server
 
         opts = {"num_gpus": 1} if _cuda() else {"num_cpus": self.replica_cpus}
+        if self.cfg.mesh.placement.get("generator"):  # the replicas hold the models: pin them to their group
+            opts["resources"] = dict(self.cfg.mesh.placement["generator"])
         Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **opts)(ModelReplica)
         self.replicas = [Replica.remote(self.cfg.to_dict(), self.replica_cpus) for _ in range(self.cfg.generator.replicas)]
         versions = await asyncio.gather(*(r.version.remote() for r in self.replicas))

@@ -14,7 +14,7 @@ import time
 import grpc
 
 from caspo.protos.v1 import mesh_pb2, mesh_pb2_grpc
-from caspo.services.grpc_util import CHANNEL_OPTIONS, new_server, rpc
+from caspo.services.grpc_util import CHANNEL_OPTIONS, advertised_address, new_server, rpc
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Registry:
         mesh_pb2_grpc.add_MeshServicer_to_server(RegistryServicer(self.state), self.server)
         port = self.server.add_insecure_port(f"{self.host}:{self.port}")
         await self.server.start()
-        self.address = f"{self.host}:{port}"
+        self.address = advertised_address(self.host, port)
         self._ready.set()
 
     async def ready(self) -> str:

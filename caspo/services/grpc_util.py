@@ -90,6 +90,16 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         )
 
 
+def advertised_address(host: str, port: int) -> str:
+    """The address other processes dial: ``host:port``, or this node's IP when bound to every
+    interface (``0.0.0.0`` in a cluster, where 127.0.0.1 would mean the caller's own pod)."""
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        import ray.util
+
+        host = ray.util.get_node_ip_address()
+    return f"{host}:{port}"
+
+
 def new_server() -> grpc.aio.Server:
     return grpc.aio.server(interceptors=[DecodeGuard()], options=CHANNEL_OPTIONS)
 

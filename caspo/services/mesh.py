@@ -113,6 +113,9 @@ class MeshRunner:
         self.registry_address = ray.get(self.registry.ready.remote())
 
         def remote(cls, name, **opts):
+            # the generator pool's models live in its replica actors, which take its placement themselves
+            if cfg.mesh.placement.get(name) and name != "generator":
+                opts["resources"] = dict(cfg.mesh.placement[name])
             return ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0, **opts)(cls).options(
                 name=hosts.ACTOR_NAMES[name], namespace=ns
             )

@@ -77,6 +77,7 @@ class DPOSettings:
     logging_steps: int = 1
     delimiter: str = "\n"  # the step delimiter appended to each completion (DESIGN §4)
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker (a laptop mesh already holds some)
+    resources: dict | None = None  # extra custom Ray resources per worker (pins workers to a trainer group)
     gradient_checkpointing: bool = False  # TRL turns it on by default; worth it for 7B, a slowdown for tiny
 
 
@@ -313,7 +314,7 @@ def train_dpo(
             scaling_config=ScalingConfig(
                 num_workers=settings.num_workers,
                 use_gpu=settings.use_gpu,
-                resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})},
+                resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {}), **(settings.resources or {})},
             ),
             run_config=RunConfig(name="dpo", storage_path=str(run_dir / "ray"), **_worker_env()),
         )

@@ -286,6 +286,7 @@ class RoundController:
                 num_workers=d.num_workers,
                 cpus_per_worker=d.cpus_per_worker,
                 use_gpu=d.use_gpu,
+                resources=dict(d.resources),
                 seed=k,
             )
             metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), settings, progress)
