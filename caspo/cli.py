@@ -18,6 +18,13 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+def redact_url(url: str | None) -> str | None:
+    """A URL fit for printing: its password (redis://:secret@host) replaced by ***."""
+    import re
+
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url) if url else url
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -166,7 +173,7 @@ def cmd_up(args) -> int:
     print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
     try:
         st = runner.start(progress=True)
-        print(f"  {'registry':10s} {st['registry']}\n  {'redis':10s} {st['redis_url']}", flush=True)
+        print(f"  {'registry':10s} {st['registry']}\n  {'redis':10s} {redact_url(st['redis_url'])}", flush=True)
         print("mesh is up; `caspo status` to inspect, `caspo down` (or Ctrl-C) to stop", flush=True)
         while not stop.wait(0.5):
             pass
@@ -511,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_solve)
 
+    sub.add_parser("bench", help="benchmarks: CaT vs greedy vs SC at equal budget, overheads, mesh and Serve throughput (caspo bench --help)", add_help=False)
+
     p = sub.add_parser("report", help="draw a loop run: reliability diagrams, per-round curves, summary.md")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding rounds.jsonl (runs/NAME)")
     p.add_argument("--out", help="output directory (default RUN_DIR/report)")
@@ -520,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser (bench/run.py), so `caspo bench --help` lists its options
+        from bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

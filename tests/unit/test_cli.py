@@ -104,3 +104,12 @@ def test_check_data_cli(tmp_path, capsys):
     assert main(["check-data", "--data", str(f), "--perturb", "--json"]) == 0
     bad = json.loads(capsys.readouterr().out)
     assert bad["verified"] == 0 and bad["failed"] == 2 and bad["examples"]
+
+
+def test_redact_url_hides_passwords_only():
+    from caspo.cli import redact_url
+
+    assert redact_url("redis://:s3cr3t@caspo-redis:6379/0") == "redis://:***@caspo-redis:6379/0"
+    assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url(None) is None
