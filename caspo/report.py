@@ -346,7 +346,7 @@ def write_report(run_dir, out_dir=None, compare: list[str] | None = None) -> dic
         f"# CASPO report: {title}\n",
         "Greedy metrics and CaT accuracy on the fixed held-out set after each round (round 0: the base policy). "
         "ECE and Brier: lower is better; entropy gap: mean entropy of wrong steps minus right steps, higher separates them better.\n",
-        f"- [reliability diagrams](reliability.png)\n- [per-round curves](curves.png)\n",
+        "- [reliability diagrams](reliability.png)\n- [per-round curves](curves.png)\n",
         "![per-round curves](curves.png)\n",
     ]
     for (name, rows), d in zip(runs, dirs):

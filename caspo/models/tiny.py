@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import string
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -27,7 +27,6 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 from caspo.progress import bar as progress_bar
