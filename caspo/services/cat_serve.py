@@ -277,6 +277,7 @@ class CaTServer:
         self.model_id = f"caspo-{self.cfg.task.name}"
         self._watcher: asyncio.Task | None = None
         self.reload_error: str | None = None
+        self._failed: tuple[int, str] | None = None  # a publication that failed to load: not retried
         try:
             self._start_watcher()
         except RuntimeError:  # no running loop here; the first request starts it
@@ -304,7 +305,7 @@ class CaTServer:
         while True:
             await asyncio.sleep(self.cfg.serve.watch_interval_s)
             published = self._published()
-            if published is None or published[0] == self.worker.version:
+            if published is None or published[0] == self.worker.version or published == self._failed:
                 continue
             version, path = published
             log.info("policy v%d published at %s: reloading", version, path)
@@ -312,6 +313,7 @@ class CaTServer:
                 await self.worker.reload(path, version)
                 self.reload_error = None
             except Exception as e:  # noqa: BLE001 - keep serving the weights we have
+                self._failed = published
                 self.reload_error = f"reloading v{version} from {path} failed: {e}"
                 log.error(self.reload_error)
 

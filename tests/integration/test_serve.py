@@ -269,3 +269,21 @@ def test_server_reflection_lists_the_cat_service(served):
         listed, described = list(stub.ServerReflectionInfo(iter(reqs), timeout=30))
     assert "caspo.v1.CaT" in {s.name for s in listed.list_services_response.service}
     assert described.file_descriptor_response.file_descriptor_proto  # the descriptors grpcurl decodes with
+
+
+def test_a_policy_that_fails_to_load_leaves_the_service_on_its_weights(served):
+    cfg, root = served
+    with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
+        before = json.loads(resp.read())["policy_version"]
+    (root / "policy.json").write_text(json.dumps({"version": 7, "path": str(root / "no-such-model")}))
+    deadline, health = time.time() + 60, {}
+    while time.time() < deadline:
+        with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
+            health = json.loads(resp.read())
+        if health["reload_error"]:
+            break
+        time.sleep(0.2)
+    assert "v7" in health["reload_error"] and "no-such-model" in health["reload_error"]
+    assert health["policy_version"] == before
+    events = list(solve_grpc(_grpc(cfg), QUESTION, method="greedy"))
+    assert events[-1]["result"]["policy_version"] == before and events[-1]["result"]["has_answer"]
