@@ -95,7 +95,7 @@ def report_of(cfg: SearchConfig, records: list[ProblemRecord], seconds: float, n
     return EvalReport(
         method=cfg.method,
         scoring=cfg.scoring,
-        k=cfg.k,
+        k=1 if cfg.method == "greedy" else cfg.k,  # greedy samples once whatever k says
         tau=cfg.tau,
         n=len(records),
         accuracy=metrics.accuracy(correct),
