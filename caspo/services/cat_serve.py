@@ -463,7 +463,14 @@ class CaTServer:
     @api.get("/healthz")
     async def healthz(self):
         self._start_watcher()
-        return {"status": "ok", "policy_version": self.worker.version, "policy_path": self.worker.path, "reload_error": self.reload_error}
+        return {
+            "status": "ok",
+            "policy_version": self.worker.version,
+            "policy_path": self.worker.path,
+            "reload_error": self.reload_error,
+            "model_calls": self.worker.backend_calls,  # batched model calls so far
+            "proposals_waiting": self.worker.in_flight,  # searches waiting on a model call right now
+        }
 
     def check_health(self) -> None:  # Serve calls this; a replica whose watcher died is restarted
         if self._watcher is not None and self._watcher.done() and not self._watcher.cancelled() and self._watcher.exception():

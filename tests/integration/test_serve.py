@@ -223,7 +223,24 @@ def test_deadline_cancels_and_the_service_keeps_serving(served):
         with pytest.raises(grpc.RpcError) as err:
             stub.Solve(cat_pb2.SolveRequest(question="97*2-55+13*3-40", method="cat", k=32, tau=0.0, max_steps=32), timeout=0.05)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # the cancelled search stops asking the model: nothing waits, and no more model calls happen.
+        # Uncancelled, this search runs ~10 s (3,264 proposals), so quiet within 6 s means it stopped.
+        deadline, health = time.time() + 6, {}
+        while time.time() < deadline:
+            health = _health(cfg)
+            if health["proposals_waiting"] == 0:
+                break
+            time.sleep(0.1)
+        assert health["proposals_waiting"] == 0
+        calls = health["model_calls"]
+        time.sleep(2.0)
+        assert _health(cfg)["model_calls"] == calls
         assert stub.Solve(cat_pb2.SolveRequest(question=QUESTION, method="greedy"), timeout=60).has_answer
+
+
+def _health(cfg) -> dict:
+    with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
+        return json.loads(resp.read())
 
 
 def test_health_and_hot_reload_during_traffic(served):
