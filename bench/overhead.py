@@ -15,7 +15,7 @@ COLUMNS = ["measure", "seconds", "per", "ratio", "note"]
 
 def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats: int = 5, batch: int = 16, progress: bool = True) -> SuiteResult:
     from caspo.core.cat import SearchConfig, run_searches
-    from caspo.core.steps import join_steps
+    from caspo.models.base import prefix_text
     from caspo.evaluation import _searches
     from caspo.models.base import PromptedProposer
     from caspo.tasks import get_task
@@ -53,7 +53,7 @@ def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats:
     prompts, texts = [], []
     for p, r in zip(problems, results):
         for i, st in enumerate(r.steps):
-            prompts.append(task.prompt(p.question) + join_steps(r.steps[:i]))
+            prompts.append(prefix_text(task.prompt, p.question, r.steps[:i]))
             texts.append(st)
     score = []
     for _ in range(repeats):

@@ -48,6 +48,12 @@ class Backend(Protocol):
         """Swap weights; requests already running finish on the weights they started with."""
 
 
+def prefix_text(prompt: Callable[[str], str], question: str, steps: Sequence[str], delimiter: str = DEFAULT_DELIMITER) -> str:
+    """What a policy continues: the task's prompt for the question plus the steps so far, each ended
+    by the delimiter. Every proposer, the data round and the benchmarks build model input with this."""
+    return prompt(question) + join_steps(steps, delimiter)
+
+
 class PromptedProposer:
     """Turns a backend into CaT's StepProposer: a Prefix becomes prompt(question) + steps so far."""
 
@@ -57,7 +63,7 @@ class PromptedProposer:
         self.delimiter = delimiter
 
     def text(self, prefix: Prefix) -> str:
-        return self.prompt(prefix.question) + join_steps(prefix.steps, self.delimiter)
+        return prefix_text(self.prompt, prefix.question, prefix.steps, self.delimiter)
 
     def propose(self, prefixes: Sequence[Prefix], n: int, temperature: float) -> list[list[ProposedStep]]:
         return self.backend.sample_steps([self.text(p) for p in prefixes], n, temperature, [p.seed for p in prefixes])

@@ -47,7 +47,7 @@ from ray import serve
 from caspo.config import Config, ServeConfig, config_from_dict, load_config
 from caspo.core.cat import METHODS, CommittedStep, Search, SearchConfig, SearchResult, stream_search
 from caspo.core.confidence import SCORINGS
-from caspo.core.steps import join_steps
+from caspo.models.base import prefix_text
 from caspo.services.grpc_util import BadRequest
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class _RequestProposer:
         self.version = worker.version
 
     async def propose(self, prefixes, n: int, temperature: float):
-        texts = [self.prompt(p.question) + join_steps(p.steps, self.delimiter) for p in prefixes]
+        texts = [prefix_text(self.prompt, p.question, p.steps, self.delimiter) for p in prefixes]
         out, self.version = await self.worker.sample_steps_versioned(texts, n, temperature, [p.seed for p in prefixes])
         return out
 

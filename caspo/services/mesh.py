@@ -296,9 +296,9 @@ class MeshProposer:
 
     async def propose(self, prefixes, n: int, temperature: float):
         from caspo.core.cat import ProposedStep
-        from caspo.core.steps import join_steps
+        from caspo.models.base import prefix_text
 
-        texts = [self.prompt(p.question) + join_steps(p.steps, self.delimiter) for p in prefixes]
+        texts = [prefix_text(self.prompt, p.question, p.steps, self.delimiter) for p in prefixes]
         resp = await self.client.propose(texts, n, temperature, [p.seed for p in prefixes])
         return [
             [

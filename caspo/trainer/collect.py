@@ -20,7 +20,8 @@ from caspo.progress import bar as progress_bar
 from caspo.config import PairsConfig
 from caspo.core.cat import derive_seed
 from caspo.core.pairs import Candidate, Pair, Skip, build_pair, resolve_tau
-from caspo.core.steps import is_final, join_steps
+from caspo.core.steps import is_final
+from caspo.models.base import prefix_text
 from caspo.tasks.base import Problem, Task
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
     for t in range(cfg.max_steps):
         if not active:
             break
-        prompts = [task.prompt(problems[i].question) + join_steps(prefixes[i]) for i in active]
+        prompts = [prefix_text(task.prompt, problems[i].question, prefixes[i]) for i in active]
         seeds = [derive_seed(cfg.seed, round_, problems[i].id, t) for i in active]
         gen = await client.propose(prompts, cfg.candidates, cfg.temperature, seeds)
         version = gen.policy_version
