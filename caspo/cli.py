@@ -8,6 +8,8 @@ import logging
 import math
 import os
 import sys
+
+from caspo.actors.redis_server import redact_url
 from caspo.core.cat import METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS
 
@@ -16,13 +18,6 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
-
-
-def redact_url(url: str | None) -> str | None:
-    """A URL fit for printing: its password (redis://:secret@host) replaced by ***."""
-    import re
-
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url) if url else url
 
 
 def _fmt(v) -> str:
@@ -336,6 +331,7 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from caspo.services.cat_serve import build_app, serve_options
+    from caspo.services.grpc_util import auth_token, limit_proxy_messages
     from caspo.services.mesh import _alive, read_state
 
     cfg = _config(args)
@@ -348,6 +344,7 @@ def cmd_serve(args) -> int:
         ray.init(address=st["ray_address"], logging_level="WARNING")  # beside the running mesh and loop
         where = "the running mesh's Ray"
     else:
+        limit_proxy_messages()
         ray.init(num_cpus=cfg.mesh.num_cpus, include_dashboard=False, logging_level="WARNING")
         where = "a local Ray"
     stop = threading.Event()
@@ -360,6 +357,7 @@ def cmd_serve(args) -> int:
         print(f"  HTTP  http://{sv.host}:{sv.http_port}  (POST /v1/solve, /v1/solve/stream, /v1/chat/completions; GET /v1/models, /healthz)")
         print(f"  gRPC  {sv.host if sv.host != '0.0.0.0' else '127.0.0.1'}:{sv.grpc_port}  (caspo.v1.CaT/Solve, /SolveStream)")
         print(f"  policy: hot-reloads from {sv.policy_file}" if sv.policy_file else "  policy: fixed (no serve.policy_file)")
+        print("  auth: bearer token required ($CASPO_AUTH_TOKEN)" if auth_token() else "  auth: off (set $CASPO_AUTH_TOKEN to require a bearer token)")
         print("serving; Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass

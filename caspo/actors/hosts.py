@@ -18,7 +18,7 @@ import logging
 import os
 
 from caspo.config import Config, config_from_dict
-from caspo.services.grpc_util import advertised_address, new_server
+from caspo.services.grpc_util import add_port, advertised_address, new_server
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class ServiceHost:
             self.server = new_server()
             await self.build(self.server)
             add_to_server(self.server, HealthServicer(self.service, self.policy_version))
-            port = self.server.add_insecure_port(f"{self.cfg.mesh.host}:0")
+            port = add_port(self.server, f"{self.cfg.mesh.host}:0")
             await self.server.start()
             self.address = advertised_address(self.cfg.mesh.host, port)
         except Exception as e:  # noqa: BLE001 - reported through ready()

@@ -23,12 +23,12 @@ import math
 import re
 import time
 from typing import Any, Iterable, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from caspo.actors.redis_server import redact_url
 from caspo.core.pairs import CASE_INCORRECT, CASE_UNSURE_CORRECT, Pair, pair_key
 from caspo.services.grpc_util import BadRequest, Unavailable, check_range, check_text
 
@@ -86,21 +86,6 @@ class PutResult(NamedTuple):
     keys: list[str]
 
 
-def _redact(url: str) -> str:
-    """The URL without its password (it goes into error messages)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        user = f"{parts.username}:***@" if parts.username else ":***@"
-        return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
-    except ValueError:
-        return "(unparsable url)"
-
-
 class PairStore:
     """Preference pairs per round in Redis: idempotent ``put``, exactly-once ``read``/``ack`` per
     consumer group, ``round_pairs`` for reading one whole round, ``stats``.
@@ -112,7 +97,7 @@ class PairStore:
 
     def __init__(self, url: str, connect_timeout_s: float = 2.0):
         self.url = url
-        self._shown_url = _redact(url)
+        self._shown_url = redact_url(url)
         self.client = redis.Redis.from_url(
             url,
             decode_responses=True,

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
@@ -35,11 +35,12 @@ class LocalRedis:
 
     HOST = "127.0.0.1"
 
-    def __init__(self, data_dir: str | os.PathLike, port: int = 0, password: str | None = None):
+    def __init__(self, data_dir: str | os.PathLike, port: int = 0, password: str | None = None, extra_args: list[str] | None = None):
         self.data_dir = Path(data_dir)
         self.requested_port = int(port)
         self.port: int | None = None
         self.password = password
+        self.extra_args = list(extra_args or [])  # more config, e.g. ["--user", "caspo", "on", ">pw", "~caspo:*", "+@all"]
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -73,7 +74,7 @@ class LocalRedis:
         ]
         if self.password:
             cmd += ["--requirepass", self.password]
-        return cmd
+        return cmd + self.extra_args
 
     def start(self, timeout: float = 20.0) -> "LocalRedis":
         if self.proc is not None and self.proc.poll() is None:
@@ -85,10 +86,12 @@ class LocalRedis:
                 f"or point the mesh at a running Redis with {REDIS_URL_ENV}=redis://host:port/0"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # A picked free port can be taken by someone else before redis binds it: then try another.
-        attempts = 1 if self.requested_port else 3
+        # A restart keeps the port it had, so URLs handed out stay valid. A picked free port can be taken
+        # by someone else before redis binds it: then try another.
+        fixed = self.requested_port or self.port
+        attempts = 1 if fixed else 3
         for attempt in range(attempts):
-            port = self.requested_port or free_port(self.HOST)
+            port = fixed or free_port(self.HOST)
             self._log = open(self.log_path, "ab")
             # own session: a Ctrl-C meant for the mesh must not stop Redis before the mesh is done with it
             self.proc = subprocess.Popen(
@@ -168,6 +171,22 @@ class LocalRedis:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def redact_url(url: str | None) -> str | None:
+    """A URL fit for logs and error messages: its password (``redis://user:secret@host``) as ``***``."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, f"{parts.username or ''}:***@{host}", parts.path, parts.query, parts.fragment))
+    except ValueError:
+        return "(unparsable url)"
 
 
 def redis_url_or_start(run_dir: str | os.PathLike) -> tuple[str, LocalRedis | None]:

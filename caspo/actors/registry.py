@@ -14,7 +14,7 @@ import time
 import grpc
 
 from caspo.protos.v1 import mesh_pb2, mesh_pb2_grpc
-from caspo.services.grpc_util import CHANNEL_OPTIONS, advertised_address, new_server, rpc
+from caspo.services.grpc_util import add_port, advertised_address, channel, new_server, rpc
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ HEARTBEAT_S = 2.0
 async def probe(address: str, timeout: float = 1.0) -> tuple[bool, int]:
     """Ask a service's Mesh.Health; (healthy, policy_version)."""
     try:
-        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        async with channel(address) as ch:
             r = await mesh_pb2_grpc.MeshStub(ch).Health(mesh_pb2.HealthRequest(), timeout=timeout)
             return bool(r.ok), int(r.policy_version)
     except grpc.aio.AioRpcError:
@@ -94,7 +94,7 @@ class Registry:
     async def _serve(self):
         self.server = new_server()
         mesh_pb2_grpc.add_MeshServicer_to_server(RegistryServicer(self.state), self.server)
-        port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        port = add_port(self.server, f"{self.host}:{self.port}")
         await self.server.start()
         self.address = advertised_address(self.host, port)
         self._ready.set()

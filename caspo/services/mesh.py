@@ -31,7 +31,7 @@ from caspo.protos.v1 import (
     scorer_pb2,
     scorer_pb2_grpc,
 )
-from caspo.services.grpc_util import CHANNEL_OPTIONS
+from caspo.services.grpc_util import channel, limit_proxy_messages
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class MeshRunner:
         else:
             self.redis_url, self.redis = redis_url_or_start(run_dir)
         if not ray.is_initialized():
+            limit_proxy_messages()  # `caspo serve` may later run Serve on this Ray
             address = os.environ.get("RAY_ADDRESS")
             kwargs = {"namespace": cfg.mesh.namespace, "include_dashboard": False, "logging_level": "WARNING"}
             if address:
@@ -142,7 +143,10 @@ class MeshRunner:
             "namespace": ns,
             "started_at": time.time(),
         }
-        state_path(cfg).write_text(json.dumps(state, indent=2) + "\n")
+        # the Redis URL may carry a password: the state file is readable by its owner only
+        fd = os.open(state_path(cfg), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state, indent=2) + "\n")
         return state
 
     def stop(self) -> None:
@@ -192,12 +196,19 @@ def stop_running_mesh(cfg: Config, timeout: float = 60.0) -> bool:
 
 class MeshClient:
     """Async gRPC client for every mesh service. Addresses come from the registry; a call that finds
-    its service UNAVAILABLE re-resolves (the service may have restarted on a new port) and retries."""
+    its service UNAVAILABLE (killed, restarting on a new port, Redis down behind the pair store)
+    re-resolves the address and retries with backoff for up to ``retry_for_s`` seconds.
 
-    def __init__(self, registry_address: str, retries: int = 20, retry_wait_s: float = 0.5):
+    Retrying is safe for every mesh RPC: proposals are seeded, scoring and judging are pure, ``Put`` is
+    keyed by pair content, ``Read`` re-delivers the consumer's pending entries, ``Ack`` is idempotent.
+    """
+
+    def __init__(self, registry_address: str, retry_for_s: float = 180.0, retry_wait_s: float = 0.2, max_wait_s: float = 2.0):
         self.registry_address = registry_address
-        self.retries = retries
+        self.retry_for_s = retry_for_s
         self.retry_wait_s = retry_wait_s
+        self.max_wait_s = max_wait_s
+        self.retries_done = 0  # calls repeated after UNAVAILABLE, over this client's life
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
 
     @classmethod
@@ -208,7 +219,7 @@ class MeshClient:
         return cls(st["registry"])
 
     async def registry(self, timeout: float = 5.0) -> list[dict]:
-        async with grpc.aio.insecure_channel(self.registry_address, options=CHANNEL_OPTIONS) as ch:
+        async with channel(self.registry_address) as ch:
             r = await mesh_pb2_grpc.MeshStub(ch).Registry(mesh_pb2.RegistryRequest(), timeout=timeout)
         return [
             {
@@ -232,21 +243,25 @@ class MeshClient:
             if old is None or old[0] != addr:
                 if old is not None:
                     await old[1].close()
-                self._channels[service] = (addr, grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS))
+                self._channels[service] = (addr, channel(addr))
         return self._channels[service][1]
 
     async def call(self, service: str, stub_cls, method: str, request, timeout: float = 600.0):
-        refresh = False
-        for attempt in range(self.retries + 1):
-            ch = await self._channel(service, refresh=refresh)
+        deadline = time.monotonic() + self.retry_for_s
+        wait, refresh = self.retry_wait_s, False
+        while True:
             try:
+                ch = await self._channel(service, refresh=refresh)
                 return await getattr(stub_cls(ch), method)(request, timeout=timeout)
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                # the registry itself may be restarting too: its UNAVAILABLE is retried the same way
+                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + wait > deadline:
                     raise
-                log.info("%s.%s unavailable (%s); retrying", service, method, e.details())
+                log.info("%s.%s unavailable (%s); retrying in %.1f s", service, method, e.details(), wait)
+                self.retries_done += 1
                 refresh = True
-                await asyncio.sleep(self.retry_wait_s)
+                await asyncio.sleep(wait)
+                wait = min(self.max_wait_s, wait * 2)
 
     async def close(self) -> None:
         for _, ch in self._channels.values():

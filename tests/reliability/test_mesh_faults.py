@@ -1,0 +1,231 @@
+"""Faults during a data round, on the real mesh (local Ray, 2 CPUs), a real redis-server and real gRPC.
+
+What is proved, counted in Redis against what the pair store acknowledged:
+* a generator replica, the scorer and the critic SIGKILLed mid-round: Ray restarts them, the round
+  completes, and Redis holds exactly the round's pairs, once each, and the same pairs a round without
+  faults makes (the round is seeded, so a retried call returns what the first would have);
+* the pair store actor SIGKILLed during puts, and redis-server SIGKILLed and restarted during puts:
+  every acknowledged pair is in Redis, none twice (AOF with ``appendfsync always``).
+
+Fast mode (``make test``): one kill of each; ``--long``: more questions, more puts, repeated kills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from caspo.actors.pair_store import PairStore
+from caspo.config import load_config
+from caspo.core.pairs import pair_key
+from caspo.services.mesh import MeshClient, MeshRunner
+from caspo.tasks import get_task
+from caspo.trainer.collect import collect_round, make_pairs
+
+pytestmark = pytest.mark.skipif(
+    not any(os.access(os.path.join(p, "redis-server"), os.X_OK) for p in os.environ["PATH"].split(":")),
+    reason="redis-server is not installed",
+)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("mesh-faults")
+    cfg = load_config(None, [f"mesh.run_dir={run_dir}", "mesh.num_cpus=2", "mesh.namespace=caspo-faults", "pairs.batch=4"])
+    runner = MeshRunner(cfg)
+    runner.start(progress=False)
+    yield cfg, runner
+    runner.stop()
+
+
+class Background:
+    """Runs a coroutine function in a thread with its own event loop; ``result()`` joins it."""
+
+    def __init__(self, fn):
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.value = asyncio.run(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised in result()
+            self.error = e
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def result(self, timeout: float):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"still running after {timeout:.0f} s"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def _stream_keys(store: PairStore, round_: int) -> list[str]:
+    return [f["key"] for _, f in store.client.xrange(store.stream_key(round_))]
+
+
+def _assert_stored_exactly(store: PairStore, round_: int, expected_keys: set[str]) -> None:
+    """Redis holds each expected pair once: in the stream, as a hash, in the counts; nothing else."""
+    keys = _stream_keys(store, round_)
+    assert len(keys) == len(set(keys)), "a pair was streamed twice"
+    assert set(keys) == expected_keys, f"lost: {len(expected_keys - set(keys))}, unexpected: {len(set(keys) - expected_keys)}"
+    assert all(store.client.exists(store.pair_redis_key(round_, k)) for k in keys)
+    (stats,) = store.stats(round_)
+    assert stats["total"] == len(keys) == sum(stats["per_case"].values())
+
+
+def test_round_completes_when_generator_scorer_and_critic_die_mid_round(mesh, long_mode):
+    import ray
+
+    cfg, runner = mesh
+    task = get_task("arith")
+    problems = task.problems(48 if long_mode else 16, seed=21, split="train")
+    round_ = 7
+
+    async def baseline():
+        client = MeshClient(runner.registry_address)
+        try:
+            return await collect_round(client, task, problems, cfg.pairs, round_, progress=False, store=False)
+        finally:
+            await client.close()
+
+    clean = asyncio.run(baseline())  # the same round without faults, stored nowhere
+    clean_keys = {pair_key(p) for _, p in make_pairs(clean.records, cfg.pairs)[1]}
+    assert clean_keys, "the fault-free round made no pairs: nothing to compare"
+
+    clients: list[MeshClient] = []
+
+    async def faulty():
+        client = MeshClient(runner.registry_address)
+        clients.append(client)
+        try:
+            return await collect_round(client, task, problems, cfg.pairs, round_, progress=False)
+        finally:
+            await client.close()
+
+    gen = runner.actors["generator"]
+    old = {
+        "replica": ray.get(gen.replica_pids.remote())[0],
+        "scorer": ray.get(runner.actors["scorer"].pid.remote()),
+        "critic": ray.get(runner.actors["critic"].pid.remote()),
+    }
+    job = Background(faulty)
+    killed_mid_round = []
+    for _ in range(2 if long_mode else 1):
+        for name in ("replica", "scorer", "critic"):
+            time.sleep(2.0)
+            killed_mid_round.append(job.alive())
+            pid = ray.get(gen.replica_pids.remote())[0] if name == "replica" else ray.get(runner.actors[name].pid.remote())
+            _kill(pid)
+    report = job.result(timeout=900)
+    assert all(killed_mid_round), f"the round ended before every kill: {killed_mid_round}"
+
+    # every service was really replaced, and the client really saw the faults and retried
+    assert ray.get(gen.replica_pids.remote())[0] != old["replica"]
+    assert ray.get(runner.actors["scorer"].pid.remote()) != old["scorer"]
+    assert ray.get(runner.actors["critic"].pid.remote()) != old["critic"]
+    assert clients[0].retries_done > 0
+
+    keys = {pair_key(p) for _, p in make_pairs(report.records, cfg.pairs)[1]}
+    assert report.added == len(keys) and report.duplicates == 0
+    store = PairStore(runner.redis_url)
+    try:
+        _assert_stored_exactly(store, round_, keys)
+    finally:
+        store.close()
+    # nothing lost to the faults: the same pairs as the round without them
+    assert keys == clean_keys
+    assert report.steps_judged == clean.steps_judged
+
+
+def _put_batches(runner, round_: int, batches: int, size: int, acked: list[str]):
+    """Put ``batches`` batches of distinct pairs through the mesh; append each acknowledged key."""
+
+    async def go():
+        client = MeshClient(runner.registry_address)
+        try:
+            for b in range(batches):
+                rows = [
+                    {"prompt": f"round {round_} q{b}.{i}: 12+{i}", "chosen": f"12+{i}={12 + i}", "rejected": f"12+{i}={13 + i}", "case": "incorrect", "question_id": f"{b}.{i}"}
+                    for i in range(size)
+                ]
+                resp = await client.put_pairs(round_, rows)
+                assert len(resp.keys) == size and resp.added + resp.duplicates == size
+                acked.extend(resp.keys)
+                await asyncio.sleep(0.02)
+            return client.retries_done
+        finally:
+            await client.close()
+
+    return go
+
+
+def _wait_for(cond, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_acknowledged_pairs_survive_a_pair_store_kill_during_puts(mesh, long_mode):
+    import ray
+
+    cfg, runner = mesh
+    round_, batches, size = 8, (120 if long_mode else 40), 25
+    acked: list[str] = []
+    job = Background(_put_batches(runner, round_, batches, size, acked))
+    for i in range(3 if long_mode else 1):
+        _wait_for(lambda: len(acked) >= size * batches * (i + 1) // 4)
+        assert job.alive()
+        _kill(ray.get(runner.actors["pair_store"].pid.remote()))
+    retries = job.result(timeout=600)
+    assert retries > 0, "the client never saw the pair store down"
+    assert len(acked) == batches * size == len(set(acked))
+    store = PairStore(runner.redis_url)
+    try:
+        _assert_stored_exactly(store, round_, set(acked))
+    finally:
+        store.close()
+
+
+def test_acknowledged_pairs_survive_sigkill_and_restart_of_redis_mid_round(mesh, long_mode):
+    cfg, runner = mesh
+    redis = runner.redis
+    assert redis is not None, "this test needs the mesh's own redis-server"
+    round_, batches, size = 9, (120 if long_mode else 40), 25
+    acked: list[str] = []
+    job = Background(_put_batches(runner, round_, batches, size, acked))
+    for i in range(3 if long_mode else 1):
+        _wait_for(lambda: len(acked) >= size * batches * (i + 1) // 4)
+        assert job.alive()
+        at_kill = set(acked)
+        redis.proc.send_signal(signal.SIGKILL)
+        redis.proc.wait()
+        time.sleep(1.0)  # the writer meets a dead Redis for a while
+        redis.start()  # same port and data directory: replays the AOF
+        store = PairStore(runner.redis_url)
+        try:  # everything acknowledged before the kill is back from the AOF alone
+            assert at_kill <= set(_stream_keys(store, round_))
+        finally:
+            store.close()
+    retries = job.result(timeout=600)
+    assert retries > 0, "the client never saw Redis down"
+    assert len(acked) == batches * size == len(set(acked))
+    store = PairStore(runner.redis_url)
+    try:
+        _assert_stored_exactly(store, round_, set(acked))
+        assert store.client.config_get("appendfsync")["appendfsync"] == "always"
+    finally:
+        store.close()
