@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import SuiteResult, model_overrides, median, percentile
+from bench.common import SuiteResult, model_overrides, percentile
 
 COLUMNS = ["clients", "requests", "errors", "rps", "rps_x_1client", "p50_s", "p99_s", "p99_x_p50"]
 
@@ -29,15 +29,80 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(n: int, clients=(1, 8, 32), duration: float = 20.0, k: int = 4, seed: int = 0, model: str = "tiny", engine: str = "hf", progress: bool = True) -> SuiteResult:
+def grpc_load(address: str, questions: list[str], clients: int, duration: float, k: int = 4, max_steps: int | None = None, retries: int = 0, timeout: float = 120.0) -> dict:
+    """``clients`` threads call ``caspo.v1.CaT/Solve`` back to back for ``duration`` seconds, each on its
+    own channel. A request whose replica was lost (``cat_client.replica_lost``: UNAVAILABLE, or the
+    replica died under it) is retried up to ``retries`` times, as caspo's clients do. Returns requests, errors (by status), retried, rps and latency
+    percentiles (seconds, over successful requests, retries included in their latency)."""
     import grpc
+
+    from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
+    from caspo.services.cat_client import replica_lost
+    from caspo.services.grpc_util import auth_metadata
+
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    details: dict[str, str] = {}  # the first message seen per status
+    retried = [0]
+
+    def client(stop: float, offset: int):
+        with grpc.insecure_channel(address) as ch:
+            stub = cat_pb2_grpc.CaTStub(ch)
+            i = offset
+            while time.perf_counter() < stop:
+                q = questions[i % len(questions)]
+                i += 1
+                req = cat_pb2.SolveRequest(question=q, method="cat", k=k, seed=i, **({"max_steps": max_steps} if max_steps else {}))
+                t0 = time.perf_counter()
+                for attempt in range(retries + 1):
+                    try:
+                        stub.Solve(req, timeout=timeout, metadata=auth_metadata())
+                        with lock:
+                            latencies.append(time.perf_counter() - t0)
+                        break
+                    except grpc.RpcError as e:
+                        if attempt < retries and replica_lost(e.code().name, e.details()):
+                            with lock:
+                                retried[0] += 1
+                            time.sleep(0.2)
+                            continue
+                        with lock:
+                            errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                            details.setdefault(e.code().name, e.details())
+                        break
+
+    stop = time.perf_counter() + duration
+    threads = [threading.Thread(target=client, args=(stop, j * 1000)) for j in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": sum(errors.values()),
+        "errors_by_status": errors,
+        "error_details": details,
+        "retried": retried[0],
+        "seconds": wall,
+        "rps": len(latencies) / wall,
+        "p50_s": percentile(latencies, 0.5) if latencies else None,
+        "p90_s": percentile(latencies, 0.9) if latencies else None,
+        "p99_s": percentile(latencies, 0.99) if latencies else None,
+        "max_s": max(latencies) if latencies else None,
+    }
+
+
+def run(n: int, clients=(1, 8, 32), duration: float = 20.0, k: int = 4, seed: int = 0, model: str = "tiny", engine: str = "hf", progress: bool = True) -> SuiteResult:
     import ray
     from ray import serve
 
     from caspo.config import load_config
     from caspo.models.hf import resolve_model_path
-    from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
-    from caspo.services.cat_serve import build_app, serve_options
+    from caspo.services.cat_serve import build_app, limit_proxy_messages, serve_options
     from caspo.tasks import get_task
 
     tmp = Path(tempfile.mkdtemp(prefix="caspo-bench-serve-"))
@@ -46,40 +111,17 @@ def run(n: int, clients=(1, 8, 32), duration: float = 20.0, k: int = 4, seed: in
     rows: list[dict] = []
     started_ray = not ray.is_initialized()
     if started_ray:
+        limit_proxy_messages()
         ray.init(include_dashboard=False, logging_level="ERROR")
     try:
         serve.start(**serve_options(cfg))
         serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
         address = f"127.0.0.1:{cfg.serve.grpc_port}"
 
-        def client(stop: float, out: list, errors: list, offset: int):
-            with grpc.insecure_channel(address) as ch:
-                stub = cat_pb2_grpc.CaTStub(ch)
-                i = offset
-                while time.perf_counter() < stop:
-                    q = questions[i % len(questions)]
-                    i += 1
-                    t0 = time.perf_counter()
-                    try:
-                        stub.Solve(cat_pb2.SolveRequest(question=q, method="cat", k=k, seed=i), timeout=120)
-                        out.append(time.perf_counter() - t0)
-                    except grpc.RpcError as e:
-                        errors.append(e.code().name)
-
         for c in clients:
-            lat: list[float] = []
-            errs: list[str] = []
-            stop = time.perf_counter() + duration
-            threads = [threading.Thread(target=client, args=(stop, lat, errs, j * 1000)) for j in range(c)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            rows.append({"clients": c, "requests": len(lat), "errors": len(errs), "rps": len(lat) / wall, "p50_s": median(lat), "p99_s": percentile(lat, 0.99)})
+            rows.append(grpc_load(address, questions, c, duration, k))
             if progress:
-                print(f"  serve load: {rows[-1]}", flush=True)
+                print(f"  serve load: { {key: rows[-1][key] for key in ('clients', 'requests', 'errors', 'rps', 'p50_s', 'p99_s')} }", flush=True)
         for r in rows:
             r["rps_x_1client"] = r["rps"] / rows[0]["rps"] if rows[0]["rps"] else None
             r["p99_x_p50"] = r["p99_s"] / r["p50_s"] if r["p50_s"] else None

@@ -18,7 +18,11 @@ the same code the evaluation and the benchmarks run.
   ``caspo``) and ``GET /v1/models``; ``GET /healthz``.
 
 Bad input gets gRPC ``INVALID_ARGUMENT`` or HTTP 422 naming the field and the limit; the replica
-keeps serving. A request past ``serve.request_timeout_s`` (or its gRPC deadline) is cancelled by Serve,
+keeps serving. An HTTP body over ``MAX_BODY_BYTES`` gets 413 before it is read whole; a gRPC message
+over ``SERVE_MAX_MESSAGE_BYTES`` is refused by the proxy (RESOURCE_EXHAUSTED) when the process that
+started Ray called ``grpc_util.limit_proxy_messages`` first (``caspo serve``/``caspo up`` do; Ray's
+own default is 2 GiB). With ``$CASPO_AUTH_TOKEN`` set in the replicas' environment every call but
+``GET /healthz`` needs ``authorization: Bearer <token>`` (gRPC UNAUTHENTICATED / HTTP 401 without). A request past ``serve.request_timeout_s`` (or its gRPC deadline) is cancelled by Serve,
 and its search stops at its next step.
 
 Hot reload: each replica watches ``serve.policy_file`` (``runs/NAME/policy.json``, written by
@@ -48,12 +52,21 @@ from caspo.config import Config, ServeConfig, config_from_dict, load_config
 from caspo.core.cat import METHODS, CommittedStep, Search, SearchConfig, SearchResult, stream_search
 from caspo.core.confidence import SCORINGS
 from caspo.models.base import prefix_text
-from caspo.services.grpc_util import BadRequest
+from caspo.services.grpc_util import SERVE_MAX_MESSAGE_BYTES, UNAUTHENTICATED_MESSAGE, BadRequest, auth_token, authorized, limit_proxy_messages  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 GRPC_SERVICER = "caspo.protos.v1.cat_pb2_grpc.add_CaTServicer_to_server"
 DEPLOYMENT = "CaT"
+MAX_BODY_BYTES = 1 << 20  # HTTP request bodies (a question is at most serve.max_question_chars)
+PUBLIC_PATHS = frozenset({"/healthz"})  # reachable without the token (probes)
+
+
+class Unauthenticated(PermissionError):
+    """The call carried no or the wrong bearer token (gRPC UNAUTHENTICATED)."""
+
+    def __reduce__(self):  # Ray pickles exceptions between the replica and the proxy
+        return (Unauthenticated, self.args)
 
 
 # ---- one request's parameters, checked the same way for gRPC and HTTP -----------------------------
@@ -242,6 +255,60 @@ def _unprocessable(field: str, message: str) -> JSONResponse:
 api = FastAPI(title="caspo CaT", description="CaT inference (confidence-aware tree search) over HTTP")
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """ASGI middleware in front of every route: the bearer token (when ``$CASPO_AUTH_TOKEN`` is set) and
+    the body size limit, counted as the body arrives so a chunked upload cannot grow past it either."""
+
+    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        if scope.get("path") not in PUBLIC_PATHS and not authorized(headers.get("authorization")):
+            body = {"error": {"message": UNAUTHENTICATED_MESSAGE, "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
+            return await JSONResponse(status_code=401, content=body, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        limit = self.max_body_bytes
+        too_large = JSONResponse(status_code=413, content=_error_body([{"loc": ["body"], "msg": f"body: the request body is over the limit of {limit} bytes", "type": "too_large"}]))
+        try:
+            declared = int(headers.get("content-length", "0"))
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge
+            return message
+
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+api.add_middleware(GuardMiddleware)
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     # FastAPI's 422, with each message naming its field (pydantic's messages alone do not)
@@ -348,6 +415,10 @@ class CaTServer:
         def opt(name):
             return getattr(request, name) if request.HasField(name) else None
 
+        if auth_token() and not authorized(dict(grpc_context.invocation_metadata()).get("authorization")):
+            grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            grpc_context.set_details(UNAUTHENTICATED_MESSAGE)
+            raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         try:
             return parse_params(
                 self.cfg.serve,
