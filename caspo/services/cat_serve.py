@@ -52,11 +52,12 @@ from caspo.config import Config, ServeConfig, config_from_dict, load_config
 from caspo.core.cat import METHODS, CommittedStep, Search, SearchConfig, SearchResult, stream_search
 from caspo.core.confidence import SCORINGS
 from caspo.models.base import prefix_text
+from caspo.services.cat_grpc import UndecodableRequest
 from caspo.services.grpc_util import SERVE_MAX_MESSAGE_BYTES, UNAUTHENTICATED_MESSAGE, BadRequest, auth_token, authorized, limit_proxy_messages  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-GRPC_SERVICER = "caspo.protos.v1.cat_pb2_grpc.add_CaTServicer_to_server"
+GRPC_SERVICER = "caspo.services.cat_grpc.add_CaTServicer_to_server"  # parse errors -> INVALID_ARGUMENT
 DEPLOYMENT = "CaT"
 MAX_BODY_BYTES = 1 << 20  # HTTP request bodies (a question is at most serve.max_question_chars)
 PUBLIC_PATHS = frozenset({"/healthz"})  # reachable without the token (probes)
@@ -255,13 +256,10 @@ def _unprocessable(field: str, message: str) -> JSONResponse:
 api = FastAPI(title="caspo CaT", description="CaT inference (confidence-aware tree search) over HTTP")
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class GuardMiddleware:
     """ASGI middleware in front of every route: the bearer token (when ``$CASPO_AUTH_TOKEN`` is set) and
-    the body size limit, counted as the body arrives so a chunked upload cannot grow past it either."""
+    the body size limit. The body is read here first, counting as it arrives, so a chunked upload
+    without a Content-Length cannot grow past the limit either; the app then reads it from memory."""
 
     def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -275,35 +273,25 @@ class GuardMiddleware:
             return await JSONResponse(status_code=401, content=body, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         limit = self.max_body_bytes
         too_large = JSONResponse(status_code=413, content=_error_body([{"loc": ["body"], "msg": f"body: the request body is over the limit of {limit} bytes", "type": "too_large"}]))
-        try:
-            declared = int(headers.get("content-length", "0"))
-        except ValueError:
-            declared = 0
-        if declared > limit:
+        if headers.get("content-length", "0").isdigit() and int(headers.get("content-length", "0")) > limit:
             return await too_large(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        started = False
+        async def buffered():
+            return replay.pop() if replay else await receive()
 
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await too_large(scope, receive, send)
+        await self.app(scope, buffered, send)
 
 
 api.add_middleware(GuardMiddleware)
@@ -420,6 +408,8 @@ class CaTServer:
             grpc_context.set_details(UNAUTHENTICATED_MESSAGE)
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         try:
+            if isinstance(request, UndecodableRequest):
+                raise ParamError("request", f"does not parse as caspo.v1.SolveRequest: {request.error}")
             return parse_params(
                 self.cfg.serve,
                 request.question,
