@@ -35,12 +35,19 @@ class LocalRedis:
 
     HOST = "127.0.0.1"
 
-    def __init__(self, data_dir: str | os.PathLike, port: int = 0, password: str | None = None, extra_args: list[str] | None = None):
+    # what the ACL user (``username``) may do: the pair store's and the loop's keys, no admin commands
+    ACL_RULES = ("~caspo:*", "resetchannels", "+@all", "-@dangerous")
+
+    def __init__(self, data_dir: str | os.PathLike, port: int = 0, password: str | None = None, username: str | None = None):
+        """``password`` alone protects the default user (``requirepass``); with ``username`` too, the
+        default user is off and that ACL user (``ACL_RULES``) is the only way in, as in k8s/base/redis.yaml."""
+        if username and not password:
+            raise ValueError("a Redis ACL user needs a password")
         self.data_dir = Path(data_dir)
         self.requested_port = int(port)
         self.port: int | None = None
         self.password = password
-        self.extra_args = list(extra_args or [])  # more config, e.g. ["--user", "caspo", "on", ">pw", "~caspo:*", "+@all"]
+        self.username = username
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -56,7 +63,8 @@ class LocalRedis:
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("LocalRedis is not started")
-        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        user = quote(self.username, safe="") if self.username else ""
+        auth = f"{user}:{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{self.HOST}:{self.port}/0"
 
     def _command(self, binary: str, port: int) -> list[str]:
@@ -72,9 +80,11 @@ class LocalRedis:
             "--save", "",  # no RDB snapshots: the AOF is the only (and complete) record
             "--daemonize", "no",
         ]
-        if self.password:
+        if self.username:
+            cmd += ["--user", "default", "off", "--user", self.username, "on", f">{self.password}", *self.ACL_RULES]
+        elif self.password:
             cmd += ["--requirepass", self.password]
-        return cmd + self.extra_args
+        return cmd
 
     def start(self, timeout: float = 20.0) -> "LocalRedis":
         if self.proc is not None and self.proc.poll() is None:
@@ -115,7 +125,7 @@ class LocalRedis:
 
     def _client(self) -> redis.Redis:
         return redis.Redis(
-            host=self.HOST, port=self.port, password=self.password,
+            host=self.HOST, port=self.port, username=self.username, password=self.password,
             socket_connect_timeout=0.5, socket_timeout=2.0, retry=None,
         )
 
