@@ -94,6 +94,8 @@ class DPOConfig:
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
     use_gpu: bool = False
     resources: dict = field(default_factory=dict)  # extra custom Ray resources per worker (a trainer group)
+    checkpoint_steps: int = 20  # optimizer steps between resumable checkpoints in the scratch dir (0: none)
+    max_failures: int = 3  # Ray Train restarts of the worker group after a worker dies (resumes from a checkpoint)
 
 
 @dataclass

@@ -29,21 +29,41 @@ Two things are done by hand because TRL 1.16 does them differently from what ste
   process would pick its own random temporary file and the non-main ranks would fail to read. Rank 0 therefore
   saves the rows with ``save_to_disk`` into the run's scratch directory and every rank loads that copy.
 
-Files: the scratch directory (``RunConfig.storage_path``, the dataset copy, ``DPOConfig.output_dir``) is created
-next to ``out_dir`` and removed afterwards; the trained policy is written by rank 0 only, first into the scratch
-directory and then renamed to ``out_dir``, so a reader never sees a half-written model. On one machine any local
-path works; on a multi-node Ray cluster ``out_dir`` must be on a filesystem every node can read and write (NFS,
-a mounted bucket), because the workers read the dataset copy beside it and rank 0 (on whichever node) writes it.
+Files: the scratch directory is ``.<out_dir name>.dpo`` next to ``out_dir``. It holds ``fingerprint.json`` (a
+hash of the rows, the settings that change the result, the two models' files and the library versions), the
+dataset copy ``data/`` with the ``datasets`` cache files TRL's maps and the reference log-probs write beside it,
+``trainer/`` (``DPOConfig.output_dir``: the HF Trainer checkpoints) and ``ray/`` (``RunConfig.storage_path``,
+wiped at each call). It is removed after a successful run and kept when :func:`train_dpo` raises or its process
+is killed. The trained policy is written by rank 0 only, first into the scratch directory and then renamed to
+``out_dir``, so a reader never sees a half-written model. On one machine any local path works; on a multi-node
+Ray cluster ``out_dir`` must be on a filesystem every node can read and write (NFS, a mounted bucket), because
+the workers read the dataset copy beside it, every rank writes its RNG state into the checkpoints and rank 0 (on
+whichever node) writes the rest.
+
+Checkpoints and resume: every ``checkpoint_steps`` optimizer steps the HF Trainer writes ``trainer/checkpoint-N``
+(weights, optimizer, scheduler, the trainer state with its log history, one RNG state per rank; the last two are
+kept, none after the final step, since the model is written right after it). When ``_train_loop`` starts, rank 0
+deletes every checkpoint that is not complete (see :func:`_checkpoint_complete`: a rank killed while writing one, or
+while the Trainer was rotating an old one away) and all ranks resume from the newest complete one, so the run
+continues at step N with the optimizer, scheduler, RNG and data position it had there. Two kinds of restart end
+up there: Ray Train restarts the worker group when a worker process dies (``FailureConfig(max_failures)``), and a
+re-run of :func:`train_dpo` after the driver died or raised finds the scratch directory again: with the same
+fingerprint it resumes from its checkpoints (and reuses the dataset copy and its caches), with another one it
+wipes the directory and starts fresh.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
+import re
 import shutil
-import tempfile
+import struct
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,6 +80,8 @@ class DPOSettings:
     a global batch of 64 and max length 2048). ``per_device_batch_size`` is per Ray worker: the global batch is
     ``per_device_batch_size * gradient_accumulation_steps * num_workers``. ``precompute_ref_log_probs``: the
     reference is frozen, so its log-probs are computed once up front and the model is not held during training.
+    ``checkpoint_steps``: a resumable checkpoint every that many optimizer steps (0: none, a restart begins at step
+    0); ``max_failures``: how often Ray Train restarts the workers after one dies before the run fails.
     """
 
     beta: float = 0.1
@@ -79,6 +101,14 @@ class DPOSettings:
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker (a laptop mesh already holds some)
     resources: dict | None = None  # extra custom Ray resources per worker (pins workers to a trainer group)
     gradient_checkpointing: bool = False  # TRL turns it on by default; worth it for 7B, a slowdown for tiny
+    checkpoint_steps: int = 20  # optimizer steps between resumable checkpoints in the scratch dir (0: none)
+    max_failures: int = 3  # Ray Train restarts of the worker group after a worker process dies
+
+
+def scratch_dir(out_dir: str | os.PathLike) -> Path:
+    """The scratch directory of the DPO run that writes ``out_dir`` (see the module docstring)."""
+    out = Path(out_dir).expanduser().resolve()
+    return out.parent / f".{out.name}.dpo"
 
 
 def _rows(pairs: list[dict], delimiter: str) -> list[dict]:
@@ -98,6 +128,158 @@ def _rows(pairs: list[dict], delimiter: str) -> list[dict]:
         # the completion is the step plus its delimiter: the model learns to end the step there
         rows.append({"prompt": p["prompt"], "chosen": chosen + delimiter, "rejected": rejected + delimiter})
     return rows
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# settings that do not change the trained model: a re-run that differs only in these still resumes
+_NOT_IN_FINGERPRINT = ("checkpoint_steps", "max_failures", "cpus_per_worker", "resources")
+
+
+def _zip_ok(path: Path) -> bool:
+    """``torch.save`` writes a zip archive whose central directory comes last: a truncated file is not a zip."""
+    try:
+        return path.is_file() and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _safetensors_ok(path: Path) -> bool:
+    """The header (8-byte length, then JSON) names every tensor's byte range: the file must hold them all."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                return False
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return size >= 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+def _checkpoint_complete(ckpt: Path, world: int) -> bool:
+    """Whether ``ckpt`` (an HF Trainer ``checkpoint-N``) holds everything an exact resume on ``world`` ranks reads.
+
+    transformers 5.x writes a checkpoint without a marker: rank 0 writes the weights, ``optimizer.pt``,
+    ``scheduler.pt``, its RNG state and then ``trainer_state.json``; every other rank writes only its own
+    ``rng_state_<rank>.pth``, with no barrier, possibly after rank 0 is done; and rank 0 then deletes old
+    checkpoints with ``rmtree`` (a kill leaves one half-deleted). So ``trainer_state.json`` alone does not say
+    "complete": it must parse and name step N, and every file must be there and whole.
+    """
+    m = _CHECKPOINT.match(ckpt.name)
+    if not m or not ckpt.is_dir():
+        return False
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("global_step") != int(m.group(1)):
+        return False
+    rng = ["rng_state.pth"] if world <= 1 else [f"rng_state_{r}.pth" for r in range(world)]
+    if not all(_zip_ok(ckpt / name) for name in ["optimizer.pt", "scheduler.pt", *rng]):
+        return False
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():  # a model too big for one file: every shard the index names
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return False
+        return bool(shards) and all(_safetensors_ok(ckpt / shard) for shard in shards)
+    return _safetensors_ok(ckpt / "model.safetensors")
+
+
+def _checkpoints(trainer_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-N`` directory in ``trainer_dir``, oldest step first."""
+    if not trainer_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in trainer_dir.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def _latest_checkpoint(trainer_dir: Path, world: int) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    for _, path in reversed(_checkpoints(trainer_dir)):
+        if _checkpoint_complete(path, world):
+            return path
+    return None
+
+
+def _drop_incomplete_checkpoints(trainer_dir: Path, world: int) -> list[str]:
+    """Delete the checkpoints a resume must not use (and the Trainer's mtime-based rotation must not keep)."""
+    dropped = []
+    for _, path in _checkpoints(trainer_dir):
+        if not _checkpoint_complete(path, world):
+            shutil.rmtree(path, ignore_errors=True)
+            dropped.append(path.name)
+    return dropped
+
+
+def _model_files(path: str) -> list:
+    """Name, size and mtime of each file of a model directory: a cheap identity (hashing 7B weights is not)."""
+    p = Path(path).expanduser().resolve()
+    return [str(p)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir()) if f.is_file()]
+
+
+def _fingerprint(rows: list[dict], policy_path: str, ref_path: str, settings: DPOSettings) -> dict:
+    """What makes two ``train_dpo`` calls the same run: rows, result-changing settings, models, library versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    parts = {
+        "rows": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
+        "settings": {k: v for k, v in sorted(asdict(settings).items()) if k not in _NOT_IN_FINGERPRINT},
+        "policy": _model_files(policy_path),
+        "ref": _model_files(ref_path),
+        "versions": {pkg: ver(pkg) for pkg in ("torch", "transformers", "trl", "datasets")},
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return {"fingerprint": digest, **parts}
+
+
+def _open_run_dir(run_dir: Path, fingerprint: dict) -> bool:
+    """Make ``run_dir`` this run's scratch directory; True when it already was (same fingerprint: resume)."""
+    marker = run_dir / "fingerprint.json"
+    if run_dir.exists():
+        try:
+            old = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old, dict) and old.get("fingerprint") == fingerprint["fingerprint"]:
+            steps = [step for step, path in _checkpoints(run_dir / "trainer")]
+            log.info("DPO scratch dir %s is from this run (same pairs and settings): resuming (checkpoints at steps %s)",
+                     run_dir, steps or "none")
+            return True
+        changed = sorted(k for k in fingerprint if k != "fingerprint" and (old or {}).get(k) != fingerprint[k])
+        log.warning("DPO scratch dir %s is from another run (%s differ): wiping it and starting fresh",
+                    run_dir, ", ".join(changed) if old else "no readable fingerprint")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    tmp = run_dir / "fingerprint.json.tmp"
+    tmp.write_text(json.dumps(fingerprint, indent=2, default=str) + "\n")
+    os.replace(tmp, marker)  # written last: a directory without it is wiped on the next call
+    log.info("DPO scratch dir %s: starting fresh", run_dir)
+    return False
+
+
+def _loss_sum(history: list[dict], upto: int) -> tuple[float, int]:
+    """Sum of the per-step training loss over the logged steps up to ``upto`` and how many steps that covers.
+
+    The Trainer logs ``loss`` as the mean over the steps since the previous log, so each entry weighs by that span.
+    """
+    total, covered, last = 0.0, 0, 0
+    for h in history:
+        step = h.get("step")
+        if "loss" in h and "train_loss" not in h and isinstance(step, int) and last < step <= upto:
+            total += float(h["loss"]) * (step - last)
+            covered += step - last
+            last = step
+    return total, covered
 
 
 def _step_trainer_class():
@@ -122,6 +304,20 @@ def _step_trainer_class():
                 return dataset.map(drop_eos, desc=f"Dropping appended EOS from {dataset_name} dataset")
 
     return _StepDPOTrainer
+
+
+def _no_final_checkpoint_class():
+    from transformers import TrainerCallback
+
+    class _NoFinalCheckpoint(TrainerCallback):
+        """The Trainer also checkpoints after the last step; the model is written right after it, so skip that."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save and state.global_step >= state.max_steps:
+                control.should_save = False
+            return control
+
+    return _NoFinalCheckpoint
 
 
 def _train_loop(config: dict) -> dict:
@@ -163,13 +359,29 @@ def _train_loop(config: dict) -> dict:
         ref = AutoModelForCausalLM.from_pretrained(config["ref_path"], dtype=dtype, use_safetensors=True)
 
     data_dir = run_dir / "data"
+    trainer_dir = run_dir / "trainer"
     if rank == 0:
-        datasets.Dataset.from_list(config["rows"]).save_to_disk(str(data_dir))
+        # a re-run with the same fingerprint (a Ray Train restart, or train_dpo called again) finds the copy already
+        # there, with the cache files of TRL's maps and of the reference log-probs beside it: reuse them. The copy is
+        # renamed into place whole, so "state.json present" means complete.
+        if not (data_dir / "state.json").exists():
+            staging = run_dir / "data.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(data_dir, ignore_errors=True)
+            datasets.Dataset.from_list(config["rows"]).save_to_disk(str(staging))
+            os.replace(staging, data_dir)
+        dropped = _drop_incomplete_checkpoints(trainer_dir, world)
+        if dropped:
+            log.warning("dropped incomplete DPO checkpoints %s (a rank died while writing or rotating them)", dropped)
     barrier()
     train_ds = datasets.load_from_disk(str(data_dir))
+    resume = _latest_checkpoint(trainer_dir, world)  # every rank reads the same directory, nobody writes it now
+    resumed_from = int(_CHECKPOINT.match(resume.name).group(1)) if resume else 0
+    if rank == 0:
+        log.info("DPO %s", f"resuming from {resume}" if resume else "starting at step 0")
 
     args = DPOConfig(
-        output_dir=str(run_dir / "trainer"),
+        output_dir=str(trainer_dir),
         beta=s.beta,
         learning_rate=s.learning_rate,
         per_device_train_batch_size=s.per_device_batch_size,
@@ -182,7 +394,11 @@ def _train_loop(config: dict) -> dict:
         precompute_ref_log_probs=s.precompute_ref_log_probs,
         gradient_checkpointing=s.gradient_checkpointing,
         report_to="none",
-        save_strategy="no",
+        # full checkpoints (weights, optimizer, scheduler, trainer state, per-rank RNG) for an exact resume
+        save_strategy="steps" if s.checkpoint_steps > 0 else "no",
+        save_steps=max(s.checkpoint_steps, 1),
+        save_total_limit=2,  # the newest may lack a rank's RNG file when that rank died: keep the one before
+        save_only_model=False,
         logging_steps=s.logging_steps,
         logging_first_step=True,
         use_cpu=not use_gpu,
@@ -206,19 +422,28 @@ def _train_loop(config: dict) -> dict:
         trainer.ref_model = None  # its log-probs are in the dataset now; free it before training
         ref = None
     trainer = prepare_trainer(trainer)  # Ray's hook for Ray Data iterables; a no-op for a datasets.Dataset
+    trainer.add_callback(_no_final_checkpoint_class()())
     n_train = len(trainer.train_dataset)
 
-    out = trainer.train()
-    history = [dict(h) for h in trainer.state.log_history]
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    history = [dict(h) for h in trainer.state.log_history]  # restored from the checkpoint, then continued
     steps = [h for h in history if "loss" in h and "rewards/margins" in h]
     first, last = (steps[0], steps[-1]) if steps else ({}, {})
-    runtime = float(out.metrics.get("train_runtime", float("nan")))
+    runtime = float(out.metrics.get("train_runtime", float("nan")))  # this attempt's training loop only
     samples = int(round(n_train * s.epochs))
+    total_steps = int(trainer.state.global_step)
+    run_steps = total_steps - resumed_from  # the steps this attempt trained
+    # the Trainer's training_loss and samples/s cover only the steps of this train() call: extend the loss to the
+    # whole run with the logged losses up to the checkpoint, and count the samples of this call's steps only
+    pre_sum, pre_steps = _loss_sum(history, resumed_from)
+    train_loss = (pre_sum + float(out.training_loss) * run_steps) / max(pre_steps + run_steps, 1)
+    run_samples = samples * run_steps / max(total_steps, 1)
     summary = {
-        "train_loss": float(out.training_loss),
-        "steps": int(trainer.state.global_step),
+        "train_loss": train_loss,
+        "steps": total_steps,
+        "resumed_from_step": resumed_from,
         "samples": samples,
-        "samples_per_s": samples / runtime if runtime > 0 else float("nan"),
+        "samples_per_s": run_samples / runtime if runtime > 0 and run_steps > 0 else float("nan"),
         "reward_margin_start": float(first.get("rewards/margins", float("nan"))),
         "reward_margin_end": float(last.get("rewards/margins", float("nan"))),
         "loss_start": float(first.get("loss", float("nan"))),
@@ -234,6 +459,7 @@ def _train_loop(config: dict) -> dict:
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
         staging = run_dir / "model"
+        shutil.rmtree(staging, ignore_errors=True)  # left by a rank 0 killed while writing it
         model.save_pretrained(str(staging), safe_serialization=True)
         tok.save_pretrained(str(staging))
         os.replace(staging, config["out_dir"])  # one rename: readers see no model or the whole model
@@ -277,10 +503,18 @@ def train_dpo(
     reference precomputation), ``loss_start``/``loss_end`` and ``reward_margin_start``/``reward_margin_end`` (TRL's
     ``loss`` and ``rewards/margins`` at the first and last logged steps, averaged over workers), ``workers``,
     ``seconds`` (wall time of this call) and ``history`` (TRL's log history).
+
+    Resume: a call that finds the scratch directory of an earlier call with the same fingerprint (same rows, models
+    and result-changing settings; it died or raised) continues from its newest complete checkpoint, as does Ray
+    Train after a worker died. ``resumed_from_step`` says where the last attempt began (0: from scratch). ``steps``,
+    ``train_loss`` and the ``*_start`` metrics cover the whole run, resumed or not; ``samples_per_s`` and
+    ``train_runtime`` cover the last attempt's steps only.
     """
     rows = _rows(pairs, settings.delimiter)
     if settings.num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {settings.num_workers}")
+    if settings.checkpoint_steps < 0 or settings.max_failures < -1:
+        raise ValueError("checkpoint_steps must be >= 0 and max_failures >= -1 (-1: restart without limit)")
     for name, p in (("policy", policy_path), ("reference", ref_path)):
         if not (Path(p) / "config.json").exists():
             raise ValueError(f"no {name} model at {p}: config.json is missing")
@@ -289,7 +523,7 @@ def train_dpo(
         raise FileExistsError(f"{out} exists and is not an empty directory; DPO writes a fresh model directory")
 
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig  # the V2 classes unless RAY_TRAIN_V2_ENABLED=0
     from ray.train.torch import TorchTrainer
 
     t0 = time.time()
@@ -298,7 +532,11 @@ def train_dpo(
         ray.init(include_dashboard=False)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.dpo-", dir=out.parent))
+    run_dir = scratch_dir(out)  # deterministic: a re-run after a crash finds it
+    _open_run_dir(run_dir, _fingerprint(rows, policy_path, ref_path, settings))
+    # Ray Train V2 restores its own run state from storage_path/name when it exists; this run keeps its state in
+    # the HF checkpoints, so Ray's starts empty every call
+    shutil.rmtree(run_dir / "ray", ignore_errors=True)
     try:
         trainer = TorchTrainer(
             _train_loop,
@@ -316,15 +554,27 @@ def train_dpo(
                 use_gpu=settings.use_gpu,
                 resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {}), **(settings.resources or {})},
             ),
-            run_config=RunConfig(name="dpo", storage_path=str(run_dir / "ray"), **_worker_env()),
+            run_config=RunConfig(
+                name="dpo",
+                storage_path=str(run_dir / "ray"),
+                # a dead worker process fails the worker group; Ray Train then starts a new one, whose loop resumes
+                # from the newest complete checkpoint in run_dir/trainer
+                failure_config=FailureConfig(max_failures=settings.max_failures),
+                **_worker_env(),
+            ),
         )
         result = trainer.fit()
         summary = getattr(result, "return_value", None) or dict(result.metrics or {})
         if not summary or "train_loss" not in summary:
             raise RuntimeError(f"DPO run returned no metrics (result: {result})")
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    except BaseException:
+        log.warning("DPO into %s failed: %s is kept, a re-run with the same pairs and settings resumes from it",
+                    out, run_dir)
+        raise
+    shutil.rmtree(run_dir, ignore_errors=True)
     summary = dict(summary)
+    if summary.get("resumed_from_step"):
+        log.info("DPO into %s resumed from step %d of %d", out, summary["resumed_from_step"], summary["steps"])
     summary["seconds"] = time.time() - t0
     for k in ("loss_start", "loss_end", "reward_margin_start", "reward_margin_end"):
         if not math.isfinite(summary.get(k, float("nan"))):

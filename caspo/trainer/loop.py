@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -108,6 +109,7 @@ class RoundController:
     """Drives rounds over a running mesh. Run it in-process or as a Ray actor (``caspo loop``)."""
 
     def __init__(self, cfg_dict: dict, registry_address: str, redis_url: str | None = None):
+        from caspo.actors.redis_server import redact_url
         from caspo.config import config_from_dict
         from caspo.models.hf import resolve_model_path
         from caspo.services.mesh import MeshClient
@@ -116,7 +118,9 @@ class RoundController:
         self.client = MeshClient(registry_address)
         self.run_dir = (Path(self.cfg.loop.runs_dir) / self.cfg.loop.run).resolve()  # services may run elsewhere
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        shown = self.cfg.to_dict()
+        shown["mesh"]["redis_url"] = redact_url(shown["mesh"]["redis_url"])  # no password on disk
+        (self.run_dir / "config.json").write_text(json.dumps(shown, indent=2) + "\n")
         self.state = RunState(self.run_dir, redis_url, self.cfg.loop.run)
         if self.state.policy(0) is None:
             self.state.set_policy(0, resolve_model_path(self.cfg.model.policy))
@@ -262,13 +266,14 @@ class RoundController:
             await self.client.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Ack", req)
 
     async def _train(self, k: int, progress: bool) -> None:
-        from caspo.trainer.dpo import DPOSettings, train_dpo
+        from caspo.trainer.dpo import DPOSettings, scratch_dir, train_dpo
 
         out = self.run_dir / "policies" / f"v{k}"
         pairs, ids = await self._read_round(k)
         prev = self.state.policy(k - 1)
         if (out / "model.safetensors").exists():
             metrics = {"resumed": True}  # trained before a crash; only the acknowledgement was missing
+            shutil.rmtree(scratch_dir(out), ignore_errors=True)  # and maybe the clean-up of its checkpoints
         elif not pairs:
             log.warning("round %d produced no pairs: policy v%d is carried over unchanged", k, k - 1)
             out = Path(prev)
@@ -286,6 +291,8 @@ class RoundController:
                 cpus_per_worker=d.cpus_per_worker,
                 use_gpu=d.use_gpu,
                 resources=dict(d.resources),
+                checkpoint_steps=d.checkpoint_steps,
+                max_failures=d.max_failures,
                 seed=k,
             )
             metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), settings, progress)
