@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test reliability-long clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the reliability suite's long mode (docs/reliability.md): 64 clients for 60 s, 300 fuzz examples per method, repeated kills
+reliability-long: setup
+	$(PY) -m pytest -q tests/reliability --long
 
 clean:
 	rm -rf $(VENV) .tools runs .pytest_cache

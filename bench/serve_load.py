@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -22,11 +21,6 @@ from bench.common import SuiteResult, model_overrides, percentile
 
 COLUMNS = ["clients", "requests", "errors", "rps", "rps_x_1client", "p50_s", "p99_s", "p99_x_p50"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def grpc_load(address: str, questions: list[str], clients: int, duration: float, k: int = 4, max_steps: int | None = None, retries: int = 0, timeout: float = 120.0) -> dict:
@@ -100,13 +94,15 @@ def run(n: int, clients=(1, 8, 32), duration: float = 20.0, k: int = 4, seed: in
     import ray
     from ray import serve
 
+    from caspo.actors.redis_server import free_port
     from caspo.config import load_config
     from caspo.models.hf import resolve_model_path
-    from caspo.services.cat_serve import build_app, limit_proxy_messages, serve_options
+    from caspo.services.cat_serve import build_app, serve_options
+    from caspo.services.grpc_util import limit_proxy_messages
     from caspo.tasks import get_task
 
     tmp = Path(tempfile.mkdtemp(prefix="caspo-bench-serve-"))
-    cfg = load_config(None, [f"serve.http_port={_free_port()}", f"serve.grpc_port={_free_port()}", f"serve.policy_file={tmp}/policy.json", "serve.watch_interval_s=0.1", *model_overrides(model, engine)])
+    cfg = load_config(None, [f"serve.http_port={free_port()}", f"serve.grpc_port={free_port()}", f"serve.policy_file={tmp}/policy.json", "serve.watch_interval_s=0.1", *model_overrides(model, engine)])
     questions = [p.question for p in get_task("arith").problems(max(n, 1), seed=seed, split="test")]
     rows: list[dict] = []
     started_ray = not ray.is_initialized()

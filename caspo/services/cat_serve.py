@@ -19,7 +19,7 @@ the same code the evaluation and the benchmarks run.
 
 Bad input gets gRPC ``INVALID_ARGUMENT`` or HTTP 422 naming the field and the limit; the replica
 keeps serving. An HTTP body over ``MAX_BODY_BYTES`` gets 413 before it is read whole; a gRPC message
-over ``SERVE_MAX_MESSAGE_BYTES`` is refused by the proxy (RESOURCE_EXHAUSTED) when the process that
+over ``grpc_util.SERVE_MAX_MESSAGE_BYTES`` is refused by the proxy (RESOURCE_EXHAUSTED) when the process that
 started Ray called ``grpc_util.limit_proxy_messages`` first (``caspo serve``/``caspo up`` do; Ray's
 own default is 2 GiB). With ``$CASPO_AUTH_TOKEN`` set in the replicas' environment every call but
 ``GET /healthz`` needs ``authorization: Bearer <token>`` (gRPC UNAUTHENTICATED / HTTP 401 without). A request past ``serve.request_timeout_s`` (or its gRPC deadline) is cancelled by Serve,
@@ -53,7 +53,7 @@ from caspo.core.cat import METHODS, CommittedStep, Search, SearchConfig, SearchR
 from caspo.core.confidence import SCORINGS
 from caspo.models.base import prefix_text
 from caspo.services.cat_grpc import UndecodableRequest
-from caspo.services.grpc_util import SERVE_MAX_MESSAGE_BYTES, UNAUTHENTICATED_MESSAGE, BadRequest, auth_token, authorized, limit_proxy_messages  # noqa: F401 - re-exported
+from caspo.services.grpc_util import UNAUTHENTICATED_MESSAGE, BadRequest, auth_token, authorized
 
 log = logging.getLogger(__name__)
 

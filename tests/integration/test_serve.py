@@ -3,13 +3,13 @@
 import concurrent.futures as cf
 import json
 import shutil
-import socket
 import time
 import urllib.request
 
 import grpc
 import pytest
 
+from caspo.actors.redis_server import free_port
 from caspo.config import load_config
 from caspo.core.cat import SearchConfig, search
 from caspo.models.base import PromptedProposer
@@ -20,11 +20,6 @@ from caspo.tasks import get_task
 
 QUESTION = "12+7*3-5"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +33,8 @@ def served(tmp_path_factory):
     cfg = load_config(
         None,
         [
-            f"serve.http_port={_free_port()}",
-            f"serve.grpc_port={_free_port()}",
+            f"serve.http_port={free_port()}",
+            f"serve.grpc_port={free_port()}",
             f"serve.policy_file={root}/policy.json",
             "serve.watch_interval_s=0.2",
             "serve.request_timeout_s=60",

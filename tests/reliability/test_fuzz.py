@@ -18,7 +18,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 from pathlib import Path
 
 import grpc
@@ -28,13 +27,17 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from caspo.actors.redis_server import free_port
 from caspo.config import load_config
 from caspo.protos.v1 import cat_pb2, critic_pb2, generator_pb2, mesh_pb2, pair_store_pb2, scorer_pb2
 
-pytestmark = pytest.mark.skipif(
-    not any(os.access(os.path.join(p, "redis-server"), os.X_OK) for p in os.environ["PATH"].split(":")),
-    reason="redis-server is not installed",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not any(os.access(os.path.join(p, "redis-server"), os.X_OK) for p in os.environ["PATH"].split(":")),
+        reason="redis-server is not installed",
+    ),
+    pytest.mark.timeout(3600),  # 300 examples of a method in long mode can take more than the default 600 s
+]
 
 TOKEN = "fuzz-token-1d9c"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -46,11 +49,6 @@ CALL_DEADLINE_S = 90.0
 def _examples(long_mode: bool) -> int:
     return 300 if long_mode else 25
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss(pid: int) -> int:
@@ -97,8 +95,8 @@ def system(tmp_path_factory):
             "scorer.max_items=8",
             "critic.max_items=8",
             "model.max_step_tokens=16",
-            f"serve.http_port={_free_port()}",
-            f"serve.grpc_port={_free_port()}",
+            f"serve.http_port={free_port()}",
+            f"serve.grpc_port={free_port()}",
             f"serve.policy_file={root}/policy.json",
             "serve.max_k=3",
             "serve.k=2",

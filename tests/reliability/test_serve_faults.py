@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,16 +20,12 @@ from pathlib import Path
 import pytest
 
 from bench.serve_load import grpc_load
+from caspo.actors.redis_server import free_port
 from caspo.config import load_config
 from caspo.tasks import get_task
 
 TOKEN = "reliability-token-7f3a"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +42,8 @@ def served(tmp_path_factory):
     cfg = load_config(
         None,
         [
-            f"serve.http_port={_free_port()}",
-            f"serve.grpc_port={_free_port()}",
+            f"serve.http_port={free_port()}",
+            f"serve.grpc_port={free_port()}",
             f"serve.policy_file={root}/policy.json",
             "serve.min_replicas=2",
             "serve.max_replicas=2",
