@@ -7,8 +7,8 @@
 Both send ``authorization: Bearer $CASPO_AUTH_TOKEN`` when that variable is set, and both retry (up
 to ``retries`` times) a request that failed because no replica could take it or its replica died
 under it (:func:`replica_lost`): a request is a seeded search, so asking again is safe. A stream is
-retried only before its first event arrived. Serve's gRPC proxy
-speaks plaintext; put TLS in front of it (an ingress) when the network is not trusted.
+retried only before its first event arrived. Serve's gRPC proxy speaks plaintext; put TLS in front
+of it (an ingress) when the network is not trusted.
 """
 
 from __future__ import annotations

@@ -18,11 +18,12 @@ the same code the evaluation and the benchmarks run.
   ``caspo``) and ``GET /v1/models``; ``GET /healthz``.
 
 Bad input gets gRPC ``INVALID_ARGUMENT`` or HTTP 422 naming the field and the limit; the replica
-keeps serving. An HTTP body over ``MAX_BODY_BYTES`` gets 413 before it is read whole; a gRPC message
-over ``grpc_util.SERVE_MAX_MESSAGE_BYTES`` is refused by the proxy (RESOURCE_EXHAUSTED) when the process that
-started Ray called ``grpc_util.limit_proxy_messages`` first (``caspo serve``/``caspo up`` do; Ray's
-own default is 2 GiB). With ``$CASPO_AUTH_TOKEN`` set in the replicas' environment every call but
-``GET /healthz`` needs ``authorization: Bearer <token>`` (gRPC UNAUTHENTICATED / HTTP 401 without). A request past ``serve.request_timeout_s`` (or its gRPC deadline) is cancelled by Serve,
+keeps serving. An HTTP body over ``MAX_BODY_BYTES`` gets 413 (counted as it arrives); a gRPC message
+over ``grpc_util.SERVE_MAX_MESSAGE_BYTES`` is refused by the proxy (RESOURCE_EXHAUSTED) when the
+process that started Ray called ``grpc_util.limit_proxy_messages`` first (``caspo serve``/``caspo up``
+do; Ray's own default is 2 GiB). With ``$CASPO_AUTH_TOKEN`` set in the replicas' environment every
+call but ``GET /healthz`` needs ``authorization: Bearer <token>`` (gRPC UNAUTHENTICATED / HTTP 401
+without). A request past ``serve.request_timeout_s`` (or its gRPC deadline) is cancelled by Serve,
 and its search stops at its next step.
 
 Hot reload: each replica watches ``serve.policy_file`` (``runs/NAME/policy.json``, written by
@@ -53,7 +54,7 @@ from caspo.core.cat import METHODS, CommittedStep, Search, SearchConfig, SearchR
 from caspo.core.confidence import SCORINGS
 from caspo.models.base import prefix_text
 from caspo.services.cat_grpc import UndecodableRequest
-from caspo.services.grpc_util import UNAUTHENTICATED_MESSAGE, BadRequest, auth_token, authorized
+from caspo.services.grpc_util import UNAUTHENTICATED_MESSAGE, BadRequest, authorized
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +404,7 @@ class CaTServer:
         def opt(name):
             return getattr(request, name) if request.HasField(name) else None
 
-        if auth_token() and not authorized(dict(grpc_context.invocation_metadata()).get("authorization")):
+        if not authorized(dict(grpc_context.invocation_metadata()).get("authorization")):
             grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
             grpc_context.set_details(UNAUTHENTICATED_MESSAGE)
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
