@@ -31,7 +31,11 @@ def resolve_model_path(name_or_path: str) -> str:
 
         return str(resolve_tiny())
     p = Path(name_or_path).expanduser()
-    if p.exists():
+    try:
+        exists = p.exists()
+    except OSError as e:  # e.g. a name longer than the filesystem allows
+        raise ModelLoadError(f"no model at {name_or_path[:200]}: {e.strerror}") from None
+    if exists:
         if not (p / "config.json").exists():
             raise ModelLoadError(f"no model at {p}: config.json is missing")
         return str(p)

@@ -41,3 +41,14 @@ def test_redact_url_hides_passwords_of_acl_users_too(tmp_path):
     assert ">p/w" in cmd and "~caspo:*" in cmd and "--requirepass" not in cmd
     with pytest.raises(ValueError, match="needs a password"):
         LocalRedis(tmp_path, username="caspo")
+
+
+def test_a_path_the_filesystem_cannot_even_stat_is_a_model_load_error():
+    """Found by the long fuzz run: Generator.Reload with a 4000-character path raised OSError (INTERNAL)."""
+    from caspo.models.base import ModelLoadError
+    from caspo.models.hf import resolve_model_path
+
+    with pytest.raises(ModelLoadError, match="File name too long"):
+        resolve_model_path("9" * 4000)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_path("/no/such/model")
