@@ -85,6 +85,8 @@ class SearchConfig:
             raise ValueError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.method != "greedy" and self.k > 1 and self.temperature == 0:
+            raise ValueError(f"temperature must be > 0 for method {self.method} with k > 1 (the k samples would be identical)")
 
 
 @dataclass
@@ -178,8 +180,6 @@ class Search:
             self._n_first, self._n_rest, self._tau, self._keep, self._temp = c.k, c.k, c.tau, c.k, c.temperature
         else:  # sc, bon: K independent chains that split at the first step and never branch again
             self._n_first, self._n_rest, self._tau, self._keep, self._temp = c.k, 1, 0.0, c.k, c.temperature
-            if c.temperature == 0 and c.k > 1:
-                raise ValueError("temperature must be > 0 for sc/bon with k > 1 (samples would be identical)")
 
     # ---- protocol with the driver ----------------------------------------------------------
     @property

@@ -135,8 +135,8 @@ def parse_params(
         seed = _number("seed", seed, -(2**63), 2**63 - 1, integer=True)
     if method == "greedy":
         k, temperature = 1, 0.0
-    elif method in ("sc", "bon") and k > 1 and temperature == 0:
-        raise ParamError("temperature", f"must be > 0 for method {method} with k > 1 (the samples would be identical)")
+    elif k > 1 and temperature == 0:  # SearchConfig's rule, answered with the field's name
+        raise ParamError("temperature", f"must be > 0 for method {method} with k > 1 (the k samples would be identical)")
     cfg = SearchConfig(method=method, k=k, tau=tau, max_steps=max_steps, scoring=scoring, temperature=temperature, seed=seed)
     return SolveParams(question.strip(), cfg, bool(with_tree))
 

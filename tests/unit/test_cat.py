@@ -257,3 +257,12 @@ def test_streamed_steps_are_always_the_reported_path(data, method, k, tau):
     *steps, result = _stream("q", RandomProposer(), cfg)
     assert tuple(s.text for s in steps) == result.steps
     assert [s.index for s in steps] == list(range(len(steps)))
+
+
+@pytest.mark.parametrize("method", ["cat", "sc", "bon"])
+def test_k_samples_at_temperature_zero_are_refused_for_every_sampling_method(method):
+    """Found by the long fuzz run: CaT with k > 1 at temperature 0 reached the backend (n > 1 greedy)."""
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SearchConfig(method=method, k=2, temperature=0.0)
+    assert SearchConfig(method=method, k=1, temperature=0.0).k == 1
+    assert SearchConfig(method="greedy", k=4, temperature=0.0).method == "greedy"
