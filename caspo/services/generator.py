@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from typing import Sequence
 
 import grpc
@@ -142,6 +143,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     async def Reload(self, request, context):
         path = check_text("path", request.path, 4096)
         check_range("version", request.version, 0, 2**63 - 1)
+        # a local checkpoint (as `caspo loop` publishes) or the built-in "tiny"; never a hub id: without a
+        # reachable hub the download retries would hold the reload lock for minutes
+        if path != "tiny" and not os.path.isdir(path):
+            raise BadRequest(f"path {path[:200]!r} is not a model directory on the generator's node (Reload takes a local checkpoint or 'tiny')")
         async with self._reload_lock:  # one reload at a time: replicas never end up on different ones
             results = await asyncio.gather(
                 *(w.reload(path, request.version) for w in self.workers), return_exceptions=True

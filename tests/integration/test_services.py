@@ -307,6 +307,8 @@ def test_error_paths_name_the_field_and_service_keeps_serving(backend):
                 (g.Rollout, generator_pb2.RolloutRequest(prompts=[bad(text=PROMPT)], max_steps=0), invalid, "max_steps"),
                 (g.Reload, generator_pb2.ReloadRequest(path="", version=1), invalid, "path"),
                 (g.Reload, generator_pb2.ReloadRequest(path="/nonexistent/model-dir", version=1), invalid, "/nonexistent/model-dir"),
+                # a hub id is refused before any download attempt (found by the long fuzz run: it hung)
+                (g.Reload, generator_pb2.ReloadRequest(path="some-org/some-model", version=1), invalid, "not a model directory"),
                 (s.Score, scorer_pb2.ScoreRequest(), invalid, "items"),
                 (s.Score, scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=PROMPT, step="")]), invalid, "items[0].step"),
                 (s.Score, scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=PROMPT, step="1+1=2")], policy_version=v + 7), not_found, "policy_version"),
