@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import re
 
 import pytest
 
-from caspo.core.steps import join_steps
 from caspo.models.tiny import resolve_tiny
-from caspo.tasks.arith import ArithTask
 from caspo.trainer.dpo import DPOSettings, train_dpo
-
-_STEP = re.compile(r"^(.*=)(-?\d+)$")
+from tests.arith_pairs import arith_pairs as make_arith_pairs
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +22,8 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def arith_pairs() -> list[dict]:
-    """24 pairs: prompt = question + gold steps so far, chosen = the next gold step, rejected = it with result+1."""
-    task = ArithTask()
-    pairs: list[dict] = []
-    for problem in task.problems(40, seed=3, split="train"):
-        gold = problem.gold_steps
-        for j, step in enumerate(gold[:-1]):  # operation steps; the last one is "#### x"
-            m = _STEP.match(step)
-            assert m, step
-            pairs.append(
-                {
-                    "prompt": task.prompt(problem.question) + join_steps(gold[:j]),
-                    "chosen": step,
-                    "rejected": f"{m.group(1)}{int(m.group(2)) + 1}",
-                }
-            )
-            if len(pairs) == 24:
-                return pairs
-    return pairs
+    """24 real pairs (tests/arith_pairs.py)."""
+    return make_arith_pairs(24, seed=3)
 
 
 def _mean_margin(path: str, pairs: list[dict]) -> float:

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,9 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from caspo.core.steps import join_steps
 from caspo.models.tiny import resolve_tiny
-from caspo.tasks.arith import ArithTask
 from caspo.trainer.dpo import (
     DPOSettings,
     _checkpoint_complete,
@@ -39,32 +36,11 @@ from caspo.trainer.dpo import (
     _rows,
     train_dpo,
 )
+from tests.arith_pairs import arith_pairs
 
 REPO = Path(__file__).resolve().parents[2]
-_STEP = re.compile(r"^(.*=)(-?\d+)$")
 N_PAIRS, WORKERS, BATCH, CKPT = 48, 2, 4, 2
 WAIT_S = 420  # generous bound for waits on a loaded 2-core machine; no timing is asserted
-
-
-def _arith_pairs(n: int, seed: int) -> list[dict]:
-    """prompt = question + gold steps so far, chosen = the next gold step, rejected = it with result + 1."""
-    task = ArithTask()
-    pairs: list[dict] = []
-    for problem in task.problems(10 * n, seed=seed, split="train"):
-        gold = problem.gold_steps
-        for j, step in enumerate(gold[:-1]):  # operation steps; the last one is "#### x"
-            m = _STEP.match(step)
-            assert m, step
-            pairs.append(
-                {
-                    "prompt": task.prompt(problem.question) + join_steps(gold[:j]),
-                    "chosen": step,
-                    "rejected": f"{m.group(1)}{int(m.group(2)) + 1}",
-                }
-            )
-            if len(pairs) == n:
-                return pairs
-    raise AssertionError(f"only {len(pairs)} pairs from the problems")
 
 
 def _expected_steps(n_pairs: int, s: DPOSettings) -> int:
@@ -85,7 +61,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def pairs() -> list[dict]:
-    return _arith_pairs(N_PAIRS, seed=3)
+    return arith_pairs(N_PAIRS, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +290,7 @@ def test_trainer_killed_resumes_and_other_pairs_start_fresh(ray_local, pairs, se
 
     # the killed run's scratch directory met by a run with other pairs: wiped, so training starts at step 0
     caplog.clear()
-    other_pairs = _arith_pairs(8, seed=4)
+    other_pairs = arith_pairs(8, seed=4)
     assert other_pairs != pairs[:8]
     if not long_mode:  # cheap: the driver's decision alone (no training), on the real directory
         fresh = _fingerprint(_rows(other_pairs, settings.delimiter), tiny, tiny, settings)
