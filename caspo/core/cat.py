@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from caspo.core.confidence import SCORINGS, log_step_multiplier, log_step_score, mean_entropy
-from caspo.core.steps import final_answer, parse_number
+from caspo.core.steps import final_answer, number_text, parse_number
 
 METHODS = ("greedy", "sc", "bon", "cat")
 NO_CONFIDENT_ANSWER = "no confident answer"
@@ -148,9 +148,10 @@ def derive_seed(*parts) -> int:
 
 
 def answer_key(answer: str) -> str:
-    """Canonical form of a final answer for voting: the number if it is one, else trimmed text."""
+    """Canonical form of a final answer for voting: the number as people write it (``30``, ``2.5``)
+    if it is one, else trimmed lower-case text."""
     n = parse_number(answer)
-    return str(n.normalize()) if n is not None else answer.strip().lower()
+    return number_text(n) if n is not None else answer.strip().lower()
 
 
 @dataclass(frozen=True)
