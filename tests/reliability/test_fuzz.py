@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from caspo.actors.redis_server import free_port
 from caspo.config import load_config
 from caspo.protos.v1 import cat_pb2, critic_pb2, generator_pb2, mesh_pb2, pair_store_pb2, scorer_pb2
+from tests.ray_actors import alive_actor_pids
 
 pytestmark = [
     pytest.mark.skipif(
@@ -56,18 +57,6 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def _pids(prefix: str) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if title.startswith(prefix):
-            out.append(int(entry.name))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +101,8 @@ def system(tmp_path_factory):
         serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
         procs = {name: ray.get(actor.pid.remote()) for name, actor in runner.actors.items()}
         procs.update({f"replica{i}": p for i, p in enumerate(ray.get(runner.actors["generator"].replica_pids.remote()))})
-        procs.update({f"serve{i}": p for i, p in enumerate(_pids("ray::ServeReplica:caspo:CaT"))})
-        procs.update({f"proxy{i}": p for i, p in enumerate(_pids("ray::ProxyActor"))})
+        procs.update({f"serve{i}": p for i, p in enumerate(alive_actor_pids("ServeReplica:caspo:CaT"))})
+        procs.update({f"proxy{i}": p for i, p in enumerate(alive_actor_pids("ProxyActor"))})
         system = {"cfg": cfg, "runner": runner, "procs": procs, "rss": {}}
         _warm_up(system)  # memory is compared with the processes after they served their first calls
         system["rss"] = {name: _rss(pid) for name, pid in procs.items()}

@@ -37,6 +37,7 @@ from caspo.trainer.dpo import (
     train_dpo,
 )
 from tests.arith_pairs import arith_pairs
+from tests.ray_actors import alive_actor_pids
 
 REPO = Path(__file__).resolve().parents[2]
 N_PAIRS, WORKERS, BATCH, CKPT = 48, 2, 4, 2
@@ -90,18 +91,8 @@ def _wait_for_checkpoint(trainer_dir: Path, running) -> int:
 
 
 def _train_worker_pids(ray) -> list[int]:
-    """Pids of the live Ray Train workers of this cluster, from the GCS actor table.
-
-    ``ray.util.state.list_actors`` would need the dashboard (tests run without it); psutil over process titles
-    would also see the workers of any other Ray on the machine.
-    """
-    from ray._private import state
-
-    return sorted(
-        a["Pid"]
-        for a in state.actors().values()
-        if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE" and a.get("Pid")
-    )
+    """Pids of the live Ray Train workers of this cluster (not of any other Ray on the machine)."""
+    return alive_actor_pids("RayTrainWorker")
 
 
 def _wait_no_train_workers(ray) -> None:
