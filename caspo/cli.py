@@ -9,7 +9,7 @@ import math
 import os
 import sys
 
-from caspo.actors.redis_server import redact_url
+from caspo.netutil import redact_url
 from caspo.core.cat import METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS
 
@@ -158,7 +158,7 @@ def cmd_up(args) -> int:
     import signal
     import threading
 
-    from caspo.services.mesh import MeshRunner
+    from caspo.mesh.runner import MeshRunner
 
     cfg = _config(args)
     runner = MeshRunner(cfg)
@@ -180,7 +180,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from caspo.services.mesh import stop_running_mesh
+    from caspo.mesh.runner import stop_running_mesh
 
     cfg = _config(args)
     if stop_running_mesh(cfg):
@@ -193,7 +193,8 @@ def cmd_down(args) -> int:
 def cmd_status(args) -> int:
     import asyncio
 
-    from caspo.services.mesh import MeshClient, MeshError
+    from caspo.mesh.client import MeshClient
+    from caspo.mesh.state import MeshError
 
     cfg = _config(args)
     try:
@@ -213,9 +214,9 @@ def cmd_status(args) -> int:
 
 def cmd_generate_pairs(args) -> int:
     import asyncio
-    import contextlib
 
-    from caspo.services.mesh import MeshClient, MeshRunner, read_state, _alive
+    from caspo.mesh.client import MeshClient
+    from caspo.mesh.runner import ensure_mesh
     from caspo.tasks import get_task
     from caspo.trainer.collect import collect_round
 
@@ -226,13 +227,13 @@ def cmd_generate_pairs(args) -> int:
         raise UsageError(f"--round must be >= 0, got {args.round}")
     task = get_task(cfg.task.name, cfg.task.data)
     problems = task.problems(args.n, seed=cfg.pairs.seed + 1000 * args.round, split="train")
-    st = read_state(cfg)
-    with contextlib.ExitStack() as stack:
-        if not (st and _alive(int(st.get("pid", -1)))):
-            if not args.json:
-                print("no running mesh found: starting one for this command (`caspo up` keeps one running)", file=sys.stderr)
-            stack.enter_context(MeshRunner(cfg))
-        client = MeshClient.from_state(cfg)
+
+    def announce():
+        if not args.json:
+            print("no running mesh found: starting one for this command (`caspo up` keeps one running)", file=sys.stderr)
+
+    with ensure_mesh(cfg, on_start=announce) as st:
+        client = MeshClient(st["registry"])
 
         async def go():
             try:
@@ -262,11 +263,9 @@ def _round_rows(rows: list[dict]) -> list[dict]:
 
 
 def cmd_loop(args) -> int:
-    import contextlib
-
     import ray
 
-    from caspo.services.mesh import MeshRunner, _alive, read_state
+    from caspo.mesh.runner import ensure_mesh
     from caspo.trainer.loop import RoundController
 
     overrides = list(args.set)
@@ -279,17 +278,11 @@ def cmd_loop(args) -> int:
     args.set = overrides
     cfg = _config(args)
     rounds = None if args.forever else cfg.loop.rounds
-    with contextlib.ExitStack() as stack:
-        st = read_state(cfg)
-        if st and _alive(int(st.get("pid", -1))):
-            ray.init(address=st["ray_address"], namespace=cfg.mesh.namespace, logging_level="WARNING")
-            stack.callback(ray.shutdown)
-        else:
-            print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
-            runner = MeshRunner(cfg)
-            stack.callback(runner.stop)
-            runner.start(progress=True)
-            st = read_state(cfg)
+
+    def announce():
+        print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
+
+    with ensure_mesh(cfg, join_ray=True, progress=True, on_start=announce) as st:
         actor = ray.remote(num_cpus=0)(RoundController).options(name=f"caspo-loop-{cfg.loop.run}", namespace=cfg.mesh.namespace).remote(
             cfg.to_dict(), st["registry"], st["redis_url"]
         )
@@ -330,17 +323,18 @@ def cmd_serve(args) -> int:
     import ray
     from ray import serve
 
-    from caspo.services.cat_serve import build_app, serve_options
-    from caspo.services.grpc_util import auth_token, limit_proxy_messages
-    from caspo.services.mesh import _alive, read_state
+    from caspo.mesh.state import running_mesh
+    from caspo.serve.deployment import build_app, serve_options
+    from caspo.services.security import auth_token
+    from caspo.services.server import limit_proxy_messages
 
     cfg = _config(args)
     sv = cfg.serve
-    st = read_state(cfg)
+    st = running_mesh(cfg)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING")
         where = f"the Ray cluster at {os.environ['RAY_ADDRESS']}"
-    elif st and _alive(int(st.get("pid", -1))):
+    elif st:
         ray.init(address=st["ray_address"], logging_level="WARNING")  # beside the running mesh and loop
         where = "the running mesh's Ray"
     else:
@@ -378,7 +372,7 @@ def _paint(c: float, tty: bool) -> str:
 
 def cmd_solve(args) -> int:
     """Ask a running CaT service; print each step with its confidence, then the answer."""
-    from caspo.services.cat_client import SolveError, solve_grpc, solve_http
+    from caspo.serve.cat_client import SolveError, solve_grpc, solve_http
 
     params = {k: getattr(args, k) for k in ("method", "k", "tau", "max_steps", "temperature", "scoring", "seed")}
     tty = sys.stdout.isatty()
@@ -528,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own parser (bench/run.py), so `caspo bench --help` lists its options
-        from bench.run import main as bench_main
+    if argv[:1] == ["bench"]:  # its own parser (caspo/bench/run.py), so `caspo bench --help` lists its options
+        from caspo.bench.run import main as bench_main
 
         return bench_main(argv[1:])
     parser = build_parser()

@@ -109,10 +109,10 @@ class RoundController:
     """Drives rounds over a running mesh. Run it in-process or as a Ray actor (``caspo loop``)."""
 
     def __init__(self, cfg_dict: dict, registry_address: str, redis_url: str | None = None):
-        from caspo.actors.redis_server import redact_url
         from caspo.config import config_from_dict
+        from caspo.mesh.client import MeshClient
         from caspo.models.hf import resolve_model_path
-        from caspo.services.mesh import MeshClient
+        from caspo.netutil import redact_url
 
         self.cfg = config_from_dict(cfg_dict)
         self.client = MeshClient(registry_address)
@@ -306,7 +306,7 @@ class RoundController:
     async def _reload_services(self, version: int, path: str) -> None:
         import ray
 
-        from caspo.actors.hosts import ACTOR_NAMES
+        from caspo.mesh.actors import ACTOR_NAMES
 
         await self.client.reload(version, path)
         scorer = ray.get_actor(ACTOR_NAMES["scorer"], namespace=self.cfg.mesh.namespace)
@@ -320,7 +320,7 @@ class RoundController:
         self.state.mark(k, "publish", {"version": k, "path": self.state.policy(k)})
 
     async def _eval(self, k: int, progress: bool) -> dict:
-        from caspo.services.mesh import MeshProposer
+        from caspo.mesh.client import MeshProposer
 
         lc = self.cfg.loop
         proposer = MeshProposer(self.client, self.task.prompt)

@@ -178,7 +178,7 @@ def test_serve_config_in_the_rayservice_builds_the_real_application(built, tmp_p
     from ray.serve._private.utils import import_attr
     from ray.serve.schema import ServeDeploySchema
 
-    from caspo.services.cat_serve import DEPLOYMENT
+    from caspo.serve.deployment import DEPLOYMENT
 
     _, docs = built
     rs = _one(docs, "RayService")
@@ -373,7 +373,7 @@ def test_probes_hit_only_health_endpoints(built):
 
 
 def test_redis_has_an_acl_user_limited_to_caspo_keys(built):
-    from caspo.actors.pair_store import PREFIX
+    from caspo.store.pair_store import PREFIX
 
     _, docs = built
     c = _one(docs, "StatefulSet", "caspo-redis")["spec"]["template"]["spec"]["containers"][0]
@@ -405,7 +405,7 @@ def test_the_redis_statefulset_command_runs_and_its_acl_fits_the_pair_store(tmp_
     and RunState, connected with the URL every Ray pod gets, do their work as the ACL user caspo."""
     import redis
 
-    from caspo.actors.pair_store import PairStore
+    from caspo.store.pair_store import PairStore
     from caspo.trainer.loop import RunState
 
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:

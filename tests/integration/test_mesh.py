@@ -8,7 +8,9 @@ import pytest
 
 from caspo.config import load_config
 from caspo.core.pairs import CASE_INCORRECT, CASE_UNSURE_CORRECT
-from caspo.services.mesh import SERVICES, MeshClient, MeshRunner
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner
+from caspo.mesh.state import SERVICES
 from caspo.tasks import get_task
 from caspo.trainer.collect import collect_round
 

@@ -10,13 +10,15 @@ import threading
 import grpc
 import pytest
 
-from caspo.actors.pair_store import MAX_PROMPT_CHARS, MAX_STEP_CHARS, PairStore
-from caspo.actors.redis_server import LocalRedis, free_port, redis_url_or_start
+from caspo.store.pair_store import MAX_PROMPT_CHARS, MAX_STEP_CHARS, PairStore
+from caspo.netutil import free_port
+from caspo.store.redis_server import LocalRedis, redis_url_or_start
 from caspo.core.pairs import Pair, pair_key
 from caspo.protos.v1 import pair_store_pb2 as pb
 from caspo.protos.v1 import pair_store_pb2_grpc as pb_grpc
-from caspo.services.grpc_util import CHANNEL_OPTIONS, BadRequest, Unavailable, new_server
-from caspo.services.pair_store import add_to_server
+from caspo.errors import BadRequest, Unavailable
+from caspo.services.server import MESSAGE_OPTIONS, new_server
+from caspo.services.pair_store_servicer import add_to_server
 
 CASES = ("correct_unsure", "incorrect", "trajectory")
 
@@ -210,7 +212,7 @@ async def serving(store):
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=MESSAGE_OPTIONS) as channel:
             yield channel
     finally:
         await server.stop(None)

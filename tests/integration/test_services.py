@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from caspo.actors.critic import ExactCritic, LLMCritic, agrees
-from caspo.actors.worker import ModelWorker
+from caspo.tasks.critic import ExactCritic, LLMCritic, agrees
+from caspo.models.worker import ModelWorker
 from caspo.config import CriticConfig, GeneratorConfig, ScorerConfig
 from caspo.core.steps import final_answer
 from caspo.models.hf import HFBackend
@@ -26,11 +26,11 @@ from caspo.protos.v1 import (
     scorer_pb2,
     scorer_pb2_grpc,
 )
-from caspo.services import critic as critic_service
-from caspo.services import generator as generator_service
-from caspo.services import health as health_service
-from caspo.services import scorer as scorer_service
-from caspo.services.grpc_util import CHANNEL_OPTIONS, new_server
+from caspo.services import critic_servicer as critic_service
+from caspo.services import generator_servicer as generator_service
+from caspo.services import mesh_servicer as health_service
+from caspo.services import scorer_servicer as scorer_service
+from caspo.services.server import MESSAGE_OPTIONS, new_server
 from caspo.tasks import get_task
 from caspo.tasks.arith import ArithTask
 
@@ -72,7 +72,7 @@ async def serving(*services):
         add(server, servicer)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=MESSAGE_OPTIONS)
     try:
         yield channel
     finally:

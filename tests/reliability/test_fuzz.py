@@ -27,7 +27,7 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from caspo.actors.redis_server import free_port
+from caspo.netutil import free_port
 from caspo.config import load_config
 from caspo.protos.v1 import cat_pb2, critic_pb2, generator_pb2, mesh_pb2, pair_store_pb2, scorer_pb2
 from tests.ray_actors import alive_actor_pids
@@ -65,8 +65,8 @@ def system(tmp_path_factory):
     import ray
     from ray import serve
 
-    from caspo.services.cat_serve import build_app, serve_options
-    from caspo.services.mesh import MeshRunner
+    from caspo.serve.deployment import build_app, serve_options
+    from caspo.mesh.runner import MeshRunner
 
     env = pytest.MonkeyPatch()
     env.setenv("CASPO_AUTH_TOKEN", TOKEN)  # inherited by every Ray worker started from here on
@@ -219,7 +219,7 @@ def _call(address: str, method, payload: bytes, metadata=AUTH) -> grpc.StatusCod
 
 def _warm_up(system) -> None:
     """One well-formed call to every method and endpoint, so first-call allocations are not counted."""
-    from caspo.services.mesh import MeshClient
+    from caspo.mesh.client import MeshClient
 
     import asyncio
 

@@ -22,10 +22,11 @@ from collections import Counter
 
 import pytest
 
-from caspo.actors.pair_store import PairStore
+from caspo.store.pair_store import PairStore
 from caspo.config import load_config
 from caspo.core.pairs import pair_key
-from caspo.services.mesh import MeshClient, MeshRunner
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner
 from caspo.tasks import get_task
 from caspo.trainer.collect import collect_round, make_pairs
 

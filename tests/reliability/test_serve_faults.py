@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.serve_load import grpc_load
-from caspo.actors.redis_server import free_port
+from caspo.bench.serve_load import grpc_load
+from caspo.netutil import free_port
 from caspo.config import load_config
 from caspo.tasks import get_task
 from tests.ray_actors import alive_actor_pids
@@ -35,8 +35,8 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
-    from caspo.services.cat_serve import build_app, serve_options
-    from caspo.services.grpc_util import limit_proxy_messages
+    from caspo.serve.deployment import build_app, serve_options
+    from caspo.services.server import limit_proxy_messages
 
     env = pytest.MonkeyPatch()
     env.setenv("CASPO_AUTH_TOKEN", TOKEN)  # before ray.init: the replicas inherit it, as pods get it from a Secret

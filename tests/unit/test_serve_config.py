@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from caspo.services.cat_serve import DEPLOYMENT, GRPC_SERVICER, app_builder, parse_params
+from caspo.serve.deployment import DEPLOYMENT, GRPC_SERVICER, app_builder, parse_params
 
 ROOT = Path(__file__).resolve().parents[2]
 

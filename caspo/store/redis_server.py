@@ -12,22 +12,17 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import redis
 
+from caspo.netutil import free_port
+
 REDIS_URL_ENV = "CASPO_REDIS_URL"
 LOG_NAME = "redis-server.log"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class LocalRedis:
@@ -181,22 +176,6 @@ class LocalRedis:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def redact_url(url: str | None) -> str | None:
-    """A URL fit for logs and error messages: its password (``redis://user:secret@host``) as ``***``."""
-    if not url:
-        return url
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, f"{parts.username or ''}:***@{host}", parts.path, parts.query, parts.fragment))
-    except ValueError:
-        return "(unparsable url)"
 
 
 def redis_url_or_start(run_dir: str | os.PathLike) -> tuple[str, LocalRedis | None]:

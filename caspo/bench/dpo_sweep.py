@@ -1,6 +1,6 @@
 """One round of DPO under several settings, each judged on the held-out set (why the loop's lr is small).
 
-    python bench/dpo_sweep.py --out runs/bench/dpo_sweep.json \
+    python -m caspo.bench.dpo_sweep --out runs/bench/dpo_sweep.json \
         '{"learning_rate": 2e-6}' '{"learning_rate": 1e-5}' '{"learning_rate": 1e-5, "cases": ["incorrect"]}'
 
 The pairs are made once, exactly as round 1 of ``caspo loop`` makes them (the same seeded questions, a
@@ -28,7 +28,8 @@ from caspo.tasks import get_task
 def make_pairs(cfg, task, n: int, path: Path) -> list[dict]:
     if path.exists():
         return json.loads(path.read_text())
-    from caspo.services.mesh import MeshClient, MeshRunner
+    from caspo.mesh.client import MeshClient
+    from caspo.mesh.runner import MeshRunner
     from caspo.trainer.collect import collect_round, make_pairs as three_cases
     from caspo.trainer.loop import temperature_for
 

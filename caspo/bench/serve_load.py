@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import SuiteResult, model_overrides, percentile
+from caspo.bench.common import SuiteResult, model_overrides, percentile
 
 COLUMNS = ["clients", "requests", "errors", "rps", "rps_x_1client", "p50_s", "p99_s", "p99_x_p50"]
 
@@ -31,8 +31,8 @@ def grpc_load(address: str, questions: list[str], clients: int, duration: float,
     import grpc
 
     from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
-    from caspo.services.cat_client import replica_lost
-    from caspo.services.grpc_util import auth_metadata
+    from caspo.serve.cat_client import replica_lost
+    from caspo.services.security import auth_metadata
 
     lock = threading.Lock()
     latencies: list[float] = []
@@ -94,11 +94,11 @@ def run(n: int, clients=(1, 8, 32), duration: float = 20.0, k: int = 4, seed: in
     import ray
     from ray import serve
 
-    from caspo.actors.redis_server import free_port
+    from caspo.netutil import free_port
     from caspo.config import load_config
     from caspo.models.hf import resolve_model_path
-    from caspo.services.cat_serve import build_app, serve_options
-    from caspo.services.grpc_util import limit_proxy_messages
+    from caspo.serve.deployment import build_app, serve_options
+    from caspo.services.server import limit_proxy_messages
     from caspo.tasks import get_task
 
     tmp = Path(tempfile.mkdtemp(prefix="caspo-bench-serve-"))

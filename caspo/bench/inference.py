@@ -8,7 +8,7 @@ per question, with latency and tokens as ratios to greedy measured in the same r
 
 from __future__ import annotations
 
-from bench.common import SuiteResult, make_backend
+from caspo.bench.common import SuiteResult, make_backend
 
 COLUMNS = ["method", "k", "scoring", "accuracy", "ece", "latency_s", "latency_x_greedy", "tokens", "tokens_x_greedy", "no_answer"]
 

@@ -97,7 +97,7 @@ def model_overrides(model: str, backend: str) -> list[str]:
 
 def make_backend(model: str = "tiny", backend: str = "hf"):
     """The model backend the suites measure: the tiny reasoner on HF by default, any model on vLLM."""
-    from caspo.actors.hosts import make_backend as build
+    from caspo.models.factory import make_backend as build
     from caspo.config import load_config
 
     return build(load_config(None, model_overrides(model, backend)))

@@ -1,11 +1,14 @@
-"""The mesh's long-lived Ray actors. Each hosts one grpc.aio server in its own event loop and
-heartbeats its address and policy version into the registry.
+"""The mesh's long-lived Ray actors. Each service actor hosts one grpc.aio server (its servicer from
+caspo/services/) in its own event loop and heartbeats its address and policy version into the
+registry (caspo/mesh/registry.py).
 
-  * ``GeneratorPool`` — the Generator service over N ``ModelReplica`` actors (one backend each);
+  * ``GeneratorActor``  — the Generator service over N ``ReplicaActor`` actors (one model each);
     requests go to the least busy replica and are micro-batched there.
-  * ``ConfidenceScorer`` — exact step confidence by one batched teacher-forced pass.
-  * ``Critic`` — the task's exact verifier, or an LLM critic over its own model.
-  * ``PairStoreService`` — the Redis-backed pair store.
+  * ``ScorerActor``     — the ConfidenceScorer service: exact step confidence, one batched pass.
+  * ``CriticActor``     — the Critic service: the task's exact verifier, or an LLM critic.
+  * ``PairStoreActor``  — the PairStore service over Redis.
+  * ``ReplicaActor``    — one policy replica (a ``ModelWorker``); ``ReplicaClient`` is how the
+    generator's servicer sees it.
 
 Ray restarts a dead actor (``max_restarts=-1``); ``__init__`` runs again, starts a new server (new
 port) and the next heartbeat puts the new address in the registry.
@@ -17,8 +20,20 @@ import asyncio
 import logging
 import os
 
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+
 from caspo.config import Config, config_from_dict
-from caspo.services.grpc_util import add_port, advertised_address, new_server
+from caspo.errors import Unavailable
+from caspo.mesh.registry import HEARTBEAT_S
+from caspo.models.factory import make_backend
+from caspo.models.worker import ModelWorker
+from caspo.services import critic_servicer, generator_servicer, mesh_servicer, pair_store_servicer, scorer_servicer
+from caspo.services.server import add_port, advertised_address, new_server
+from caspo.store.pair_store import PairStore
+from caspo.tasks import get_task
+from caspo.tasks.critic import ExactCritic, LLMCritic
 
 log = logging.getLogger(__name__)
 
@@ -31,33 +46,23 @@ ACTOR_NAMES = {
 
 
 def _torch_threads(num_cpus: float) -> None:
-    import torch
-
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-def make_backend(cfg: Config, path: str | None = None, version: int = 0):
-    from caspo.models.hf import HFBackend
-
-    if cfg.model.backend == "vllm":
-        from caspo.models.vllm import VLLMBackend  # needs the gpu extra
-
-        return VLLMBackend(path or cfg.model.policy, version=version, max_step_tokens=cfg.model.max_step_tokens)
-    return HFBackend(
-        path or cfg.model.policy,
-        version=version,
-        max_step_tokens=cfg.model.max_step_tokens,
-        max_batch_rows=cfg.model.max_batch_rows,
-    )
+def _cuda() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
 
 
-class ServiceHost:
+class ServiceActor:
     """Base of the service actors: build servicers, serve, heartbeat."""
 
     service = "service"
 
     def __init__(self, cfg_dict: dict, registry_name: str | None = None):
-        self.cfg = config_from_dict(cfg_dict)
+        self.cfg: Config = config_from_dict(cfg_dict)
         self.registry_name = registry_name
         self.address: str | None = None
         self.error: str | None = None
@@ -71,12 +76,10 @@ class ServiceHost:
         return 0
 
     async def _run(self):
-        from caspo.services.health import HealthServicer, add_to_server
-
         try:
             self.server = new_server()
             await self.build(self.server)
-            add_to_server(self.server, HealthServicer(self.service, self.policy_version))
+            mesh_servicer.add_to_server(self.server, mesh_servicer.HealthServicer(self.service, self.policy_version))
             port = add_port(self.server, f"{self.cfg.mesh.host}:0")
             await self.server.start()
             self.address = advertised_address(self.cfg.mesh.host, port)
@@ -90,10 +93,6 @@ class ServiceHost:
         await self._heartbeat()
 
     async def _heartbeat(self):
-        import ray
-
-        from caspo.actors.registry import HEARTBEAT_S
-
         if not self.registry_name:
             return
         while True:
@@ -114,12 +113,10 @@ class ServiceHost:
         return os.getpid()
 
 
-class ModelReplica:
-    """One policy replica (a model backend behind a micro-batching worker)."""
+class ReplicaActor:
+    """One policy replica: a model backend behind a micro-batching ``ModelWorker``."""
 
     def __init__(self, cfg_dict: dict, num_cpus: float = 1.0, path: str | None = None, version: int = 0):
-        from caspo.actors.worker import ModelWorker
-
         cfg = config_from_dict(cfg_dict)
         _torch_threads(num_cpus)
         self.worker = ModelWorker(make_backend(cfg, path, version), batch_wait_ms=cfg.generator.batch_wait_ms)
@@ -141,8 +138,8 @@ class ModelReplica:
         return os.getpid()
 
 
-class RayWorker:
-    """A ModelReplica actor seen through ModelWorker's async interface (what the servicers expect)."""
+class ReplicaClient:
+    """A ``ReplicaActor`` seen through ModelWorker's async interface (what the servicers expect)."""
 
     def __init__(self, handle, version: int = 0):
         self.handle = handle
@@ -154,10 +151,6 @@ class RayWorker:
         return self._version
 
     async def _call(self, method: str, *args):
-        from ray.exceptions import ActorDiedError, ActorUnavailableError
-
-        from caspo.services.grpc_util import Unavailable
-
         self.in_flight += 1
         try:
             return await getattr(self.handle, method).remote(*args)
@@ -180,40 +173,34 @@ class RayWorker:
         self._version = await self._call("reload", path, version)
 
 
-class GeneratorPool(ServiceHost):
+class GeneratorActor(ServiceActor):
     service = "generator"
 
     def __init__(self, cfg_dict: dict, registry_name: str | None = None, replica_cpus: float = 0.5):
         self.replica_cpus = replica_cpus
         self.replicas = []
-        self.workers: list[RayWorker] = []
+        self.workers: list[ReplicaClient] = []
         super().__init__(cfg_dict, registry_name)
 
     async def build(self, server):
-        import ray
-
-        from caspo.services.generator import GeneratorServicer, add_to_server
-
         opts = {"num_gpus": 1} if _cuda() else {"num_cpus": self.replica_cpus}
         if self.cfg.mesh.placement.get("generator"):  # the replicas hold the models: pin them to their group
             opts["resources"] = dict(self.cfg.mesh.placement["generator"])
-        Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **opts)(ModelReplica)
+        Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **opts)(ReplicaActor)
         self.replicas = [Replica.remote(self.cfg.to_dict(), self.replica_cpus) for _ in range(self.cfg.generator.replicas)]
         versions = await asyncio.gather(*(r.version.remote() for r in self.replicas))
-        self.workers = [RayWorker(r, v) for r, v in zip(self.replicas, versions)]
-        self.servicer = GeneratorServicer(self.workers, self.cfg.generator)
-        add_to_server(server, self.servicer)
+        self.workers = [ReplicaClient(r, v) for r, v in zip(self.replicas, versions)]
+        self.servicer = generator_servicer.GeneratorServicer(self.workers, self.cfg.generator)
+        generator_servicer.add_to_server(server, self.servicer)
 
     def policy_version(self) -> int:
         return min((w.version for w in self.workers), default=0)
 
     async def replica_pids(self) -> list[int]:
-        import ray
-
-        return await asyncio.gather(*(r.pid.remote() for r in self.replicas)) if self.replicas else ray.get([])
+        return list(await asyncio.gather(*(r.pid.remote() for r in self.replicas)))
 
 
-class ConfidenceScorer(ServiceHost):
+class ScorerActor(ServiceActor):
     service = "scorer"
 
     def __init__(self, cfg_dict: dict, registry_name: str | None = None, num_cpus: float = 0.5):
@@ -221,13 +208,10 @@ class ConfidenceScorer(ServiceHost):
         super().__init__(cfg_dict, registry_name)
 
     async def build(self, server):
-        from caspo.actors.worker import ModelWorker
-        from caspo.services.scorer import ScorerServicer, add_to_server
-
         _torch_threads(self.num_cpus)
         backend = await asyncio.to_thread(make_backend, self.cfg)
         self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
-        add_to_server(server, ScorerServicer(self.worker, self.cfg.scorer))
+        scorer_servicer.add_to_server(server, scorer_servicer.ScorerServicer(self.worker, self.cfg.scorer))
 
     def policy_version(self) -> int:
         return self.worker.version if hasattr(self, "worker") else 0
@@ -237,26 +221,20 @@ class ConfidenceScorer(ServiceHost):
         return self.worker.version
 
 
-class Critic(ServiceHost):
+class CriticActor(ServiceActor):
     service = "critic"
 
     async def build(self, server):
-        from caspo.actors.critic import ExactCritic, LLMCritic
-        from caspo.services.critic import CriticServicer, add_to_server
-        from caspo.tasks import get_task
-
         task = await asyncio.to_thread(get_task, self.cfg.task.name, self.cfg.task.data)
         if self.cfg.critic.kind == "llm":
-            from caspo.actors.worker import ModelWorker
-
             backend = await asyncio.to_thread(make_backend, self.cfg, self.cfg.critic.model)
             critic = LLMCritic(ModelWorker(backend), task.prompt)
         else:
             critic = ExactCritic(task)
-        add_to_server(server, CriticServicer(critic, self.cfg.critic))
+        critic_servicer.add_to_server(server, critic_servicer.CriticServicer(critic, self.cfg.critic))
 
 
-class PairStoreService(ServiceHost):
+class PairStoreActor(ServiceActor):
     service = "pair_store"
 
     def __init__(self, cfg_dict: dict, redis_url: str, registry_name: str | None = None):
@@ -264,17 +242,5 @@ class PairStoreService(ServiceHost):
         super().__init__(cfg_dict, registry_name)
 
     async def build(self, server):
-        from caspo.actors.pair_store import PairStore
-        from caspo.services.pair_store import add_to_server
-
         self.store = PairStore(self.redis_url)
-        add_to_server(server, self.store)
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
+        pair_store_servicer.add_to_server(server, self.store)

@@ -28,9 +28,9 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from caspo.actors.redis_server import redact_url
 from caspo.core.pairs import CASE_INCORRECT, CASE_UNSURE_CORRECT, Pair, pair_key
-from caspo.services.grpc_util import BadRequest, Unavailable, check_range, check_text
+from caspo.errors import BadRequest, Unavailable, check_range, check_text
+from caspo.netutil import redact_url
 
 __all__ = [
     "CASES",
@@ -91,8 +91,8 @@ class PairStore:
     consumer group, ``round_pairs`` for reading one whole round, ``stats``.
 
     Thread-safe (one connection pool); every call blocks until Redis replied. A Redis that cannot be
-    reached raises :class:`~caspo.services.grpc_util.Unavailable`; bad input raises
-    :class:`~caspo.services.grpc_util.BadRequest` naming the field.
+    reached raises :class:`~caspo.errors.Unavailable`; bad input raises
+    :class:`~caspo.errors.BadRequest` naming the field.
     """
 
     def __init__(self, url: str, connect_timeout_s: float = 2.0):

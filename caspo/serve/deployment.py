@@ -1,7 +1,7 @@
 """CaT inference on Ray Serve: one deployment, reached over Serve's gRPC proxy and over HTTP.
 
     caspo serve                                   # Ray Serve on a local Ray (or the running mesh's)
-    serve run caspo.services.cat_serve:app_builder config=configs/tiny-cpu.yaml   # or a Serve config file
+    serve run caspo.serve.deployment:app_builder config=configs/tiny-cpu.yaml   # or a Serve config file
 
 The ``CaT`` deployment holds one model backend behind a ``ModelWorker``: every request's search runs
 as an asyncio task on the replica and asks the worker for its branch proposals, and the worker merges
@@ -19,8 +19,8 @@ the same code the evaluation and the benchmarks run.
 
 Bad input gets gRPC ``INVALID_ARGUMENT`` or HTTP 422 naming the field and the limit; the replica
 keeps serving. An HTTP body over ``MAX_BODY_BYTES`` gets 413 (counted as it arrives); a gRPC message
-over ``grpc_util.SERVE_MAX_MESSAGE_BYTES`` is refused by the proxy (RESOURCE_EXHAUSTED) when the
-process that started Ray called ``grpc_util.limit_proxy_messages`` first (``caspo serve``/``caspo up``
+over ``services.server.SERVE_MAX_MESSAGE_BYTES`` is refused by the proxy (RESOURCE_EXHAUSTED) when the
+process that started Ray called ``services.server.limit_proxy_messages`` first (``caspo serve``/``caspo up``
 do; Ray's own default is 2 GiB). With ``$CASPO_AUTH_TOKEN`` set in the replicas' environment every
 call but ``GET /healthz`` needs ``authorization: Bearer <token>`` (gRPC UNAUTHENTICATED / HTTP 401
 without). A request past ``serve.request_timeout_s`` (or its gRPC deadline) is cancelled by Serve,
@@ -53,12 +53,16 @@ from caspo.config import Config, ServeConfig, config_from_dict, load_config
 from caspo.core.cat import METHODS, CommittedStep, Search, SearchConfig, SearchResult, stream_search
 from caspo.core.confidence import SCORINGS
 from caspo.models.base import prefix_text
-from caspo.services.cat_grpc import UndecodableRequest
-from caspo.services.grpc_util import UNAUTHENTICATED_MESSAGE, BadRequest, authorized
+from caspo.errors import BadRequest
+from caspo.models.factory import make_backend
+from caspo.models.worker import ModelWorker
+from caspo.serve.grpc_proxy import UndecodableRequest
+from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
+from caspo.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-GRPC_SERVICER = "caspo.services.cat_grpc.add_CaTServicer_to_server"  # parse errors -> INVALID_ARGUMENT
+GRPC_SERVICER = "caspo.serve.grpc_proxy.add_CaTServicer_to_server"  # parse errors -> INVALID_ARGUMENT
 DEPLOYMENT = "CaT"
 MAX_BODY_BYTES = 1 << 20  # HTTP request bodies (a question is at most serve.max_question_chars)
 PUBLIC_PATHS = frozenset({"/healthz"})  # reachable without the token (probes)
@@ -316,10 +320,6 @@ class CaTServer:
 
     def __init__(self, cfg_dict: dict):
         import torch
-
-        from caspo.actors.hosts import make_backend
-        from caspo.actors.worker import ModelWorker
-        from caspo.tasks import get_task
 
         self.cfg: Config = config_from_dict(cfg_dict)
         sv = self.cfg.serve

@@ -12,9 +12,12 @@ import logging
 import time
 
 import grpc
+import ray
 
 from caspo.protos.v1 import mesh_pb2, mesh_pb2_grpc
-from caspo.services.grpc_util import add_port, advertised_address, channel, new_server, rpc
+from caspo.services import mesh_servicer
+from caspo.services.channel import channel
+from caspo.services.server import add_port, advertised_address, new_server
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +35,9 @@ async def probe(address: str, timeout: float = 1.0) -> tuple[bool, int]:
         return False, -1
 
 
-class RegistryServicer(mesh_pb2_grpc.MeshServicer):
-    def __init__(self, registry: "RegistryState"):
-        self.registry = registry
-
-    @rpc
-    async def Health(self, request, context):
-        return mesh_pb2.HealthResponse(ok=True, service="registry", policy_version=0)
-
-    @rpc
-    async def Registry(self, request, context):
-        services = await self.registry.snapshot(check=True)
-        return mesh_pb2.RegistryResponse(services=[mesh_pb2.ServiceInfo(**s) for s in services])
-
-
 class RegistryState:
+    """Who registered where and when; ``snapshot(check=True)`` also asks each service's health."""
+
     def __init__(self):
         self.services: dict[str, dict] = {}
 
@@ -80,8 +71,8 @@ class RegistryState:
         return out
 
 
-class Registry:
-    """Ray actor (async). Use ``registry_actor()`` to get the class decorated for Ray."""
+class RegistryActor:
+    """The registry's Ray actor (async); ``registry_actor()`` is the class decorated for Ray."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.state = RegistryState()
@@ -93,7 +84,7 @@ class Registry:
 
     async def _serve(self):
         self.server = new_server()
-        mesh_pb2_grpc.add_MeshServicer_to_server(RegistryServicer(self.state), self.server)
+        mesh_servicer.add_to_server(self.server, mesh_servicer.RegistryServicer(self.state))
         port = add_port(self.server, f"{self.host}:{self.port}")
         await self.server.start()
         self.address = advertised_address(self.host, port)
@@ -111,6 +102,4 @@ class Registry:
 
 
 def registry_actor():
-    import ray
-
-    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Registry)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(RegistryActor)

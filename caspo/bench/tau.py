@@ -7,7 +7,7 @@ the evaluation ones), take the answer branches' cumulative confidences, and set 
 
 from __future__ import annotations
 
-from bench.common import SuiteResult, make_backend, percentile
+from caspo.bench.common import SuiteResult, make_backend, percentile
 
 COLUMNS = ["tau", "how", "scoring", "accuracy", "no_answer", "tokens", "tokens_x_tau0"]
 

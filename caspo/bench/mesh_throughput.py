@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import SuiteResult, model_overrides
+from caspo.bench.common import SuiteResult, model_overrides
 
 COLUMNS = ["what", "replicas", "seconds", "questions_per_min", "steps_per_min", "pairs", "pairs_per_min", "x_1_replica"]
 
@@ -22,7 +22,8 @@ def run(n: int, replicas=(1, 2), seed: int = 0, model: str = "tiny", engine: str
     from caspo.config import load_config
     from caspo.core.cat import derive_seed
     from caspo.models.hf import resolve_model_path
-    from caspo.services.mesh import MeshClient, MeshRunner
+    from caspo.mesh.client import MeshClient
+    from caspo.mesh.runner import MeshRunner
     from caspo.tasks import get_task
     from caspo.trainer.collect import collect_round
     from caspo.trainer.dpo import DPOSettings, train_dpo

@@ -1,6 +1,8 @@
-"""One model replica for the asyncio world: a Backend behind an event loop, with a micro-batcher.
+"""A model backend for the asyncio world: ``ModelWorker`` puts a Backend behind an event loop, with a
+micro-batcher.
 
-``ModelWorker`` is plain Python (the Ray actors that hold one live elsewhere). Its blocking backend
+``ModelWorker`` is plain Python: the mesh's replica actors (caspo/mesh/actors.py) and the Serve
+replicas (caspo/serve/deployment.py) each hold one. Its blocking backend
 calls run in a thread (``asyncio.to_thread``) so the loop keeps serving: a reload loads the new
 weights while samples are still running, and the backend's swap leaves requests that already started
 on the weights they captured.

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import grpc
 
-from caspo.actors.critic import JudgeItem
 from caspo.config import CriticConfig
+from caspo.errors import BadRequest
 from caspo.protos.v1 import critic_pb2, critic_pb2_grpc
-from caspo.services.grpc_util import BadRequest, rpc
+from caspo.services.server import rpc
+from caspo.tasks.critic import JudgeItem
 
 
 class CriticServicer(critic_pb2_grpc.CriticServicer):

@@ -1,4 +1,4 @@
-"""The PairStore gRPC service (protos/caspo/v1/pair_store.proto) over a :class:`caspo.actors.pair_store.PairStore`.
+"""The PairStore gRPC service (protos/caspo/v1/pair_store.proto) over a :class:`caspo.store.pair_store.PairStore`.
 
 Redis calls block, so each runs in a worker thread; the event loop keeps serving other calls (a Read
 with ``block_ms`` waits in its thread). Bad input → INVALID_ARGUMENT naming the field, Redis down →
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
-from caspo.actors.pair_store import PairStore
+from caspo.errors import check_range
 from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
-from caspo.services.grpc_util import check_range, rpc
+from caspo.services.server import rpc
+from caspo.store.pair_store import PairStore
 
 MAX_READ_COUNT = 10000
 MAX_BLOCK_MS = 60000

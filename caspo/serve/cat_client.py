@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Iterator
 
-from caspo.services.grpc_util import auth_metadata
+from caspo.services.security import auth_metadata
 
 FIELDS = ("method", "k", "tau", "max_steps", "temperature", "scoring", "seed")
 

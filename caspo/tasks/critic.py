@@ -6,7 +6,7 @@
 * ``LLMCritic``: a model writes the reference next step greedily and the step is judged against it.
   A real deployment points it at a strong model (the paper: Qwen2.5-Math-7B-Instruct).
 
-Item errors are raised as ``caspo.services.grpc_util`` exceptions so a gRPC front turns them into
+Item errors are raised as ``caspo.errors`` exceptions so a gRPC front turns them into
 INVALID_ARGUMENT / NOT_FOUND naming the field.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from caspo.core.steps import answers_match, final_answer, join_steps, step_result
-from caspo.services.grpc_util import BadRequest, NotFound
+from caspo.errors import BadRequest, NotFound
 from caspo.tasks.base import Judgement, Problem, Task
 
 

@@ -10,8 +10,9 @@ import grpc
 from caspo.config import ScorerConfig
 from caspo.core.confidence import mean_entropy, step_confidence, step_multiplier
 from caspo.protos.v1 import scorer_pb2, scorer_pb2_grpc
-from caspo.services.generator import check_version
-from caspo.services.grpc_util import BadRequest, check_text, rpc
+from caspo.errors import BadRequest, check_text
+from caspo.services.generator_servicer import check_version
+from caspo.services.server import rpc
 
 
 class ScorerServicer(scorer_pb2_grpc.ConfidenceScorerServicer):

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from bench.common import SuiteResult, Timer, make_backend, median
+from caspo.bench.common import SuiteResult, Timer, make_backend, median
 
 COLUMNS = ["measure", "seconds", "per", "ratio", "note"]
 

@@ -20,7 +20,8 @@ from caspo.core.cat import ProposedStep, derive_seed
 from caspo.core.steps import DEFAULT_DELIMITER, final_answer, join_steps
 from caspo.models.base import ModelLoadError
 from caspo.protos.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-from caspo.services.grpc_util import BadRequest, NotFound, check_range, check_text, rpc
+from caspo.errors import BadRequest, NotFound, check_range, check_text
+from caspo.services.server import rpc
 
 
 def step_message(step: ProposedStep, version: int) -> common_pb2.Step:

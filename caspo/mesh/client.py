@@ -1,23 +1,21 @@
-"""Start, find and stop the mesh; one gRPC client for all of its services.
+"""One gRPC client for every mesh service, and CaT's StepProposer over it.
 
-``MeshRunner.start()`` brings up Ray (local unless ``RAY_ADDRESS`` is set), Redis (``CASPO_REDIS_URL``
-or a redis-server child with AOF in the run directory), the registry and the service actors, and
-writes ``RUN_DIR/mesh.json`` so ``caspo status``/``caspo down``/clients in other processes find it.
+Addresses come from the registry; a call that finds its service UNAVAILABLE (killed, restarting on a
+new port, Redis down behind the pair store) re-resolves the address and retries with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import signal
 import time
-from pathlib import Path
 
 import grpc
 
 from caspo.config import Config
+from caspo.core.cat import ProposedStep
+from caspo.mesh.state import MeshError, read_state
+from caspo.models.base import prefix_text
 from caspo.protos.v1 import (
     common_pb2,
     critic_pb2,
@@ -31,167 +29,9 @@ from caspo.protos.v1 import (
     scorer_pb2,
     scorer_pb2_grpc,
 )
-from caspo.services.grpc_util import channel, limit_proxy_messages
+from caspo.services.channel import channel
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "mesh.json"
-SERVICES = ("generator", "scorer", "critic", "pair_store")
-
-
-class MeshError(RuntimeError):
-    pass
-
-
-def state_path(cfg: Config) -> Path:
-    return Path(cfg.mesh.run_dir) / STATE_FILE
-
-
-def read_state(cfg: Config) -> dict | None:
-    p = state_path(cfg)
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-class MeshRunner:
-    """Owns a mesh: what it started, it stops."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.redis = None
-        self.redis_url: str | None = None
-        self.actors: dict[str, object] = {}
-        self.registry = None
-        self.registry_address: str | None = None
-        self.addresses: dict[str, str] = {}
-        self._started_ray = False
-
-    def start(self, progress: bool = True) -> dict:
-        import ray
-
-        from caspo.actors import hosts
-        from caspo.actors.redis_server import redis_url_or_start
-        from caspo.actors.registry import REGISTRY_NAME, registry_actor
-
-        cfg = self.cfg
-        run_dir = Path(cfg.mesh.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        old = read_state(cfg)
-        if old and _alive(int(old.get("pid", -1))) and old.get("pid") != os.getpid():
-            raise MeshError(f"a mesh is already running from {run_dir} (pid {old['pid']}); stop it with `caspo down`")
-
-        url = cfg.mesh.redis_url or os.environ.get("CASPO_REDIS_URL")
-        if url:
-            self.redis_url = url
-        else:
-            self.redis_url, self.redis = redis_url_or_start(run_dir)
-        if not ray.is_initialized():
-            limit_proxy_messages()  # `caspo serve` may later run Serve on this Ray
-            address = os.environ.get("RAY_ADDRESS")
-            kwargs = {"namespace": cfg.mesh.namespace, "include_dashboard": False, "logging_level": "WARNING"}
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(num_cpus=cfg.mesh.num_cpus, **kwargs)
-            self._started_ray = True
-        ns = cfg.mesh.namespace
-        cd = cfg.to_dict()
-        self.registry = registry_actor().options(name=REGISTRY_NAME, namespace=ns).remote(cfg.mesh.host)
-        self.registry_address = ray.get(self.registry.ready.remote())
-
-        def remote(cls, name, **opts):
-            # the generator pool's models live in its replica actors, which take its placement themselves
-            if cfg.mesh.placement.get(name) and name != "generator":
-                opts["resources"] = dict(cfg.mesh.placement[name])
-            return ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0, **opts)(cls).options(
-                name=hosts.ACTOR_NAMES[name], namespace=ns
-            )
-
-        self.actors = {
-            "pair_store": remote(hosts.PairStoreService, "pair_store").remote(cd, self.redis_url, REGISTRY_NAME),
-            "critic": remote(hosts.Critic, "critic").remote(cd, REGISTRY_NAME),
-            "scorer": remote(hosts.ConfidenceScorer, "scorer").remote(cd, REGISTRY_NAME),
-            "generator": remote(hosts.GeneratorPool, "generator").remote(cd, REGISTRY_NAME),
-        }
-        for name, actor in self.actors.items():
-            self.addresses[name] = ray.get(actor.ready.remote(), timeout=600)
-            if progress:
-                print(f"  {name:10s} {self.addresses[name]}", flush=True)
-        # one heartbeat so the registry is complete before anyone asks
-        for name, addr in self.addresses.items():
-            ray.get(self.registry.register.remote(name, addr, 0))
-        state = {
-            "pid": os.getpid(),
-            "registry": self.registry_address,
-            "services": self.addresses,
-            "redis_url": self.redis_url,
-            "ray_address": ray.get_runtime_context().gcs_address,
-            "namespace": ns,
-            "started_at": time.time(),
-        }
-        # the Redis URL may carry a password: the state file is readable by its owner only
-        fd = os.open(state_path(cfg), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(state, indent=2) + "\n")
-        return state
-
-    def stop(self) -> None:
-        import ray
-
-        for actor in list(self.actors.values()) + ([self.registry] if self.registry else []):
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
-        self.actors = {}
-        self.registry = None
-        if self.redis is not None:
-            self.redis.stop()
-            self.redis = None
-        if self._started_ray and ray.is_initialized():
-            ray.shutdown()
-            self._started_ray = False
-        st = read_state(self.cfg)
-        if st and st.get("pid") == os.getpid():
-            state_path(self.cfg).unlink(missing_ok=True)
-
-    def __enter__(self):
-        self.start(progress=False)
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def stop_running_mesh(cfg: Config, timeout: float = 60.0) -> bool:
-    """``caspo down``: signal the process that runs the mesh and wait for it to clean up."""
-    st = read_state(cfg)
-    if not st:
-        return False
-    pid = int(st.get("pid", -1))
-    if pid > 0 and _alive(pid):
-        os.kill(pid, signal.SIGINT)  # `caspo up` stops cleanly on it (Ray prints a backtrace on SIGTERM)
-        deadline = time.time() + timeout
-        while _alive(pid) and time.time() < deadline:
-            time.sleep(0.2)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    state_path(cfg).unlink(missing_ok=True)
-    return True
 
 
 class MeshClient:
@@ -310,9 +150,6 @@ class MeshProposer:
         self.delimiter = delimiter
 
     async def propose(self, prefixes, n: int, temperature: float):
-        from caspo.core.cat import ProposedStep
-        from caspo.models.base import prefix_text
-
         texts = [prefix_text(self.prompt, p.question, p.steps, self.delimiter) for p in prefixes]
         resp = await self.client.propose(texts, n, temperature, [p.seed for p in prefixes])
         return [

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common
+from caspo.bench import common
 
 SUITES = ("inference", "overhead", "tau", "serve", "mesh")
 
@@ -15,7 +15,7 @@ SUITES = ("inference", "overhead", "tau", "serve", "mesh")
 def _module(name: str):
     import importlib
 
-    return importlib.import_module({"serve": "bench.serve_load"}.get(name, f"bench.{name}"))
+    return importlib.import_module({"serve": "caspo.bench.serve_load", "mesh": "caspo.bench.mesh_throughput"}.get(name, f"caspo.bench.{name}"))
 
 
 def run_suite(name: str, n: int, out: Path, smoke: bool = False, progress: bool = True, model: str = "tiny", engine: str = "hf") -> common.SuiteResult:
