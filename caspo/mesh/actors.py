@@ -216,10 +216,6 @@ class ScorerActor(ServiceActor):
     def policy_version(self) -> int:
         return self.worker.version if hasattr(self, "worker") else 0
 
-    async def reload(self, path: str, version: int) -> int:
-        await self.worker.reload(path, version)
-        return self.worker.version
-
 
 class CriticActor(ServiceActor):
     service = "critic"

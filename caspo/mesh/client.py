@@ -1,13 +1,16 @@
-"""One gRPC client for every mesh service, and CaT's StepProposer over it.
+"""The one way to reach the mesh: a gRPC client for every service, and CaT's StepProposer over it.
 
 Addresses come from the registry; a call that finds its service UNAVAILABLE (killed, restarting on a
 new port, Redis down behind the pair store) re-resolves the address and retries with backoff.
+Publishing a policy is one call too: ``publish`` reloads the generator pool and the scorer and
+writes the file CaT's Serve replicas watch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import grpc
@@ -16,6 +19,7 @@ from caspo.config import Config
 from caspo.core.cat import ProposedStep
 from caspo.mesh.state import MeshError, read_state
 from caspo.models.base import prefix_text
+from caspo.policy_file import write_policy_file
 from caspo.protos.v1 import (
     common_pb2,
     critic_pb2,
@@ -110,16 +114,13 @@ class MeshClient:
 
     # ---- typed helpers ---------------------------------------------------------------------------
     async def propose(self, prompts, n, temperature, seeds=None):
-        req = generator_pb2.ProposeStepsRequest(
-            prompts=[common_pb2.Prompt(text=p, seed=s) if s is not None else common_pb2.Prompt(text=p) for p, s in zip(prompts, seeds or [None] * len(prompts))],
-            n=n,
-            temperature=temperature,
-        )
+        req = generator_pb2.ProposeStepsRequest(prompts=_prompts(prompts, seeds), n=n, temperature=temperature)
         return await self.call("generator", generator_pb2_grpc.GeneratorStub, "ProposeSteps", req)
 
-    async def reload(self, version: int, path: str):
-        req = generator_pb2.ReloadRequest(version=version, path=path)
-        return await self.call("generator", generator_pb2_grpc.GeneratorStub, "Reload", req)
+    async def rollout(self, prompts, temperature: float, max_steps: int, seeds=None):
+        """Whole solutions, one per prompt, step by step until a final answer or ``max_steps``."""
+        req = generator_pb2.RolloutRequest(prompts=_prompts(prompts, seeds), temperature=temperature, max_steps=max_steps)
+        return await self.call("generator", generator_pb2_grpc.GeneratorStub, "Rollout", req)
 
     async def score(self, prompts, steps):
         req = scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=p, step=s) for p, s in zip(prompts, steps)])
@@ -136,9 +137,38 @@ class MeshClient:
         req = pair_store_pb2.PutRequest(round=round_, pairs=[pair_store_pb2.Pair(**p) for p in pairs])
         return await self.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Put", req)
 
+    async def read_pairs(self, round_: int, group: str, consumer: str, count: int, block_ms: int = 0):
+        """Up to ``count`` (stream id, pair) of ``round_`` for ``consumer`` of consumer group ``group``:
+        its unacknowledged ones first, then pairs no consumer of the group has had."""
+        req = pair_store_pb2.ReadRequest(round=round_, group=group, consumer=consumer, count=count, block_ms=block_ms)
+        resp = await self.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Read", req)
+        return [(sp.id, sp.pair) for sp in resp.pairs]
+
+    async def ack_pairs(self, round_: int, group: str, ids) -> int:
+        """Acknowledge pairs ``group`` has read, so they are not delivered again; how many were pending."""
+        req = pair_store_pb2.AckRequest(round=round_, group=group, ids=list(ids))
+        return (await self.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Ack", req)).acked
+
     async def stats(self, round_: int | None = None):
         req = pair_store_pb2.StatsRequest(round=round_) if round_ is not None else pair_store_pb2.StatsRequest()
         return await self.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Stats", req)
+
+    # ---- publishing ------------------------------------------------------------------------------
+    async def publish(self, version: int, path: str, policy_file: str | os.PathLike | None) -> dict[str, int]:
+        """Make the checkpoint at ``path`` policy ``version`` everywhere: the generator pool and the scorer
+        reload it (requests in flight finish on the old weights), then ``policy_file`` names it for CaT's
+        Serve replicas (None: no Serve watches one). Returns the version each service reports."""
+        req = generator_pb2.ReloadRequest(version=version, path=path)
+        generator = await self.call("generator", generator_pb2_grpc.GeneratorStub, "Reload", req)
+        scorer = await self.call("scorer", scorer_pb2_grpc.ConfidenceScorerStub, "Reload", req)
+        if policy_file is not None:
+            write_policy_file(policy_file, version, path)
+        return {"generator": generator.policy_version, "scorer": scorer.policy_version}
+
+
+def _prompts(texts, seeds) -> list[common_pb2.Prompt]:
+    seeds = seeds if seeds is not None else [None] * len(texts)
+    return [common_pb2.Prompt(text=t, seed=s) if s is not None else common_pb2.Prompt(text=t) for t, s in zip(texts, seeds)]
 
 
 class MeshProposer:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from typing import Sequence
 
 import grpc
@@ -18,9 +17,9 @@ import grpc
 from caspo.config import GeneratorConfig
 from caspo.core.cat import ProposedStep, derive_seed
 from caspo.core.steps import DEFAULT_DELIMITER, final_answer, join_steps
-from caspo.models.base import ModelLoadError
+from caspo.errors import BadRequest, check_range, check_text
 from caspo.protos.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-from caspo.errors import BadRequest, NotFound, check_range, check_text
+from caspo.services.policy import check_version, reload_path, reload_workers
 from caspo.services.server import rpc
 
 
@@ -34,11 +33,6 @@ def step_message(step: ProposedStep, version: int) -> common_pb2.Step:
         ended=step.ended,
         policy_version=version,
     )
-
-
-def check_version(requested: int | None, loaded: int) -> None:
-    if requested is not None and requested != loaded:
-        raise NotFound(f"policy_version {requested} is not loaded (current: {loaded})")
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
@@ -142,21 +136,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     @rpc
     async def Reload(self, request, context):
-        path = check_text("path", request.path, 4096)
-        check_range("version", request.version, 0, 2**63 - 1)
-        # a local checkpoint (as `caspo loop` publishes) or the built-in "tiny"; never a hub id: without a
-        # reachable hub the download retries would hold the reload lock for minutes
-        if path != "tiny" and not os.path.isdir(path):
-            raise BadRequest(f"path {path[:200]!r} is not a model directory on the generator's node (Reload takes a local checkpoint or 'tiny')")
+        path = reload_path(request, "generator", 4096)
         async with self._reload_lock:  # one reload at a time: replicas never end up on different ones
-            results = await asyncio.gather(
-                *(w.reload(path, request.version) for w in self.workers), return_exceptions=True
-            )
-        for r in results:
-            if isinstance(r, ModelLoadError):
-                raise BadRequest(f"path {path!r} holds no loadable model: {r}")
-            if isinstance(r, BaseException):
-                raise r
+            await reload_workers(self.workers, path, request.version)
         return generator_pb2.ReloadResponse(policy_version=self.version, replicas=len(self.workers))
 
 

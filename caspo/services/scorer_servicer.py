@@ -1,24 +1,28 @@
 """The ConfidenceScorer gRPC service: exact step confidence by one batched teacher-forced pass.
 
-Concurrent Score requests are merged by the worker's micro-batcher into one prefill pass.
+Concurrent Score requests are merged by the worker's micro-batcher into one prefill pass. ``Reload``
+loads a published policy, as the generator's does.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 
 from caspo.config import ScorerConfig
 from caspo.core.confidence import mean_entropy, step_confidence, step_multiplier
-from caspo.protos.v1 import scorer_pb2, scorer_pb2_grpc
 from caspo.errors import BadRequest, check_text
-from caspo.services.generator_servicer import check_version
+from caspo.protos.v1 import generator_pb2, scorer_pb2, scorer_pb2_grpc
+from caspo.services.policy import check_version, reload_path, reload_workers
 from caspo.services.server import rpc
 
 
 class ScorerServicer(scorer_pb2_grpc.ConfidenceScorerServicer):
     def __init__(self, worker, cfg: ScorerConfig | None = None):
-        self.worker = worker  # ModelWorker-like: version, async score_steps_versioned(prompts, steps)
+        self.worker = worker  # ModelWorker-like: version, async score_steps_versioned(prompts, steps), reload
         self.cfg = cfg or ScorerConfig()
+        self._reload_lock = asyncio.Lock()
 
     @property
     def version(self) -> int:
@@ -54,6 +58,13 @@ class ScorerServicer(scorer_pb2_grpc.ConfidenceScorerServicer):
             ],
             policy_version=version,
         )
+
+    @rpc
+    async def Reload(self, request, context):
+        path = reload_path(request, "scorer", 4096)
+        async with self._reload_lock:
+            await reload_workers([self.worker], path, request.version)
+        return generator_pb2.ReloadResponse(policy_version=self.worker.version, replicas=1)
 
 
 def add_to_server(server: grpc.aio.Server, servicer: ScorerServicer) -> None:

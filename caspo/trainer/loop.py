@@ -193,21 +193,15 @@ class RoundController:
     async def _trajectory_pairs(self, k: int, problems, progress: bool) -> dict:
         """Control: K full solutions per question; chosen = the most likely correct one, rejected = the
         most likely incorrect one (the same sample budget as K candidates per step)."""
-        from caspo.protos.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-
         pcfg = self.cfg.pairs
         kk = pcfg.candidates
         rows, skipped, version = [], Counter(), 0
         bar = progress_bar(len(problems), f"round {k} trajectories", "q", progress)
         for s in range(0, len(problems), pcfg.batch):
             chunk = problems[s : s + pcfg.batch]
-            prompts = [
-                common_pb2.Prompt(text=self.task.prompt(p.question), seed=derive_seed(pcfg.seed, k, p.id, j))
-                for p in chunk
-                for j in range(kk)
-            ]
-            req = generator_pb2.RolloutRequest(prompts=prompts, temperature=pcfg.temperature, max_steps=pcfg.max_steps)
-            resp = await self.client.call("generator", generator_pb2_grpc.GeneratorStub, "Rollout", req)
+            prompts = [self.task.prompt(p.question) for p in chunk for _ in range(kk)]
+            seeds = [derive_seed(pcfg.seed, k, p.id, j) for p in chunk for j in range(kk)]
+            resp = await self.client.rollout(prompts, pcfg.temperature, pcfg.max_steps, seeds)
             version = resp.policy_version
             for i, p in enumerate(chunk):
                 good, bad = [], []
@@ -243,27 +237,21 @@ class RoundController:
 
     async def _read_round(self, k: int) -> tuple[list[dict], list[str]]:
         """Exactly round k's pairs, through the pair store's consumer group."""
-        from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
-
         pairs, ids = [], []
         while True:
-            req = pair_store_pb2.ReadRequest(round=self._sr(k), group=TRAINER_GROUP, consumer=f"{self.cfg.loop.run}-trainer", count=READ_BATCH)
-            resp = await self.client.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Read", req)
-            new = [sp for sp in resp.pairs if sp.id not in set(ids)]
+            got = await self.client.read_pairs(self._sr(k), TRAINER_GROUP, f"{self.cfg.loop.run}-trainer", READ_BATCH)
+            new = [(sid, p) for sid, p in got if sid not in set(ids)]
             if not new:
                 return pairs, ids
-            for sp in new:
-                ids.append(sp.id)
-                pairs.append({"prompt": sp.pair.prompt, "chosen": sp.pair.chosen, "rejected": sp.pair.rejected, "case": sp.pair.case})
-            if len(resp.pairs) < READ_BATCH:
+            for sid, p in new:
+                ids.append(sid)
+                pairs.append({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "case": p.case})
+            if len(got) < READ_BATCH:
                 return pairs, ids
 
     async def _ack(self, k: int, ids: list[str]) -> None:
-        from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
-
         for i in range(0, len(ids), 1000):
-            req = pair_store_pb2.AckRequest(round=self._sr(k), group=TRAINER_GROUP, ids=ids[i : i + 1000])
-            await self.client.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Ack", req)
+            await self.client.ack_pairs(self._sr(k), TRAINER_GROUP, ids[i : i + 1000])
 
     async def _train(self, k: int, progress: bool) -> None:
         from caspo.trainer.dpo import DPOSettings, scratch_dir, train_dpo
@@ -304,16 +292,7 @@ class RoundController:
         (self.run_dir / f"round{k}_train.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
     async def _reload_services(self, version: int, path: str) -> None:
-        import ray
-
-        from caspo.mesh.actors import ACTOR_NAMES
-
-        await self.client.reload(version, path)
-        scorer = ray.get_actor(ACTOR_NAMES["scorer"], namespace=self.cfg.mesh.namespace)
-        await scorer.reload.remote(path, version)
-        tmp = self.run_dir / "policy.json.tmp"
-        tmp.write_text(json.dumps({"version": version, "path": path, "published_at": time.time()}) + "\n")
-        tmp.replace(self.run_dir / "policy.json")  # Serve and other readers watch this file
+        await self.client.publish(version, path, self.run_dir / "policy.json")
 
     async def _publish(self, k: int) -> None:
         await self._reload_services(k, self.state.policy(k))

@@ -188,6 +188,24 @@ def test_reload_while_requests_in_flight(backend):
     asyncio.run(main())
 
 
+def test_scorer_reload_swaps_the_policy_it_scores_with(backend):
+    async def main():
+        worker = ModelWorker(backend)
+        scorer = scorer_service.ScorerServicer(worker, ScorerConfig())
+        old, new = backend.version, backend.version + 3
+        async with serving((scorer_service.add_to_server, scorer)) as ch:
+            stub = scorer_pb2_grpc.ConfidenceScorerStub(ch)
+            item = scorer_pb2.ScoreItem(prompt=PROMPT, step="12+7=19")
+            assert (await stub.Score(scorer_pb2.ScoreRequest(items=[item]))).policy_version == old
+            rr = await stub.Reload(generator_pb2.ReloadRequest(path="tiny", version=new))
+            assert rr.policy_version == new and rr.replicas == 1
+            after = await stub.Score(scorer_pb2.ScoreRequest(items=[item], policy_version=new))
+            assert after.policy_version == new and len(after.scores[0].token_entropies) > 0
+            await stub.Reload(generator_pb2.ReloadRequest(path="tiny", version=old))  # the module's backend is shared
+
+    asyncio.run(main())
+
+
 def test_scorer_matches_sampler_entropies(backend):
     async def main():
         worker = ModelWorker(backend)
@@ -312,6 +330,8 @@ def test_error_paths_name_the_field_and_service_keeps_serving(backend):
                 (s.Score, scorer_pb2.ScoreRequest(), invalid, "items"),
                 (s.Score, scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=PROMPT, step="")]), invalid, "items[0].step"),
                 (s.Score, scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=PROMPT, step="1+1=2")], policy_version=v + 7), not_found, "policy_version"),
+                (s.Reload, generator_pb2.ReloadRequest(path="", version=1), invalid, "path"),
+                (s.Reload, generator_pb2.ReloadRequest(path="/nonexistent/model-dir", version=1), invalid, "not a model directory on the scorer's node"),
                 (c.Judge, judge_request(("", "12+7*3", [], "")), invalid, "items[0].step"),
                 (c.Judge, judge_request(("", "", [], "1+1=2")), invalid, "items[0].question"),
                 (c.Judge, judge_request(("", "twelve plus seven", [], "1+1=2")), invalid, "items[0].question"),

@@ -186,7 +186,7 @@ MESH_METHODS = [
     (svc_name, module.DESCRIPTOR.services_by_name[service].methods_by_name[m])
     for svc_name, module, service, methods in [
         ("generator", generator_pb2, "Generator", ("ProposeSteps", "Rollout", "Reload")),
-        ("scorer", scorer_pb2, "ConfidenceScorer", ("Score",)),
+        ("scorer", scorer_pb2, "ConfidenceScorer", ("Score", "Reload")),
         ("critic", critic_pb2, "Critic", ("Judge",)),
         ("pair_store", pair_store_pb2, "PairStore", ("Put", "Read", "Ack", "Stats")),
         ("registry", mesh_pb2, "Mesh", ("Health", "Registry")),
