@@ -13,6 +13,7 @@ and calibration and their change against the base, and writes them all to ``--ou
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -20,14 +21,15 @@ from pathlib import Path
 
 from caspo.config import load_config
 from caspo.core.cat import SearchConfig, derive_seed
+from caspo.core.pairs import Pair
 from caspo.evaluation import evaluate
 from caspo.models.hf import HFBackend, resolve_model_path
 from caspo.tasks import get_task
 
 
-def make_pairs(cfg, task, n: int, path: Path) -> list[dict]:
+def make_pairs(cfg, task, n: int, path: Path) -> list[Pair]:
     if path.exists():
-        return json.loads(path.read_text())
+        return [Pair(**row) for row in json.loads(path.read_text())]
     from caspo.mesh.client import MeshClient
     from caspo.mesh.runner import MeshRunner
     from caspo.trainer.collect import collect_round, make_pairs as three_cases
@@ -42,9 +44,8 @@ def make_pairs(cfg, task, n: int, path: Path) -> list[dict]:
         _, pairs, _ = three_cases(rep.records, cfg.pairs)
     finally:
         runner.stop()
-    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "case": p.case} for _, p in pairs]
-    path.write_text(json.dumps(rows))
-    return rows
+    path.write_text(json.dumps([dataclasses.asdict(p) for _, p in pairs]))
+    return [p for _, p in pairs]
 
 
 def judge(path: str, task, problems, cfg) -> dict:
@@ -81,7 +82,7 @@ def main() -> int:
     for i, raw in enumerate(args.settings):
         over = json.loads(raw)
         cases = over.pop("cases", None)
-        chosen = [p for p in pairs if cases is None or p["case"] in cases]
+        chosen = [p for p in pairs if cases is None or p.case in cases]
         settings = DPOSettings(**{"num_workers": 1, "cpus_per_worker": 1, "epochs": cfg.dpo.epochs, "beta": cfg.dpo.beta, **over})
         model_dir = out.parent / f"dpo_sweep_{int(time.time())}_{i}"
         metrics = train_dpo(chosen, base_path, base_path, str(model_dir), settings, progress=False)

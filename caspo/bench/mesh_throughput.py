@@ -45,7 +45,7 @@ def run(n: int, replicas=(1, 2), seed: int = 0, model: str = "tiny", engine: str
             pairs = sum(rep.pairs.values())
             rows.append({"what": "data round", "replicas": r, "seconds": sec, "questions_per_min": 60 * n / sec, "steps_per_min": 60 * rep.steps_judged / sec, "pairs": pairs, "pairs_per_min": 60 * pairs / sec})
             if dpo_row is None and pairs:
-                rows_ = [{"prompt": rec.prompt, "chosen": p.chosen, "rejected": p.rejected} for rec, p in _pairs(rep, cfg)]
+                rows_ = [p for _, p in _pairs(rep, cfg)]
                 base = resolve_model_path(cfg.model.policy)
                 settings = DPOSettings(num_workers=2, cpus_per_worker=0.5, epochs=1, learning_rate=cfg.dpo.learning_rate)
                 m = train_dpo(rows_, base, base, str(tmp / "dpo"), settings, progress=progress)

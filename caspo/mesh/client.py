@@ -12,11 +12,13 @@ import asyncio
 import logging
 import os
 import time
+from typing import Sequence
 
 import grpc
 
 from caspo.config import Config
 from caspo.core.cat import ProposedStep
+from caspo.core.pairs import Pair
 from caspo.mesh.state import MeshError, read_state
 from caspo.models.base import prefix_text
 from caspo.policy_file import write_policy_file
@@ -34,6 +36,7 @@ from caspo.protos.v1 import (
     scorer_pb2_grpc,
 )
 from caspo.services.channel import channel
+from caspo.services.pair_store_servicer import pair_from_proto, pair_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +136,17 @@ class MeshClient:
         )
         return await self.call("critic", critic_pb2_grpc.CriticStub, "Judge", req)
 
-    async def put_pairs(self, round_: int, pairs: list[dict]):
-        req = pair_store_pb2.PutRequest(round=round_, pairs=[pair_store_pb2.Pair(**p) for p in pairs])
+    async def put_pairs(self, round_: int, pairs: Sequence[Pair]):
+        """Store ``pairs`` in ``round_``; the response's ``added``/``duplicates``/``keys`` once Redis has them."""
+        req = pair_store_pb2.PutRequest(round=round_, pairs=[pair_to_proto(p) for p in pairs])
         return await self.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Put", req)
 
-    async def read_pairs(self, round_: int, group: str, consumer: str, count: int, block_ms: int = 0):
+    async def read_pairs(self, round_: int, group: str, consumer: str, count: int, block_ms: int = 0) -> list[tuple[str, Pair]]:
         """Up to ``count`` (stream id, pair) of ``round_`` for ``consumer`` of consumer group ``group``:
         its unacknowledged ones first, then pairs no consumer of the group has had."""
         req = pair_store_pb2.ReadRequest(round=round_, group=group, consumer=consumer, count=count, block_ms=block_ms)
         resp = await self.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Read", req)
-        return [(sp.id, sp.pair) for sp in resp.pairs]
+        return [(sp.id, pair_from_proto(sp.pair)) for sp in resp.pairs]
 
     async def ack_pairs(self, round_: int, group: str, ids) -> int:
         """Acknowledge pairs ``group`` has read, so they are not delivered again; how many were pending."""

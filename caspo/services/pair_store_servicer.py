@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from caspo.core.pairs import Pair
 from caspo.errors import check_range
 from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
 from caspo.services.server import rpc
@@ -17,26 +18,34 @@ from caspo.store.pair_store import PairStore
 MAX_READ_COUNT = 10000
 MAX_BLOCK_MS = 60000
 
-_PAIR_FIELDS = ("prompt", "chosen", "rejected", "case", "confidence", "tau", "policy_version", "question_id", "critic")
+# ---- the gRPC boundary: a Pair as a message and back ------------------------------------------------
+def pair_from_proto(p: pair_store_pb2.Pair) -> Pair:
+    """A proto Pair → a Pair (``key`` follows from the content, so the message's is not read)."""
+    return Pair(
+        prompt=p.prompt,
+        chosen=p.chosen,
+        rejected=p.rejected,
+        case=p.case,
+        confidence=p.confidence,
+        tau=p.tau,
+        policy_version=p.policy_version,
+        question_id=p.question_id,
+        critic=p.critic,
+    )
 
 
-def pair_from_proto(p: pair_store_pb2.Pair) -> dict:
-    """A proto Pair → the store's input dict (``key`` is the store's to fill in, so it is dropped)."""
-    return {name: getattr(p, name) for name in _PAIR_FIELDS}
-
-
-def pair_to_proto(d: dict) -> pair_store_pb2.Pair:
+def pair_to_proto(pair: Pair) -> pair_store_pb2.Pair:
     return pair_store_pb2.Pair(
-        prompt=d.get("prompt", ""),
-        chosen=d.get("chosen", ""),
-        rejected=d.get("rejected", ""),
-        case=d.get("case", ""),
-        confidence=float(d.get("confidence", 0.0)),
-        tau=float(d.get("tau", 0.0)),
-        policy_version=int(d.get("policy_version", 0)),
-        question_id=d.get("question_id", ""),
-        critic=d.get("critic", ""),
-        key=d.get("key", ""),
+        prompt=pair.prompt,
+        chosen=pair.chosen,
+        rejected=pair.rejected,
+        case=pair.case,
+        confidence=pair.confidence,
+        tau=pair.tau,
+        policy_version=pair.policy_version,
+        question_id=pair.question_id,
+        critic=pair.critic,
+        key=pair.key,
     )
 
 
@@ -58,7 +67,7 @@ class PairStoreServicer(pair_store_pb2_grpc.PairStoreServicer):
             self.store.read, request.round, request.group, request.consumer, request.count, request.block_ms
         )
         return pair_store_pb2.ReadResponse(
-            pairs=[pair_store_pb2.StoredPair(id=sid, pair=pair_to_proto(d)) for sid, d in rows]
+            pairs=[pair_store_pb2.StoredPair(id=sid, pair=pair_to_proto(p)) for sid, p in rows]
         )
 
     @rpc

@@ -2,8 +2,9 @@
 
 Redis layout (prefix ``caspo:``):
 
-* ``caspo:pair:{round}:{key}``  hash — the pair, its lineage (policy_version, case, confidence, tau,
-  critic, question_id), ``key``, ``round`` and ``ingested_at``;
+* ``caspo:pair:{round}:{key}``  hash — the pair's fields (:func:`pair_to_redis`: text, case,
+  confidence, tau and the lineage policy_version, question_id, critic), ``key``, ``round`` and
+  ``ingested_at``;
 * ``caspo:round:{round}:stream`` stream — one entry (field ``key``) per pair new to the round, the
   order the trainer reads; consumer groups give each entry to one consumer of a group;
 * ``caspo:round:{round}:counts`` hash — a field per case and ``total``;
@@ -22,19 +23,17 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from caspo.core.pairs import CASE_INCORRECT, CASE_UNSURE_CORRECT, Pair, pair_key
+from caspo.core.pairs import CASES, Pair
 from caspo.errors import BadRequest, Unavailable, check_range, check_text
 from caspo.netutil import redact_url
 
 __all__ = [
-    "CASES",
-    "CASE_TRAJECTORY",
     "MAX_PROMPT_CHARS",
     "MAX_STEP_CHARS",
     "MAX_NAME_CHARS",
@@ -42,11 +41,11 @@ __all__ = [
     "MAX_ROUND",
     "PairStore",
     "PutResult",
+    "pair_from_redis",
+    "pair_to_redis",
 ]
 
 PREFIX = "caspo:"
-CASE_TRAJECTORY = "trajectory"
-CASES = (CASE_UNSURE_CORRECT, CASE_INCORRECT, CASE_TRAJECTORY)
 
 MAX_PROMPT_CHARS = 16384
 MAX_STEP_CHARS = 4096  # chosen and rejected
@@ -57,13 +56,7 @@ MAX_ROUND = 2**62
 # must outlast it.
 MAX_BLOCK_MS = 60000
 
-_TEXT_FIELDS = ("prompt", "chosen", "rejected")
-_FLOAT_FIELDS = ("confidence", "tau")
-_INT_FIELDS = ("policy_version", "round")
 _STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
-_ALLOWED_FIELDS = frozenset(
-    ("prompt", "chosen", "rejected", "case", "confidence", "tau", "policy_version", "question_id", "critic", "key")
-)
 
 # Atomic per pair: only the first writer of a pair key adds the stream entry and counts it.
 # KEYS: pair hash, round stream, round counts, rounds set. ARGV: key, case, round, field, value, ...
@@ -80,6 +73,37 @@ return 1
 """
 
 
+# ---- the Redis boundary: a Pair as a hash and back ----------------------------------------------------
+def pair_to_redis(pair: Pair) -> dict[str, str]:
+    """The hash fields of a pair (the store adds ``round`` and ``ingested_at``)."""
+    return {
+        "prompt": pair.prompt,
+        "chosen": pair.chosen,
+        "rejected": pair.rejected,
+        "case": pair.case,
+        "confidence": repr(float(pair.confidence)),
+        "tau": repr(float(pair.tau)),
+        "policy_version": str(pair.policy_version),
+        "question_id": pair.question_id,
+        "critic": pair.critic,
+        "key": pair.key,
+    }
+
+
+def pair_from_redis(h: dict[str, str]) -> Pair:
+    return Pair(
+        prompt=h["prompt"],
+        chosen=h["chosen"],
+        rejected=h["rejected"],
+        case=h["case"],
+        confidence=float(h["confidence"]),
+        tau=float(h["tau"]),
+        policy_version=int(h["policy_version"]),
+        question_id=h.get("question_id", ""),
+        critic=h.get("critic", ""),
+    )
+
+
 class PutResult(NamedTuple):
     added: int
     duplicates: int
@@ -87,8 +111,9 @@ class PutResult(NamedTuple):
 
 
 class PairStore:
-    """Preference pairs per round in Redis: idempotent ``put``, exactly-once ``read``/``ack`` per
-    consumer group, ``round_pairs`` for reading one whole round, ``stats``.
+    """Preference pairs (:class:`caspo.core.pairs.Pair`, in and out) per round in Redis: idempotent
+    ``put``, exactly-once ``read``/``ack`` per consumer group, ``round_pairs`` for reading one whole
+    round, ``stats``.
 
     Thread-safe (one connection pool); every call blocks until Redis replied. A Redis that cannot be
     reached raises :class:`~caspo.errors.Unavailable`; bad input raises
@@ -156,85 +181,65 @@ class PairStore:
         except UnicodeEncodeError:
             raise BadRequest(f"{field} is not valid UTF-8 text") from None
 
-    def _normalize(self, i: int, item: Any, lineage: dict | None) -> dict:
-        """One input pair (dict or core Pair) + lineage defaults → a checked dict of all fields."""
+    def _check(self, i: int, pair) -> Pair:
+        """One input pair checked field by field (BadRequest names ``pairs[i].field``), numbers as floats."""
         where = f"pairs[{i}]"
-        if isinstance(item, Pair):
-            item = dataclasses.asdict(item)
-        elif not isinstance(item, dict):
-            raise BadRequest(f"{where} must be a dict or a caspo.core.pairs.Pair, got {type(item).__name__}")
-        d = {**(lineage or {}), **item}
-        unknown = sorted(set(d) - _ALLOWED_FIELDS)
-        if unknown:
-            raise BadRequest(f"{where} has unknown fields {unknown} (allowed: {sorted(_ALLOWED_FIELDS)})")
-        out: dict[str, Any] = {}
-        for name in _TEXT_FIELDS:
-            v = d.get(name, "")
+        if not isinstance(pair, Pair):
+            raise BadRequest(f"{where} must be a caspo.core.pairs.Pair, got {type(pair).__name__}")
+        for name in ("prompt", "chosen", "rejected"):
+            v = getattr(pair, name)
             if not isinstance(v, str):
                 raise BadRequest(f"{where}.{name} must be a string, got {type(v).__name__}")
             if not v.strip():
                 raise BadRequest(f"{where}.{name} is empty")
             check_text(f"{where}.{name}", v, MAX_PROMPT_CHARS if name == "prompt" else MAX_STEP_CHARS)
             self._utf8(f"{where}.{name}", v)
-            out[name] = v
-        if out["chosen"].strip() == out["rejected"].strip():
+        if pair.chosen.strip() == pair.rejected.strip():
             raise BadRequest(f"{where}.chosen equals {where}.rejected; a preference pair needs two different steps")
-        case = d.get("case", "")
-        if case not in CASES:
-            raise BadRequest(f"{where}.case must be one of {list(CASES)}, got {case!r}")
-        out["case"] = case
-        for name in _FLOAT_FIELDS:
-            v = d.get(name, 0.0)
+        if pair.case not in CASES:
+            raise BadRequest(f"{where}.case must be one of {list(CASES)}, got {pair.case!r}")
+        numbers = {}
+        for name in ("confidence", "tau"):
+            v = getattr(pair, name)
             try:
                 f = float(v)
             except (TypeError, ValueError):
                 raise BadRequest(f"{where}.{name} must be a number, got {v!r}") from None
             if isinstance(v, bool) or math.isnan(f):
                 raise BadRequest(f"{where}.{name} must be a number, got {v!r}")
-            out[name] = f
-        pv = d.get("policy_version", 0)
-        if isinstance(pv, bool) or not isinstance(pv, int):
-            raise BadRequest(f"{where}.policy_version must be an integer, got {pv!r}")
-        out["policy_version"] = pv
+            numbers[name] = f
+        if isinstance(pair.policy_version, bool) or not isinstance(pair.policy_version, int):
+            raise BadRequest(f"{where}.policy_version must be an integer, got {pair.policy_version!r}")
         for name in ("question_id", "critic"):
-            v = d.get(name, "")
+            v = getattr(pair, name)
             if not isinstance(v, str):
                 raise BadRequest(f"{where}.{name} must be a string, got {type(v).__name__}")
             check_text(f"{where}.{name}", v, MAX_NAME_CHARS, allow_empty=True)
             self._utf8(f"{where}.{name}", v)
-            out[name] = v
-        out["key"] = pair_key(
-            Pair(out["prompt"], out["chosen"], out["rejected"], case, out["confidence"], out["tau"])
-        )
-        return out
+        return dataclasses.replace(pair, **numbers)
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def put(self, round: int, pairs: Iterable[dict | Pair], lineage: dict | None = None) -> PutResult:
+    def put(self, round: int, pairs: Iterable[Pair]) -> PutResult:
         """Store ``pairs`` in ``round``; returns (added, duplicates, keys) once Redis has them.
 
-        Each pair is a dict of the proto Pair's fields or a :class:`caspo.core.pairs.Pair`; ``lineage``
-        (e.g. ``{"policy_version": 3, "critic": "exact"}``) fills fields a pair does not set. The whole
-        batch is validated before anything is written. A pair already in the round (same content key)
-        is a duplicate: stored once, streamed once, counted once. ``keys[i]`` is pairs[i]'s key.
+        The whole batch is validated before anything is written. A pair already in the round (same
+        content key) is a duplicate: stored once, streamed once, counted once. ``keys[i]`` is pairs[i]'s key.
         """
         round_ = self._check_round(round)
         pairs = list(pairs)
         if len(pairs) > MAX_PUT_PAIRS:
             raise BadRequest(f"pairs has {len(pairs)} items; the limit is {MAX_PUT_PAIRS} per put")
-        if lineage is not None and not isinstance(lineage, dict):
-            raise BadRequest(f"lineage must be a dict, got {type(lineage).__name__}")
-        rows = [self._normalize(i, p, lineage) for i, p in enumerate(pairs)]
-        if not rows:
+        checked = [self._check(i, p) for i, p in enumerate(pairs)]
+        if not checked:
             return PutResult(0, 0, [])
         now = repr(time.time())
         stream, counts = self.stream_key(round_), self.counts_key(round_)
+        rows = [pair_to_redis(p) for p in checked]
         with self._redis():
             pipe = self.client.pipeline(transaction=False)
             for row in rows:
-                fields: list[str] = []
-                for name, value in row.items():
-                    fields += [name, repr(value) if isinstance(value, float) else str(value)]
+                fields = [x for name, value in row.items() for x in (name, value)]
                 fields += ["round", str(round_), "ingested_at", now]
                 self._put(
                     keys=[self.pair_redis_key(round_, row["key"]), stream, counts, self.ROUNDS_KEY],
@@ -247,19 +252,8 @@ class PairStore:
 
     # -- reading ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _decode(h: dict) -> dict:
-        d = dict(h)
-        for name in _FLOAT_FIELDS + ("ingested_at",):
-            if name in d:
-                d[name] = float(d[name])
-        for name in _INT_FIELDS:
-            if name in d:
-                d[name] = int(d[name])
-        return d
-
-    def _load(self, round_: int, entries: list) -> list[tuple[str, dict]]:
-        """Stream entries [(id, {"key": k})] → [(id, pair dict)]; entries whose pair is gone are dropped."""
+    def _load(self, round_: int, entries: list) -> list[tuple[str, Pair]]:
+        """Stream entries [(id, {"key": k})] → [(id, pair)]; entries whose pair is gone are dropped."""
         entries = [(sid, f) for sid, f in entries if f and f.get("key")]
         if not entries:
             return []
@@ -267,7 +261,7 @@ class PairStore:
         for _, f in entries:
             pipe.hgetall(self.pair_redis_key(round_, f["key"]))
         hashes = pipe.execute()
-        return [(sid, self._decode(h)) for (sid, _), h in zip(entries, hashes) if h]
+        return [(sid, pair_from_redis(h)) for (sid, _), h in zip(entries, hashes) if h]
 
     @staticmethod
     def _entries(reply) -> list:
@@ -300,7 +294,7 @@ class PairStore:
             self._ensure_group(round_, group, force=True)
             return self.client.xreadgroup(group, consumer, {stream: start}, count=count, block=block)
 
-    def read(self, round: int, group: str, consumer: str, count: int, block_ms: int = 0) -> list[tuple[str, dict]]:
+    def read(self, round: int, group: str, consumer: str, count: int, block_ms: int = 0) -> list[tuple[str, Pair]]:
         """Up to ``count`` (stream_id, pair) of ``round`` for ``consumer`` in consumer group ``group``.
 
         First this consumer's own pending entries (delivered before, not yet acknowledged — e.g. it
@@ -374,11 +368,11 @@ class PairStore:
             out.append({"round": r, "total": int(c.get("total", 0)), "per_case": per_case})
         return out
 
-    def round_pairs(self, round: int, batch: int = 1000) -> list[dict]:
+    def round_pairs(self, round: int, batch: int = 1000) -> list[Pair]:
         """Every pair of ``round`` in stream (ingestion) order, whether or not a group consumed it."""
         round_ = self._check_round(round)
         stream = self.stream_key(round_)
-        out: list[dict] = []
+        out: list[Pair] = []
         start = "-"
         with self._redis():
             while True:

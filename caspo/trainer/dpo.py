@@ -66,6 +66,9 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
+
+from caspo.core.pairs import Pair
 
 log = logging.getLogger(__name__)
 
@@ -111,22 +114,22 @@ def scratch_dir(out_dir: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.dpo"
 
 
-def _rows(pairs: list[dict], delimiter: str) -> list[dict]:
+def _rows(pairs: Sequence[Pair], delimiter: str) -> list[dict]:
+    """The rows TRL reads (``{prompt, chosen, rejected}``): where a Pair stops being one."""
     if not pairs:
         raise ValueError("train_dpo needs at least one preference pair; got an empty list")
     rows = []
     for i, p in enumerate(pairs):
-        missing = [k for k in _PAIR_KEYS if k not in p]
-        if missing:
-            raise ValueError(f"pair {i} lacks {', '.join(missing)} (a pair needs prompt, chosen and rejected)")
-        bad = [k for k in _PAIR_KEYS if not isinstance(p[k], str)]
+        if not isinstance(p, Pair):
+            raise ValueError(f"pair {i} is a {type(p).__name__}, not a caspo.core.pairs.Pair")
+        bad = [k for k in _PAIR_KEYS if not isinstance(getattr(p, k), str)]
         if bad:
             raise ValueError(f"pair {i}: {', '.join(bad)} must be strings")
-        chosen, rejected = p["chosen"].strip(), p["rejected"].strip()
-        if not chosen or not rejected:
-            raise ValueError(f"pair {i}: chosen and rejected must be non-empty steps")
+        empty = [k for k in ("chosen", "rejected") if not getattr(p, k).strip()]
+        if empty:
+            raise ValueError(f"pair {i} lacks {' and '.join(empty)}: chosen and rejected must be non-empty steps")
         # the completion is the step plus its delimiter: the model learns to end the step there
-        rows.append({"prompt": p["prompt"], "chosen": chosen + delimiter, "rejected": rejected + delimiter})
+        rows.append({"prompt": p.prompt, "chosen": p.chosen.strip() + delimiter, "rejected": p.rejected.strip() + delimiter})
     return rows
 
 
@@ -483,7 +486,7 @@ def _worker_env() -> dict:
 
 
 def train_dpo(
-    pairs: list[dict],
+    pairs: Sequence[Pair],
     policy_path: str,
     ref_path: str,
     out_dir: str,
@@ -492,8 +495,8 @@ def train_dpo(
 ) -> dict:
     """Train ``policy_path`` with DPO against ``ref_path`` on ``pairs``; write the result to ``out_dir``.
 
-    ``pairs``: dicts with at least string ``prompt``, ``chosen`` and ``rejected`` (one reasoning step each; the
-    delimiter is appended here; other keys are ignored). ``out_dir`` must not exist or be empty; it ends up with
+    ``pairs``: :class:`caspo.core.pairs.Pair` (chosen and rejected are one reasoning step each; the delimiter is
+    appended here; the case and lineage do not change training). ``out_dir`` must not exist or be empty; it ends up with
     ``model.safetensors``, ``config.json`` and ``tokenizer.json``, loadable by ``from_pretrained``. It is a local
     path on one machine; on a multi-node Ray cluster it must be on storage shared by all nodes (see the module
     docstring), as the run's scratch directory is created beside it.

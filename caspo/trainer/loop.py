@@ -33,6 +33,7 @@ from pathlib import Path
 from caspo.progress import bar as progress_bar
 from caspo.config import Config
 from caspo.core.cat import SearchConfig, derive_seed
+from caspo.core.pairs import CASE_TRAJECTORY, Pair
 from caspo.core.steps import final_answer
 from caspo.evaluation import evaluate_async
 from caspo.tasks import get_task
@@ -215,15 +216,17 @@ class RoundController:
                     (good if self.task.answer_correct(p, answer) else bad).append((score, "\n".join(steps)))
                 if good and bad:
                     rows.append(
-                        {
-                            "prompt": self.task.prompt(p.question),
-                            "chosen": max(good)[1],
-                            "rejected": max(bad)[1],
-                            "case": "trajectory",
-                            "policy_version": version,
-                            "question_id": p.id,
-                            "critic": f"answer:{self.task.name}",
-                        }
+                        Pair(
+                            prompt=self.task.prompt(p.question),
+                            chosen=max(good)[1],
+                            rejected=max(bad)[1],
+                            case=CASE_TRAJECTORY,
+                            confidence=0.0,
+                            tau=0.0,
+                            policy_version=version,
+                            question_id=p.id,
+                            critic=f"answer:{self.task.name}",
+                        )
                     )
                 else:
                     skipped["all_correct" if good else "all_wrong"] += 1
@@ -235,7 +238,7 @@ class RoundController:
             added, dup = added + r.added, dup + r.duplicates
         return {"round": k, "policy_version": version, "questions": len(problems), "pairs": {"trajectory": len(rows)} if rows else {}, "skipped": dict(skipped), "added": added, "duplicates": dup}
 
-    async def _read_round(self, k: int) -> tuple[list[dict], list[str]]:
+    async def _read_round(self, k: int) -> tuple[list[Pair], list[str]]:
         """Exactly round k's pairs, through the pair store's consumer group."""
         pairs, ids = [], []
         while True:
@@ -245,7 +248,7 @@ class RoundController:
                 return pairs, ids
             for sid, p in new:
                 ids.append(sid)
-                pairs.append({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "case": p.case})
+                pairs.append(p)
             if len(got) < READ_BATCH:
                 return pairs, ids
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from caspo.core.pairs import Pair
 from caspo.models.tiny import resolve_tiny
 from caspo.trainer.dpo import (
     DPOSettings,
@@ -61,7 +62,7 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def pairs() -> list[dict]:
+def pairs() -> list[Pair]:
     return arith_pairs(N_PAIRS, seed=3)
 
 
@@ -109,7 +110,7 @@ def _logged_losses(m: dict) -> dict[int, float]:
     return by_step
 
 
-def _check_resumed_run(m: dict, out: Path, first_ckpt: int, n_pairs: int, s: DPOSettings, pairs: list[dict]) -> None:
+def _check_resumed_run(m: dict, out: Path, first_ckpt: int, n_pairs: int, s: DPOSettings, pairs: list[Pair]) -> None:
     total = _expected_steps(n_pairs, s)
     print("resumed run:", {k: v for k, v in m.items() if k != "history"})
     assert m["steps"] == total
@@ -130,7 +131,7 @@ def _check_resumed_run(m: dict, out: Path, first_ckpt: int, n_pairs: int, s: DPO
     from caspo.models.hf import HFBackend
 
     backend = HFBackend(str(out), device="cpu")
-    scores = backend.score_steps([p["prompt"] for p in pairs[:8]], [p["chosen"] for p in pairs[:8]])
+    scores = backend.score_steps([p.prompt for p in pairs[:8]], [p.chosen for p in pairs[:8]])
     assert len(scores) == 8
     for sc in scores:
         assert sc.tokens > 0 and all(math.isfinite(x) and x <= 0 for x in sc.token_logprobs)
@@ -238,11 +239,12 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, pairs, setti
 _DRIVER = """
 import json, logging, sys
 import ray
+from caspo.core.pairs import Pair
 from caspo.trainer.dpo import DPOSettings, train_dpo
 logging.basicConfig(level=logging.INFO)
 a = json.load(open(sys.argv[1]))
 ray.init(address=a["address"])
-train_dpo(a["pairs"], a["tiny"], a["tiny"], a["out"], DPOSettings(**a["settings"]), progress=False)
+train_dpo([Pair(**p) for p in a["pairs"]], a["tiny"], a["tiny"], a["out"], DPOSettings(**a["settings"]), progress=False)
 print("TRAIN_DPO_RETURNED", flush=True)
 """
 
@@ -253,7 +255,7 @@ def test_trainer_killed_resumes_and_other_pairs_start_fresh(ray_local, pairs, se
     scratch = tmp_path / ".policy.dpo"
     args = tmp_path / "args.json"
     address = ray_local.get_runtime_context().gcs_address
-    args.write_text(json.dumps({"address": address, "pairs": pairs, "tiny": tiny, "out": str(out), "settings": asdict(settings)}))
+    args.write_text(json.dumps({"address": address, "pairs": [asdict(p) for p in pairs], "tiny": tiny, "out": str(out), "settings": asdict(settings)}))
     log_path = tmp_path / "driver.log"
     with open(log_path, "wb") as log_file:
         driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(args)], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
