@@ -5,8 +5,9 @@
 
 The pairs are made once, exactly as round 1 of ``caspo loop`` makes them (the same seeded questions, a
 mesh started for the purpose, the three-case rule), and kept in ``<out dir>/pairs_q<N>.json``. Each
-setting is a JSON object of ``DPOSettings`` fields (plus ``cases``: train only on those pair cases);
-each trains the base policy on one Ray Train worker and is evaluated greedily (and with CaT@4 entropy)
+setting is a JSON object of fields of the config's ``dpo`` section (``DPOTrainConfig``; the others
+come from ``--config``), plus ``cases``: train only on those pair cases. Each trains the base policy
+on one Ray Train worker and is evaluated greedily (and with CaT@4 entropy)
 on the loop's fixed held-out set. It prints one JSON line per setting, the base first, with accuracy
 and calibration and their change against the base, and writes them all to ``--out``.
 """
@@ -38,10 +39,10 @@ def make_pairs(cfg, task, n: int, path: Path) -> list[Pair]:
     runner = MeshRunner(cfg)
     runner.start(progress=True)
     try:
-        cfg.pairs.temperature = temperature_for(cfg, 1)
-        problems = task.problems(n, seed=derive_seed("loop", cfg.pairs.seed, 1) % (2**31), split="train")  # as round 1
-        rep = asyncio.run(collect_round(MeshClient(runner.registry_address), task, problems, cfg.pairs, 0, store=False, desc="pairs"))
-        _, pairs, _ = three_cases(rep.records, cfg.pairs)
+        pcfg = dataclasses.replace(cfg.pairs, temperature=temperature_for(cfg, 1))  # as round 1
+        problems = task.problems(n, seed=derive_seed("loop", pcfg.seed, 1) % (2**31), split="train")
+        rep = asyncio.run(collect_round(MeshClient(runner.registry_address), task, problems, pcfg, 0, store=False, desc="pairs"))
+        _, pairs, _ = three_cases(rep.records, pcfg)
     finally:
         runner.stop()
     path.write_text(json.dumps([dataclasses.asdict(p) for _, p in pairs]))
@@ -58,7 +59,7 @@ def judge(path: str, task, problems, cfg) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("settings", nargs="+", help="JSON objects of DPOSettings fields (+ cases)")
+    ap.add_argument("settings", nargs="+", help="JSON objects of dpo config fields (+ cases)")
     ap.add_argument("--out", default="runs/bench/dpo_sweep.json")
     ap.add_argument("--config", default="configs/tiny-cpu.yaml")
     ap.add_argument("-n", type=int, default=200, help="training questions (default 200, as a loop round)")
@@ -76,16 +77,16 @@ def main() -> int:
 
     import ray
 
-    from caspo.trainer.dpo import DPOSettings, train_dpo
+    from caspo.trainer.dpo import train_dpo
 
     ray.init(num_cpus=cfg.mesh.num_cpus, include_dashboard=False, logging_level="WARNING")
     for i, raw in enumerate(args.settings):
         over = json.loads(raw)
         cases = over.pop("cases", None)
         chosen = [p for p in pairs if cases is None or p.case in cases]
-        settings = DPOSettings(**{"num_workers": 1, "cpus_per_worker": 1, "epochs": cfg.dpo.epochs, "beta": cfg.dpo.beta, **over})
+        dpo = dataclasses.replace(cfg.dpo, **{"num_workers": 1, "cpus_per_worker": 1.0, **over})
         model_dir = out.parent / f"dpo_sweep_{int(time.time())}_{i}"
-        metrics = train_dpo(chosen, base_path, base_path, str(model_dir), settings, progress=False)
+        metrics = train_dpo(chosen, base_path, base_path, str(model_dir), dpo, progress=False)
         row = {"setting": raw, "pairs": len(chosen), "train_s": round(metrics["seconds"], 1), "margin_end": metrics.get("reward_margin_end"), **judge(str(model_dir), task, problems, cfg)}
         row["accuracy_change"] = row["accuracy"] - base["accuracy"]
         print(json.dumps(row), flush=True)

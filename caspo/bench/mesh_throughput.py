@@ -9,6 +9,7 @@ loop. The time from publishing a policy to Serve answering with it is in the ``s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ def run(n: int, replicas=(1, 2), seed: int = 0, model: str = "tiny", engine: str
     from caspo.mesh.runner import MeshRunner
     from caspo.tasks import get_task
     from caspo.trainer.collect import collect_round
-    from caspo.trainer.dpo import DPOSettings, train_dpo
+    from caspo.trainer.dpo import train_dpo
 
     tmp = Path(tempfile.mkdtemp(prefix="caspo-bench-mesh-"))
     task = get_task("arith")
@@ -47,8 +48,8 @@ def run(n: int, replicas=(1, 2), seed: int = 0, model: str = "tiny", engine: str
             if dpo_row is None and pairs:
                 rows_ = [p for _, p in _pairs(rep, cfg)]
                 base = resolve_model_path(cfg.model.policy)
-                settings = DPOSettings(num_workers=2, cpus_per_worker=0.5, epochs=1, learning_rate=cfg.dpo.learning_rate)
-                m = train_dpo(rows_, base, base, str(tmp / "dpo"), settings, progress=progress)
+                dpo = dataclasses.replace(cfg.dpo, num_workers=2, cpus_per_worker=0.5, epochs=1)
+                m = train_dpo(rows_, base, base, str(tmp / "dpo"), dpo, progress=progress)
                 dpo_row = {"what": "DPO (2 Ray Train workers)", "replicas": None, "seconds": m["seconds"], "pairs": len(rows_), "samples_per_s": m.get("samples_per_s")}
         finally:
             runner.stop()

@@ -238,5 +238,5 @@ class PairStoreActor(ServiceActor):
         super().__init__(cfg_dict, registry_name)
 
     async def build(self, server):
-        self.store = PairStore(self.redis_url)
+        self.store = PairStore(self.redis_url, self.cfg.pair_store)
         pair_store_servicer.add_to_server(server, self.store)

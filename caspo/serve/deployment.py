@@ -34,6 +34,7 @@ its earlier steps from the previous version).
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -543,8 +544,9 @@ class CaTServer:
 def build_app(cfg: Config):
     """The CaT application for ``cfg`` (``serve.run(build_app(cfg))``)."""
     sv = cfg.serve
-    if sv.policy_file:
-        sv.policy_file = str(Path(sv.policy_file).expanduser().resolve())  # replicas may start elsewhere
+    if sv.policy_file:  # replicas may start elsewhere
+        sv = dataclasses.replace(sv, policy_file=str(Path(sv.policy_file).expanduser().resolve()))
+        cfg = dataclasses.replace(cfg, serve=sv)
     return CaTServer.options(
         max_ongoing_requests=sv.max_ongoing_requests,
         autoscaling_config={

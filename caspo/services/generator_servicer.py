@@ -65,11 +65,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         seeds = [p.seed if p.HasField("seed") else None for p in prompts]
         return texts, seeds
 
-    @staticmethod
-    def _temperature(t: float) -> float:
+    def _temperature(self, t: float) -> float:
         if math.isnan(t):
-            raise BadRequest("temperature must be in [0, 2], got nan")
-        return check_range("temperature", t, 0.0, 2.0)
+            raise BadRequest(f"temperature must be in [0.0, {self.cfg.max_temperature}], got nan")
+        return check_range("temperature", t, 0.0, self.cfg.max_temperature)
 
     @staticmethod
     def _requested_version(request) -> int | None:
@@ -136,7 +135,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     @rpc
     async def Reload(self, request, context):
-        path = reload_path(request, "generator", 4096)
+        path = reload_path(request, "generator", self.cfg.max_path_chars)
         async with self._reload_lock:  # one reload at a time: replicas never end up on different ones
             await reload_workers(self.workers, path, request.version)
         return generator_pb2.ReloadResponse(policy_version=self.version, replicas=len(self.workers))

@@ -1,8 +1,9 @@
 """The PairStore gRPC service (protos/caspo/v1/pair_store.proto) over a :class:`caspo.store.pair_store.PairStore`.
 
 Redis calls block, so each runs in a worker thread; the event loop keeps serving other calls (a Read
-with ``block_ms`` waits in its thread). Bad input → INVALID_ARGUMENT naming the field, Redis down →
-UNAVAILABLE (both through ``@rpc``); the service keeps serving.
+with ``block_ms`` waits in its thread). The store checks every field against its limits (the config's
+``pair_store`` section): bad input → INVALID_ARGUMENT naming the field, Redis down → UNAVAILABLE (both
+through ``@rpc``); the service keeps serving.
 """
 
 from __future__ import annotations
@@ -10,13 +11,10 @@ from __future__ import annotations
 import asyncio
 
 from caspo.core.pairs import Pair
-from caspo.errors import check_range
 from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
 from caspo.services.server import rpc
 from caspo.store.pair_store import PairStore
 
-MAX_READ_COUNT = 10000
-MAX_BLOCK_MS = 60000
 
 # ---- the gRPC boundary: a Pair as a message and back ------------------------------------------------
 def pair_from_proto(p: pair_store_pb2.Pair) -> Pair:
@@ -61,8 +59,6 @@ class PairStoreServicer(pair_store_pb2_grpc.PairStoreServicer):
 
     @rpc
     async def Read(self, request, context):
-        check_range("count", request.count, 1, MAX_READ_COUNT)
-        check_range("block_ms", request.block_ms, 0, MAX_BLOCK_MS)
         rows = await asyncio.to_thread(
             self.store.read, request.round, request.group, request.consumer, request.count, request.block_ms
         )

@@ -61,7 +61,7 @@ class ScorerServicer(scorer_pb2_grpc.ConfidenceScorerServicer):
 
     @rpc
     async def Reload(self, request, context):
-        path = reload_path(request, "scorer", 4096)
+        path = reload_path(request, "scorer", self.cfg.max_path_chars)
         async with self._reload_lock:
             await reload_workers([self.worker], path, request.version)
         return generator_pb2.ReloadResponse(policy_version=self.worker.version, replicas=1)

@@ -29,32 +29,15 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from caspo.config import PairStoreConfig
 from caspo.core.pairs import CASES, Pair
 from caspo.errors import BadRequest, Unavailable, check_range, check_text
 from caspo.netutil import redact_url
 
-__all__ = [
-    "MAX_PROMPT_CHARS",
-    "MAX_STEP_CHARS",
-    "MAX_NAME_CHARS",
-    "MAX_PUT_PAIRS",
-    "MAX_ROUND",
-    "PairStore",
-    "PutResult",
-    "pair_from_redis",
-    "pair_to_redis",
-]
+__all__ = ["MAX_ROUND", "PREFIX", "PairStore", "PutResult", "pair_from_redis", "pair_to_redis"]
 
 PREFIX = "caspo:"
-
-MAX_PROMPT_CHARS = 16384
-MAX_STEP_CHARS = 4096  # chosen and rejected
-MAX_NAME_CHARS = 256  # question_id, critic, group, consumer
-MAX_PUT_PAIRS = 10000
-MAX_ROUND = 2**62
-# Longest XREADGROUP BLOCK a caller may ask for (the gRPC service enforces it); the socket timeout
-# must outlast it.
-MAX_BLOCK_MS = 60000
+MAX_ROUND = 2**62  # the id space of rounds (the loop numbers them run hash * 1000 + k), not a limit to tune
 
 _STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
@@ -115,19 +98,21 @@ class PairStore:
     ``put``, exactly-once ``read``/``ack`` per consumer group, ``round_pairs`` for reading one whole
     round, ``stats``.
 
-    Thread-safe (one connection pool); every call blocks until Redis replied. A Redis that cannot be
+    Limits come from the config's ``pair_store`` section. Thread-safe (one connection pool); every call
+    blocks until Redis replied. A Redis that cannot be
     reached raises :class:`~caspo.errors.Unavailable`; bad input raises
     :class:`~caspo.errors.BadRequest` naming the field.
     """
 
-    def __init__(self, url: str, connect_timeout_s: float = 2.0):
+    def __init__(self, url: str, cfg: PairStoreConfig | None = None, connect_timeout_s: float = 2.0):
         self.url = url
+        self.cfg = cfg or PairStoreConfig()
         self._shown_url = redact_url(url)
         self.client = redis.Redis.from_url(
             url,
             decode_responses=True,
             socket_connect_timeout=connect_timeout_s,
-            socket_timeout=MAX_BLOCK_MS / 1000 + 30,
+            socket_timeout=self.cfg.max_block_ms / 1000 + 30,  # outlasts the longest blocking read
             # a short retry rides over a dropped connection; the put script is idempotent, and a read
             # whose reply was lost is re-delivered from the consumer's pending entries
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
@@ -166,13 +151,12 @@ class PairStore:
             raise BadRequest(f"round must be an integer, got {round_!r}")
         return check_range("round", round_, 0, MAX_ROUND)
 
-    @staticmethod
-    def _check_name(field: str, value) -> str:
+    def _check_name(self, field: str, value) -> str:
         if not isinstance(value, str):
             raise BadRequest(f"{field} must be a string, got {type(value).__name__}")
         if not value.strip():
             raise BadRequest(f"{field} is empty")
-        return check_text(field, value, MAX_NAME_CHARS)
+        return check_text(field, value, self.cfg.max_name_chars)
 
     @staticmethod
     def _utf8(field: str, value: str) -> None:
@@ -192,7 +176,7 @@ class PairStore:
                 raise BadRequest(f"{where}.{name} must be a string, got {type(v).__name__}")
             if not v.strip():
                 raise BadRequest(f"{where}.{name} is empty")
-            check_text(f"{where}.{name}", v, MAX_PROMPT_CHARS if name == "prompt" else MAX_STEP_CHARS)
+            check_text(f"{where}.{name}", v, self.cfg.max_prompt_chars if name == "prompt" else self.cfg.max_step_chars)
             self._utf8(f"{where}.{name}", v)
         if pair.chosen.strip() == pair.rejected.strip():
             raise BadRequest(f"{where}.chosen equals {where}.rejected; a preference pair needs two different steps")
@@ -214,7 +198,7 @@ class PairStore:
             v = getattr(pair, name)
             if not isinstance(v, str):
                 raise BadRequest(f"{where}.{name} must be a string, got {type(v).__name__}")
-            check_text(f"{where}.{name}", v, MAX_NAME_CHARS, allow_empty=True)
+            check_text(f"{where}.{name}", v, self.cfg.max_name_chars, allow_empty=True)
             self._utf8(f"{where}.{name}", v)
         return dataclasses.replace(pair, **numbers)
 
@@ -228,8 +212,8 @@ class PairStore:
         """
         round_ = self._check_round(round)
         pairs = list(pairs)
-        if len(pairs) > MAX_PUT_PAIRS:
-            raise BadRequest(f"pairs has {len(pairs)} items; the limit is {MAX_PUT_PAIRS} per put")
+        if len(pairs) > self.cfg.max_put_pairs:
+            raise BadRequest(f"pairs has {len(pairs)} items; the limit is {self.cfg.max_put_pairs} per put")
         checked = [self._check(i, p) for i, p in enumerate(pairs)]
         if not checked:
             return PutResult(0, 0, [])
@@ -307,10 +291,10 @@ class PairStore:
         consumer = self._check_name("consumer", consumer)
         if isinstance(count, bool) or not isinstance(count, int):
             raise BadRequest(f"count must be an integer, got {count!r}")
-        check_range("count", count, 1, 10**6)
+        check_range("count", count, 1, self.cfg.max_read_count)
         if isinstance(block_ms, bool) or not isinstance(block_ms, int):
             raise BadRequest(f"block_ms must be an integer, got {block_ms!r}")
-        check_range("block_ms", block_ms, 0, MAX_BLOCK_MS)
+        check_range("block_ms", block_ms, 0, self.cfg.max_block_ms)
         with self._redis():
             self._ensure_group(round_, group)
             out = self._load(round_, self._entries(self._xreadgroup(round_, group, consumer, "0", count, None)))

@@ -64,48 +64,16 @@ import shutil
 import struct
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+from caspo.config import DPOTrainConfig
 from caspo.core.pairs import Pair
 
 log = logging.getLogger(__name__)
 
 _PAIR_KEYS = ("prompt", "chosen", "rejected")
-
-
-@dataclass
-class DPOSettings:
-    """Hyper-parameters of one DPO round.
-
-    ``learning_rate`` defaults to 5e-5, tuned for the tiny reasoner; the paper uses 5e-7 for its 7B models (with
-    a global batch of 64 and max length 2048). ``per_device_batch_size`` is per Ray worker: the global batch is
-    ``per_device_batch_size * gradient_accumulation_steps * num_workers``. ``precompute_ref_log_probs``: the
-    reference is frozen, so its log-probs are computed once up front and the model is not held during training.
-    ``checkpoint_steps``: a resumable checkpoint every that many optimizer steps (0: none, a restart begins at step
-    0); ``max_failures``: how often Ray Train restarts the workers after one dies before the run fails.
-    """
-
-    beta: float = 0.1
-    learning_rate: float = 5e-5  # tiny model; paper (7B): 5e-7
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    epochs: float = 1
-    max_length: int = 256  # prompt + completion tokens; longer rows are truncated, prompt-only-too-long dropped
-    loss_type: str = "sigmoid"
-    sft_weight: float = 0.0  # weight of an added NLL term on the chosen completion (0: plain DPO)
-    precompute_ref_log_probs: bool = True
-    num_workers: int = 2
-    use_gpu: bool = False
-    seed: int = 0
-    logging_steps: int = 1
-    delimiter: str = "\n"  # the step delimiter appended to each completion (DESIGN §4)
-    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker (a laptop mesh already holds some)
-    resources: dict | None = None  # extra custom Ray resources per worker (pins workers to a trainer group)
-    gradient_checkpointing: bool = False  # TRL turns it on by default; worth it for 7B, a slowdown for tiny
-    checkpoint_steps: int = 20  # optimizer steps between resumable checkpoints in the scratch dir (0: none)
-    max_failures: int = 3  # Ray Train restarts of the worker group after a worker process dies
 
 
 def scratch_dir(out_dir: str | os.PathLike) -> Path:
@@ -224,7 +192,7 @@ def _model_files(path: str) -> list:
     return [str(p)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir()) if f.is_file()]
 
 
-def _fingerprint(rows: list[dict], policy_path: str, ref_path: str, settings: DPOSettings) -> dict:
+def _fingerprint(rows: list[dict], policy_path: str, ref_path: str, cfg: DPOTrainConfig) -> dict:
     """What makes two ``train_dpo`` calls the same run: rows, result-changing settings, models, library versions."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -236,7 +204,7 @@ def _fingerprint(rows: list[dict], policy_path: str, ref_path: str, settings: DP
 
     parts = {
         "rows": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
-        "settings": {k: v for k, v in sorted(asdict(settings).items()) if k not in _NOT_IN_FINGERPRINT},
+        "settings": {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_IN_FINGERPRINT},
         "policy": _model_files(policy_path),
         "ref": _model_files(ref_path),
         "versions": {pkg: ver(pkg) for pkg in ("torch", "transformers", "trl", "datasets")},
@@ -323,6 +291,18 @@ def _no_final_checkpoint_class():
     return _NoFinalCheckpoint
 
 
+def _loss(cfg: DPOTrainConfig) -> dict:
+    """The loss TRL's DPOTrainer minimises, as ``DPOConfig`` arguments: the one place a loss is chosen.
+
+    ``loss_type`` is one of TRL's DPO losses (the paper's is ``sigmoid``); ``sft_weight`` > 0 adds NLL
+    on the chosen step (RPO), which keeps DPO from lowering the chosen step's likelihood too."""
+    losses, weights = [cfg.loss_type], [1.0]
+    if cfg.sft_weight > 0:
+        losses.append("sft")
+        weights.append(cfg.sft_weight)
+    return {"loss_type": losses, "loss_weights": weights}
+
+
 def _train_loop(config: dict) -> dict:
     """Ray Train worker loop (runs on every rank)."""
     import datasets
@@ -333,7 +313,7 @@ def _train_loop(config: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
 
-    s = DPOSettings(**config["settings"])
+    s = DPOTrainConfig(**config["settings"])
     progress = config["progress"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -391,9 +371,7 @@ def _train_loop(config: dict) -> dict:
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         num_train_epochs=s.epochs,
         max_length=s.max_length,
-        # sft_weight > 0 adds NLL on the chosen step (RPO): keeps DPO from lowering the chosen likelihood too
-        loss_type=[s.loss_type] + (["sft"] if s.sft_weight > 0 else []),
-        loss_weights=[1.0] + ([s.sft_weight] if s.sft_weight > 0 else []),
+        **_loss(s),
         precompute_ref_log_probs=s.precompute_ref_log_probs,
         gradient_checkpointing=s.gradient_checkpointing,
         report_to="none",
@@ -490,7 +468,7 @@ def train_dpo(
     policy_path: str,
     ref_path: str,
     out_dir: str,
-    settings: DPOSettings,
+    cfg: DPOTrainConfig,
     progress: bool = True,
 ) -> dict:
     """Train ``policy_path`` with DPO against ``ref_path`` on ``pairs``; write the result to ``out_dir``.
@@ -513,10 +491,10 @@ def train_dpo(
     ``train_loss`` and the ``*_start`` metrics cover the whole run, resumed or not; ``samples_per_s`` and
     ``train_runtime`` cover the last attempt's steps only.
     """
-    rows = _rows(pairs, settings.delimiter)
-    if settings.num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {settings.num_workers}")
-    if settings.checkpoint_steps < 0 or settings.max_failures < -1:
+    rows = _rows(pairs, cfg.delimiter)
+    if cfg.num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {cfg.num_workers}")
+    if cfg.checkpoint_steps < 0 or cfg.max_failures < -1:
         raise ValueError("checkpoint_steps must be >= 0 and max_failures >= -1 (-1: restart without limit)")
     for name, p in (("policy", policy_path), ("reference", ref_path)):
         if not (Path(p) / "config.json").exists():
@@ -536,7 +514,7 @@ def train_dpo(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     run_dir = scratch_dir(out)  # deterministic: a re-run after a crash finds it
-    _open_run_dir(run_dir, _fingerprint(rows, policy_path, ref_path, settings))
+    _open_run_dir(run_dir, _fingerprint(rows, policy_path, ref_path, cfg))
     # Ray Train V2 restores its own run state from storage_path/name when it exists; this run keeps its state in
     # the HF checkpoints, so Ray's starts empty every call
     shutil.rmtree(run_dir / "ray", ignore_errors=True)
@@ -549,20 +527,20 @@ def train_dpo(
                 "ref_path": str(Path(ref_path).expanduser().resolve()),
                 "out_dir": str(out),
                 "run_dir": str(run_dir),
-                "settings": asdict(settings),
+                "settings": asdict(cfg),
                 "progress": progress,
             },
             scaling_config=ScalingConfig(
-                num_workers=settings.num_workers,
-                use_gpu=settings.use_gpu,
-                resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {}), **(settings.resources or {})},
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **cfg.resources},
             ),
             run_config=RunConfig(
                 name="dpo",
                 storage_path=str(run_dir / "ray"),
                 # a dead worker process fails the worker group; Ray Train then starts a new one, whose loop resumes
                 # from the newest complete checkpoint in run_dir/trainer
-                failure_config=FailureConfig(max_failures=settings.max_failures),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
                 **_worker_env(),
             ),
         )

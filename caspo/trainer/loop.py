@@ -23,6 +23,7 @@ never trained twice; pairs are acknowledged in the store only after the checkpoi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -31,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 from caspo.progress import bar as progress_bar
-from caspo.config import Config
+from caspo.config import Config, PairsConfig
 from caspo.core.cat import SearchConfig, derive_seed
 from caspo.core.pairs import CASE_TRAJECTORY, Pair
 from caspo.core.steps import final_answer
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("pairs", "train", "publish", "eval")
 TRAINER_GROUP = "trainer"
-READ_BATCH = 10_000  # the store re-delivers un-acked entries first, so a round is read in one go (<= 10k pairs)
 ROW_KEYS = ("round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_accuracy_logprob", "pairs", "policy_version")
 
 
@@ -176,11 +176,10 @@ class RoundController:
     # ---- stages -------------------------------------------------------------------------------
     async def _pairs(self, k: int, progress: bool) -> None:
         t0 = time.time()
-        pcfg = self.cfg.pairs
-        pcfg.temperature = temperature_for(self.cfg, k)
+        pcfg = dataclasses.replace(self.cfg.pairs, temperature=temperature_for(self.cfg, k))
         problems = self.task.problems(self.cfg.loop.questions, seed=derive_seed("loop", pcfg.seed, k) % (2**31), split="train")
         if self.cfg.loop.pairs == "trajectory":
-            summary = await self._trajectory_pairs(k, problems, progress)
+            summary = await self._trajectory_pairs(k, problems, pcfg, progress)
         else:
             rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress, desc=f"round {k} pairs")
             summary = rep.summary()
@@ -191,10 +190,9 @@ class RoundController:
         self.state.mark(k, "pairs", summary)
         log.info("round %d pairs: %s", k, summary["pairs"])
 
-    async def _trajectory_pairs(self, k: int, problems, progress: bool) -> dict:
+    async def _trajectory_pairs(self, k: int, problems, pcfg: PairsConfig, progress: bool) -> dict:
         """Control: K full solutions per question; chosen = the most likely correct one, rejected = the
         most likely incorrect one (the same sample budget as K candidates per step)."""
-        pcfg = self.cfg.pairs
         kk = pcfg.candidates
         rows, skipped, version = [], Counter(), 0
         bar = progress_bar(len(problems), f"round {k} trajectories", "q", progress)
@@ -240,16 +238,18 @@ class RoundController:
 
     async def _read_round(self, k: int) -> tuple[list[Pair], list[str]]:
         """Exactly round k's pairs, through the pair store's consumer group."""
+        # as many as one Read may return: the store re-delivers un-acked pairs first, so a round is read in one go
+        batch = self.cfg.pair_store.max_read_count
         pairs, ids = [], []
         while True:
-            got = await self.client.read_pairs(self._sr(k), TRAINER_GROUP, f"{self.cfg.loop.run}-trainer", READ_BATCH)
+            got = await self.client.read_pairs(self._sr(k), TRAINER_GROUP, f"{self.cfg.loop.run}-trainer", batch)
             new = [(sid, p) for sid, p in got if sid not in set(ids)]
             if not new:
                 return pairs, ids
             for sid, p in new:
                 ids.append(sid)
                 pairs.append(p)
-            if len(got) < READ_BATCH:
+            if len(got) < batch:
                 return pairs, ids
 
     async def _ack(self, k: int, ids: list[str]) -> None:
@@ -257,7 +257,7 @@ class RoundController:
             await self.client.ack_pairs(self._sr(k), TRAINER_GROUP, ids[i : i + 1000])
 
     async def _train(self, k: int, progress: bool) -> None:
-        from caspo.trainer.dpo import DPOSettings, scratch_dir, train_dpo
+        from caspo.trainer.dpo import scratch_dir, train_dpo
 
         out = self.run_dir / "policies" / f"v{k}"
         pairs, ids = await self._read_round(k)
@@ -270,23 +270,8 @@ class RoundController:
             out = Path(prev)
             metrics = {"pairs": 0, "carried_over": True}
         else:
-            d = self.cfg.dpo
-            settings = DPOSettings(
-                beta=d.beta,
-                sft_weight=d.sft_weight,
-                learning_rate=d.learning_rate,
-                per_device_batch_size=d.per_device_batch_size,
-                epochs=d.epochs,
-                max_length=d.max_length,
-                num_workers=d.num_workers,
-                cpus_per_worker=d.cpus_per_worker,
-                use_gpu=d.use_gpu,
-                resources=dict(d.resources),
-                checkpoint_steps=d.checkpoint_steps,
-                max_failures=d.max_failures,
-                seed=k,
-            )
-            metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), settings, progress)
+            dpo = dataclasses.replace(self.cfg.dpo, seed=k)
+            metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), dpo, progress)
             metrics.pop("history", None)
         await self._ack(k, ids)
         metrics["pairs_read"] = len(pairs)

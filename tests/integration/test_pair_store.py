@@ -12,7 +12,8 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from caspo.store.pair_store import MAX_PROMPT_CHARS, MAX_STEP_CHARS, PairStore
+from caspo.config import PairStoreConfig
+from caspo.store.pair_store import PairStore
 from caspo.netutil import free_port
 from caspo.store.redis_server import LocalRedis, redis_url_or_start
 from caspo.core.pairs import Pair, pair_key
@@ -23,6 +24,8 @@ from caspo.services.server import MESSAGE_OPTIONS, new_server
 from caspo.services.pair_store_servicer import add_to_server
 
 CASES = ("correct_unsure", "incorrect", "trajectory")
+MAX_PROMPT_CHARS = PairStoreConfig().max_prompt_chars
+MAX_STEP_CHARS = PairStoreConfig().max_step_chars
 
 
 def make_pairs(n: int, tag: str = "") -> list[Pair]:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from caspo.config import DPOTrainConfig
 from caspo.core.pairs import Pair
 from caspo.models.tiny import resolve_tiny
 from caspo.trainer.dpo import (
-    DPOSettings,
     _checkpoint_complete,
     _drop_incomplete_checkpoints,
     _fingerprint,
@@ -45,7 +45,7 @@ N_PAIRS, WORKERS, BATCH, CKPT = 48, 2, 4, 2
 WAIT_S = 420  # generous bound for waits on a loaded 2-core machine; no timing is asserted
 
 
-def _expected_steps(n_pairs: int, s: DPOSettings) -> int:
+def _expected_steps(n_pairs: int, s: DPOTrainConfig) -> int:
     """Optimizer steps of an uninterrupted run: each rank gets ceil(n / workers) rows, in per-device batches."""
     per_epoch = math.ceil(math.ceil(n_pairs / s.num_workers) / s.per_device_batch_size) // s.gradient_accumulation_steps
     return int(per_epoch * s.epochs)
@@ -67,9 +67,9 @@ def pairs() -> list[Pair]:
 
 
 @pytest.fixture(scope="module")
-def settings(long_mode) -> DPOSettings:
+def settings(long_mode) -> DPOTrainConfig:
     # epochs: 4 (24 steps) fast, 8 (48 steps) long; the first checkpoint comes at step 2, leaving most of the run
-    return DPOSettings(
+    return DPOTrainConfig(
         num_workers=WORKERS,
         per_device_batch_size=BATCH,
         epochs=8 if long_mode else 4,
@@ -110,7 +110,7 @@ def _logged_losses(m: dict) -> dict[int, float]:
     return by_step
 
 
-def _check_resumed_run(m: dict, out: Path, first_ckpt: int, n_pairs: int, s: DPOSettings, pairs: list[Pair]) -> None:
+def _check_resumed_run(m: dict, out: Path, first_ckpt: int, n_pairs: int, s: DPOTrainConfig, pairs: list[Pair]) -> None:
     total = _expected_steps(n_pairs, s)
     print("resumed run:", {k: v for k, v in m.items() if k != "history"})
     assert m["steps"] == total
@@ -191,7 +191,7 @@ def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
 
 def test_fingerprint_follows_pairs_and_result_changing_settings(pairs):
     tiny = str(resolve_tiny())
-    s = DPOSettings()
+    s = DPOTrainConfig()
     base = _fingerprint(_rows(pairs, s.delimiter), tiny, tiny, s)["fingerprint"]
     assert _fingerprint(_rows(pairs, s.delimiter), tiny, tiny, s)["fingerprint"] == base
     assert _fingerprint(_rows(pairs[:-1], s.delimiter), tiny, tiny, s)["fingerprint"] != base
@@ -240,11 +240,12 @@ _DRIVER = """
 import json, logging, sys
 import ray
 from caspo.core.pairs import Pair
-from caspo.trainer.dpo import DPOSettings, train_dpo
+from caspo.config import DPOTrainConfig
+from caspo.trainer.dpo import train_dpo
 logging.basicConfig(level=logging.INFO)
 a = json.load(open(sys.argv[1]))
 ray.init(address=a["address"])
-train_dpo([Pair(**p) for p in a["pairs"]], a["tiny"], a["tiny"], a["out"], DPOSettings(**a["settings"]), progress=False)
+train_dpo([Pair(**p) for p in a["pairs"]], a["tiny"], a["tiny"], a["out"], DPOTrainConfig(**a["settings"]), progress=False)
 print("TRAIN_DPO_RETURNED", flush=True)
 """
 
