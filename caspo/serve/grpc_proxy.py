@@ -4,7 +4,7 @@ The same handlers as the generated ``cat_pb2_grpc.add_CaTServicer_to_server``, w
 a request that does not parse (truncated bytes, a string field that is not UTF-8) becomes an
 :class:`UndecodableRequest` instead of an exception inside the proxy, which gRPC would answer with
 UNKNOWN. The replica answers it INVALID_ARGUMENT, like every other bad request. Kept small: the
-proxy process imports this module.
+proxy process imports this module (and caspo/serve/__init__.py, which stays empty for that reason).
 """
 
 from __future__ import annotations

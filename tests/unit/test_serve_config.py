@@ -4,7 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from caspo.serve.deployment import DEPLOYMENT, GRPC_SERVICER, app_builder, parse_params
+from caspo.serve.deployment import DEPLOYMENT, GRPC_SERVICER, app_builder
+from caspo.serve.params import parse_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
