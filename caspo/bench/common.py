@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+
+from caspo.config import load_config
+from caspo.models.base import Backend
+from caspo.models.factory import make_backend as build_backend
+from caspo.report import pyplot
 
 
 @dataclass
@@ -23,10 +31,6 @@ class SuiteResult:
 
 
 def machine() -> dict:
-    import os
-
-    import torch
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -78,11 +82,7 @@ def write(res: SuiteResult, out: Path, plot=None) -> list[Path]:
     paths[0].write_text(json.dumps(payload, indent=2) + "\n")
     paths[1].write_text(markdown(res))
     if plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         png = out / f"{res.suite}.png"
         fig = plot(plt, res)
         fig.savefig(png, dpi=110, bbox_inches="tight")
@@ -95,12 +95,9 @@ def model_overrides(model: str, backend: str) -> list[str]:
     return [f"model.policy={model}", f"model.backend={backend}"]
 
 
-def make_backend(model: str = "tiny", backend: str = "hf"):
+def make_backend(model: str = "tiny", backend: str = "hf") -> Backend:
     """The model backend the suites measure: the tiny reasoner on HF by default, any model on vLLM."""
-    from caspo.models.factory import make_backend as build
-    from caspo.config import load_config
-
-    return build(load_config(None, model_overrides(model, backend)))
+    return build_backend(load_config(None, model_overrides(model, backend)))
 
 
 class Timer:

@@ -20,22 +20,25 @@ import sys
 import time
 from pathlib import Path
 
+import ray
+
 from caspo.config import load_config
 from caspo.core.cat import SearchConfig, derive_seed
 from caspo.core.pairs import Pair
 from caspo.evaluation import evaluate
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner
 from caspo.models.hf import HFBackend, resolve_model_path
 from caspo.tasks import get_task
+from caspo.trainer.collect import collect_round
+from caspo.trainer.collect import make_pairs as three_cases
+from caspo.trainer.dpo import train_dpo
+from caspo.trainer.loop import temperature_for
 
 
 def make_pairs(cfg, task, n: int, path: Path) -> list[Pair]:
     if path.exists():
         return [Pair(**row) for row in json.loads(path.read_text())]
-    from caspo.mesh.client import MeshClient
-    from caspo.mesh.runner import MeshRunner
-    from caspo.trainer.collect import collect_round, make_pairs as three_cases
-    from caspo.trainer.loop import temperature_for
-
     runner = MeshRunner(cfg)
     runner.start(progress=True)
     try:
@@ -74,10 +77,6 @@ def main() -> int:
     base = {"setting": "base", "pairs": 0, **judge(base_path, task, problems, cfg)}
     print(json.dumps(base), flush=True)
     rows = [base]
-
-    import ray
-
-    from caspo.trainer.dpo import train_dpo
 
     ray.init(num_cpus=cfg.mesh.num_cpus, include_dashboard=False, logging_level="WARNING")
     for i, raw in enumerate(args.settings):

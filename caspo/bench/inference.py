@@ -9,15 +9,14 @@ per question, with latency and tokens as ratios to greedy measured in the same r
 from __future__ import annotations
 
 from caspo.bench.common import SuiteResult, make_backend
+from caspo.core.cat import SearchConfig
+from caspo.evaluation import evaluate
+from caspo.tasks import get_task
 
 COLUMNS = ["method", "k", "scoring", "accuracy", "ece", "latency_s", "latency_x_greedy", "tokens", "tokens_x_greedy", "no_answer"]
 
 
 def run(n: int, ks=(4, 10), model: str = "tiny", engine: str = "hf", seed: int = 0, batch: int = 16, tau: float = 0.5, temperature: float = 0.7, progress: bool = True) -> SuiteResult:
-    from caspo.core.cat import SearchConfig
-    from caspo.evaluation import evaluate
-    from caspo.tasks import get_task
-
     task = get_task("arith")
     problems = task.problems(n, seed=seed, split="test")
     backend = make_backend(model, engine)

@@ -15,20 +15,19 @@ import time
 from pathlib import Path
 
 from caspo.bench.common import SuiteResult, model_overrides
+from caspo.config import load_config
+from caspo.core.cat import derive_seed
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner
+from caspo.models.hf import resolve_model_path
+from caspo.tasks import get_task
+from caspo.trainer.collect import collect_round, make_pairs
+from caspo.trainer.dpo import train_dpo
 
 COLUMNS = ["what", "replicas", "seconds", "questions_per_min", "steps_per_min", "pairs", "pairs_per_min", "x_1_replica"]
 
 
 def run(n: int, replicas=(1, 2), seed: int = 0, model: str = "tiny", engine: str = "hf", progress: bool = True) -> SuiteResult:
-    from caspo.config import load_config
-    from caspo.core.cat import derive_seed
-    from caspo.models.hf import resolve_model_path
-    from caspo.mesh.client import MeshClient
-    from caspo.mesh.runner import MeshRunner
-    from caspo.tasks import get_task
-    from caspo.trainer.collect import collect_round
-    from caspo.trainer.dpo import train_dpo
-
     tmp = Path(tempfile.mkdtemp(prefix="caspo-bench-mesh-"))
     task = get_task("arith")
     problems = task.problems(n, seed=derive_seed("bench-mesh", seed) % (2**31), split="train")
@@ -46,7 +45,7 @@ def run(n: int, replicas=(1, 2), seed: int = 0, model: str = "tiny", engine: str
             pairs = sum(rep.pairs.values())
             rows.append({"what": "data round", "replicas": r, "seconds": sec, "questions_per_min": 60 * n / sec, "steps_per_min": 60 * rep.steps_judged / sec, "pairs": pairs, "pairs_per_min": 60 * pairs / sec})
             if dpo_row is None and pairs:
-                rows_ = [p for _, p in _pairs(rep, cfg)]
+                rows_ = [p for _, p in make_pairs(rep.records, cfg.pairs)[1]]
                 base = resolve_model_path(cfg.model.policy)
                 dpo = dataclasses.replace(cfg.dpo, num_workers=2, cpus_per_worker=0.5, epochs=1)
                 m = train_dpo(rows_, base, base, str(tmp / "dpo"), dpo, progress=progress)
@@ -67,12 +66,6 @@ def run(n: int, replicas=(1, 2), seed: int = 0, model: str = "tiny", engine: str
         notes=notes,
         extra={"dpo": dpo_row},
     )
-
-
-def _pairs(rep, cfg):
-    from caspo.trainer.collect import make_pairs
-
-    return make_pairs(rep.records, cfg.pairs)[1]
 
 
 def plot(plt, res: SuiteResult):

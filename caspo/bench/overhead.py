@@ -9,17 +9,15 @@
 from __future__ import annotations
 
 from caspo.bench.common import SuiteResult, Timer, make_backend, median
+from caspo.core.cat import SearchConfig, run_searches
+from caspo.evaluation import make_searches
+from caspo.models.base import PromptedProposer, prefix_text
+from caspo.tasks import get_task
 
 COLUMNS = ["measure", "seconds", "per", "ratio", "note"]
 
 
 def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats: int = 5, batch: int = 16, progress: bool = True) -> SuiteResult:
-    from caspo.core.cat import SearchConfig, run_searches
-    from caspo.models.base import prefix_text
-    from caspo.evaluation import _searches
-    from caspo.models.base import PromptedProposer
-    from caspo.tasks import get_task
-
     task = get_task("arith")
     problems = task.problems(n, seed=seed, split="test")
     backend = make_backend(model, engine)
@@ -30,7 +28,7 @@ def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats:
         results = []
         with Timer() as t:
             for s in range(0, len(problems), batch):
-                results += run_searches(_searches(problems[s : s + batch], greedy), proposer)
+                results += run_searches(make_searches(problems[s : s + batch], greedy), proposer)
         return t.seconds, results
 
     decode_all()  # warm up

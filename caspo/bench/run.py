@@ -7,19 +7,15 @@ import sys
 import time
 from pathlib import Path
 
-from caspo.bench import common
+from caspo.bench import common, inference, mesh_throughput, overhead, serve_load, tau
 
-SUITES = ("inference", "overhead", "tau", "serve", "mesh")
-
-
-def _module(name: str):
-    import importlib
-
-    return importlib.import_module({"serve": "caspo.bench.serve_load", "mesh": "caspo.bench.mesh_throughput"}.get(name, f"caspo.bench.{name}"))
+# suite name -> its module (each has run() and plot())
+_SUITES = {"inference": inference, "overhead": overhead, "tau": tau, "serve": serve_load, "mesh": mesh_throughput}
+SUITES = tuple(_SUITES)
 
 
 def run_suite(name: str, n: int, out: Path, smoke: bool = False, progress: bool = True, model: str = "tiny", engine: str = "hf") -> common.SuiteResult:
-    mod = _module(name)
+    mod = _SUITES[name]
     kwargs: dict = {"n": n, "progress": progress, "model": model, "engine": engine}
     if smoke:  # every code path, minimal sizes
         kwargs.update({"inference": {"ks": (2,)}, "overhead": {"repeats": 1}, "tau": {"taus": (0.0, 0.5), "warmup": 2, "scorings": ("entropy",)}, "serve": {"clients": (1, 2), "duration": 2.0}, "mesh": {"replicas": (1,)}}[name])

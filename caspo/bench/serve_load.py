@@ -17,7 +17,20 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
+import ray
+from ray import serve
+
 from caspo.bench.common import SuiteResult, model_overrides, percentile
+from caspo.config import load_config
+from caspo.models.hf import resolve_model_path
+from caspo.netutil import free_port
+from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
+from caspo.serve.cat_client import replica_lost
+from caspo.serve.deployment import build_app, serve_options
+from caspo.services.security import auth_metadata
+from caspo.services.server import limit_proxy_messages
+from caspo.tasks import get_task
 
 COLUMNS = ["clients", "requests", "errors", "rps", "rps_x_1client", "p50_s", "p99_s", "p99_x_p50"]
 
@@ -28,12 +41,6 @@ def grpc_load(address: str, questions: list[str], clients: int, duration: float,
     own channel. A request whose replica was lost (``cat_client.replica_lost``: UNAVAILABLE, or the
     replica died under it) is retried up to ``retries`` times, as caspo's clients do. Returns requests, errors (by status), retried, rps and latency
     percentiles (seconds, over successful requests, retries included in their latency)."""
-    import grpc
-
-    from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
-    from caspo.serve.cat_client import replica_lost
-    from caspo.services.security import auth_metadata
-
     lock = threading.Lock()
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -91,16 +98,6 @@ def grpc_load(address: str, questions: list[str], clients: int, duration: float,
 
 
 def run(n: int, clients=(1, 8, 32), duration: float = 20.0, k: int = 4, seed: int = 0, model: str = "tiny", engine: str = "hf", progress: bool = True) -> SuiteResult:
-    import ray
-    from ray import serve
-
-    from caspo.netutil import free_port
-    from caspo.config import load_config
-    from caspo.models.hf import resolve_model_path
-    from caspo.serve.deployment import build_app, serve_options
-    from caspo.services.server import limit_proxy_messages
-    from caspo.tasks import get_task
-
     tmp = Path(tempfile.mkdtemp(prefix="caspo-bench-serve-"))
     cfg = load_config(None, [f"serve.http_port={free_port()}", f"serve.grpc_port={free_port()}", f"serve.policy_file={tmp}/policy.json", "serve.watch_interval_s=0.1", *model_overrides(model, engine)])
     questions = [p.question for p in get_task("arith").problems(max(n, 1), seed=seed, split="test")]

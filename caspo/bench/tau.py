@@ -8,16 +8,15 @@ the evaluation ones), take the answer branches' cumulative confidences, and set 
 from __future__ import annotations
 
 from caspo.bench.common import SuiteResult, make_backend, percentile
+from caspo.core.cat import SearchConfig, run_searches
+from caspo.evaluation import evaluate, make_searches
+from caspo.models.base import PromptedProposer
+from caspo.tasks import get_task
 
 COLUMNS = ["tau", "how", "scoring", "accuracy", "no_answer", "tokens", "tokens_x_tau0"]
 
 
 def run(n: int, k: int = 4, taus=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9), warmup: int = 16, pct: float = 0.1, model: str = "tiny", engine: str = "hf", seed: int = 0, batch: int = 16, scorings=("entropy", "logprob"), progress: bool = True) -> SuiteResult:
-    from caspo.core.cat import SearchConfig, run_searches
-    from caspo.evaluation import _searches, evaluate
-    from caspo.models.base import PromptedProposer
-    from caspo.tasks import get_task
-
     task = get_task("arith")
     problems = task.problems(n, seed=seed, split="test")
     warm = task.problems(warmup, seed=seed + 1_000_003, split="test")
@@ -26,7 +25,7 @@ def run(n: int, k: int = 4, taus=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9), warmup: int = 1
     for scoring in scorings:
         base_tokens = None
         cal_cfg = SearchConfig(method="cat", k=k, tau=0.0, scoring=scoring, seed=seed + 1)
-        confs = [r.confidence for r in run_searches(_searches(warm, cal_cfg), PromptedProposer(backend, task.prompt)) if r.answer is not None]
+        confs = [r.confidence for r in run_searches(make_searches(warm, cal_cfg), PromptedProposer(backend, task.prompt)) if r.answer is not None]
         calibrated = min(1.0, max(0.0, percentile(confs, pct)))
         grid = [(t, "fixed") for t in taus] + [(calibrated, f"warmup p{int(pct * 100)} of {len(warm)}")]
         for tau, how in grid:

@@ -23,6 +23,7 @@ calibration is measured on the same quantity for every method.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -104,8 +105,6 @@ class Node:
     status: str = "active"  # active | expanded | completed | pruned | dropped | dead | truncated
 
     def to_dict(self) -> dict:
-        import math
-
         return {
             "id": self.id,
             "parent": self.parent,
@@ -321,8 +320,6 @@ class Search:
         return chosen, path, votes
 
     def result(self, with_tree: bool = False) -> SearchResult:
-        import math
-
         chosen, path, votes = self.answer()
         return SearchResult(
             question=self.question,
@@ -346,8 +343,6 @@ class Search:
 
 
 def _log(x: float) -> float:
-    import math
-
     return math.log(x) if x > 0 else float("-inf")
 
 
@@ -411,8 +406,6 @@ class CommittedStep:
 
 
 def _committed_step(index: int, node: Node) -> CommittedStep:
-    import math
-
     return CommittedStep(index, node.step, math.exp(node.log_c), math.exp(node.log_C), node.mean_entropy)
 
 

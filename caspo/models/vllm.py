@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
+
 from caspo.core.cat import ProposedStep, derive_seed
 from caspo.core.confidence import topk_entropy_estimate
 from caspo.core.steps import DEFAULT_DELIMITER
@@ -54,9 +58,6 @@ class WeightReloadExtension:
     """
 
     def caspo_load_safetensors(self, path: str) -> int:
-        import torch
-        from safetensors import safe_open
-
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors in {path}")
@@ -137,12 +138,10 @@ class VLLMBackend:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
-        import torch
-
         if not torch.cuda.is_available():
             raise ModelLoadError(f"{GPU_EXTRA} and a CUDA GPU (torch sees none)")
         try:
-            import vllm
+            import vllm  # only here: vllm is the optional gpu extra, and this module imports without it
         except ImportError as e:
             raise ModelLoadError(GPU_EXTRA) from e
         self._vllm = vllm
@@ -150,8 +149,6 @@ class VLLMBackend:
         self.max_step_tokens = max_step_tokens
         self.topk = topk
         resolved = resolve_model_path(path)
-        from transformers import AutoConfig, AutoTokenizer
-
         try:
             # the same tokenizer the HF backend uses, so both encode a prompt to the same ids
             self._tok = AutoTokenizer.from_pretrained(resolved)

@@ -19,6 +19,10 @@ import urllib.error
 import urllib.request
 from typing import Iterator
 
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
 from caspo.services.security import auth_metadata
 
 FIELDS = ("method", "k", "tau", "max_steps", "temperature", "scoring", "seed")
@@ -43,11 +47,6 @@ def replica_lost(status: str, details: str) -> bool:
 
 def solve_grpc(address: str, question: str, timeout: float = 120.0, app: str = "caspo", retries: int = 2, **params) -> Iterator[dict]:
     """Yield ``{"step": {...}}`` for each committed step, then ``{"result": {...}}`` (SolveStream)."""
-    import grpc
-    from google.protobuf.json_format import MessageToDict
-
-    from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
-
     req = cat_pb2.SolveRequest(question=question, **{k: v for k, v in params.items() if v is not None and k in FIELDS})
     with grpc.insecure_channel(address) as channel:
         stub = cat_pb2_grpc.CaTStub(channel)

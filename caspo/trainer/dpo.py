@@ -65,8 +65,22 @@ import struct
 import time
 import zipfile
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
+
+import datasets
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import FailureConfig, RunConfig, ScalingConfig  # the V2 classes unless RAY_TRAIN_V2_ENABLED=0
+from ray.train.huggingface.transformers import prepare_trainer
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import is_v2_enabled
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import global_then_local_main_first
 
 from caspo.config import DPOTrainConfig
 from caspo.core.pairs import Pair
@@ -194,7 +208,6 @@ def _model_files(path: str) -> list:
 
 def _fingerprint(rows: list[dict], policy_path: str, ref_path: str, cfg: DPOTrainConfig) -> dict:
     """What makes two ``train_dpo`` calls the same run: rows, result-changing settings, models, library versions."""
-    from importlib.metadata import PackageNotFoundError, version
 
     def ver(pkg: str) -> str | None:
         try:
@@ -253,42 +266,31 @@ def _loss_sum(history: list[dict], upto: int) -> tuple[float, int]:
     return total, covered
 
 
-def _step_trainer_class():
+class _StepDPOTrainer(DPOTrainer):
     """``DPOTrainer`` that keeps TRL's tokenisation but drops the ``<eos>`` TRL appends to each completion."""
-    from trl import DPOTrainer
 
-    class _StepDPOTrainer(DPOTrainer):
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            eos = self._tokenizer.eos_token_id
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        eos = self._tokenizer.eos_token_id
 
-            def drop_eos(example):
-                out = {}
-                for key in ("chosen_ids", "rejected_ids"):
-                    ids = example[key]
-                    out[key] = ids[:-1] if len(ids) > 1 and ids[-1] == eos else ids
-                return out
+        def drop_eos(example):
+            out = {}
+            for key in ("chosen_ids", "rejected_ids"):
+                ids = example[key]
+                out[key] = ids[:-1] if len(ids) > 1 and ids[-1] == eos else ids
+            return out
 
-            from trl.trainer.utils import global_then_local_main_first
-
-            with global_then_local_main_first():  # main writes the cache file first, the others then read it
-                return dataset.map(drop_eos, desc=f"Dropping appended EOS from {dataset_name} dataset")
-
-    return _StepDPOTrainer
+        with global_then_local_main_first():  # main writes the cache file first, the others then read it
+            return dataset.map(drop_eos, desc=f"Dropping appended EOS from {dataset_name} dataset")
 
 
-def _no_final_checkpoint_class():
-    from transformers import TrainerCallback
+class _NoFinalCheckpoint(TrainerCallback):
+    """The Trainer also checkpoints after the last step; the model is written right after it, so skip that."""
 
-    class _NoFinalCheckpoint(TrainerCallback):
-        """The Trainer also checkpoints after the last step; the model is written right after it, so skip that."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if control.should_save and state.global_step >= state.max_steps:
-                control.should_save = False
-            return control
-
-    return _NoFinalCheckpoint
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and state.global_step >= state.max_steps:
+            control.should_save = False
+        return control
 
 
 def _loss(cfg: DPOTrainConfig) -> dict:
@@ -305,14 +307,6 @@ def _loss(cfg: DPOTrainConfig) -> dict:
 
 def _train_loop(config: dict) -> dict:
     """Ray Train worker loop (runs on every rank)."""
-    import datasets
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from ray.train.huggingface.transformers import prepare_trainer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig
-
     s = DPOTrainConfig(**config["settings"])
     progress = config["progress"]
     ctx = ray.train.get_context()
@@ -392,7 +386,7 @@ def _train_loop(config: dict) -> dict:
         # every parameter gets a gradient (tied embeddings included); searching for unused ones costs a pass
         ddp_find_unused_parameters=False,
     )
-    trainer = _step_trainer_class()(
+    trainer = _StepDPOTrainer(
         model=policy,
         ref_model=ref,
         args=args,
@@ -403,7 +397,7 @@ def _train_loop(config: dict) -> dict:
         trainer.ref_model = None  # its log-probs are in the dataset now; free it before training
         ref = None
     trainer = prepare_trainer(trainer)  # Ray's hook for Ray Data iterables; a no-op for a datasets.Dataset
-    trainer.add_callback(_no_final_checkpoint_class()())
+    trainer.add_callback(_NoFinalCheckpoint())
     n_train = len(trainer.train_dataset)
 
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -455,8 +449,6 @@ def _worker_env() -> dict:
     The patch sends ``print`` to Ray's logger, which defeats ``dill``'s stdout capture while ``datasets`` hashes
     the map functions for its fingerprints: every TRL map would dump the bytecode of its functions to the log.
     """
-    from ray.train.v2._internal.constants import is_v2_enabled
-
     if not is_v2_enabled():
         return {}
     var = "RAY_TRAIN_ENABLE_PRINT_PATCH"
@@ -502,10 +494,6 @@ def train_dpo(
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory; DPO writes a fresh model directory")
-
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig  # the V2 classes unless RAY_TRAIN_V2_ENABLED=0
-    from ray.train.torch import TorchTrainer
 
     t0 = time.time()
     if not ray.is_initialized():

@@ -28,17 +28,25 @@ import json
 import logging
 import shutil
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
-from caspo.progress import bar as progress_bar
-from caspo.config import Config, PairsConfig
+import redis
+
+from caspo.config import Config, PairsConfig, config_from_dict
 from caspo.core.cat import SearchConfig, derive_seed
+from caspo.core.metrics import reliability_bins
 from caspo.core.pairs import CASE_TRAJECTORY, Pair
 from caspo.core.steps import final_answer
 from caspo.evaluation import evaluate_async
+from caspo.mesh.client import MeshClient, MeshProposer
+from caspo.models.hf import resolve_model_path
+from caspo.netutil import redact_url
+from caspo.progress import bar as progress_bar
 from caspo.tasks import get_task
 from caspo.trainer.collect import collect_round
+from caspo.trainer.dpo import scratch_dir, train_dpo
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +58,6 @@ ROW_KEYS = ("round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entr
 def store_round(run: str, k: int) -> int:
     """Pair-store round id of round k of a run: runs sharing one store (a CASPO run and its control,
     say) must never read each other's pairs, so each run's rounds live in their own block of ids."""
-    import zlib
-
     return (zlib.crc32(run.encode()) % 1_000_000) * 1000 + k
 
 
@@ -70,8 +76,6 @@ class RunState:
         self.redis = None
         self.key = f"caspo:run:{run}:state"
         if redis_url:
-            import redis
-
             self.redis = redis.Redis.from_url(redis_url)
             if not self.path.exists():  # the run dir was lost but Redis remembers
                 raw = self.redis.get(self.key)
@@ -110,11 +114,6 @@ class RoundController:
     """Drives rounds over a running mesh. Run it in-process or as a Ray actor (``caspo loop``)."""
 
     def __init__(self, cfg_dict: dict, registry_address: str, redis_url: str | None = None):
-        from caspo.config import config_from_dict
-        from caspo.mesh.client import MeshClient
-        from caspo.models.hf import resolve_model_path
-        from caspo.netutil import redact_url
-
         self.cfg = config_from_dict(cfg_dict)
         self.client = MeshClient(registry_address)
         self.run_dir = (Path(self.cfg.loop.runs_dir) / self.cfg.loop.run).resolve()  # services may run elsewhere
@@ -257,8 +256,6 @@ class RoundController:
             await self.client.ack_pairs(self._sr(k), TRAINER_GROUP, ids[i : i + 1000])
 
     async def _train(self, k: int, progress: bool) -> None:
-        from caspo.trainer.dpo import scratch_dir, train_dpo
-
         out = self.run_dir / "policies" / f"v{k}"
         pairs, ids = await self._read_round(k)
         prev = self.state.policy(k - 1)
@@ -287,8 +284,6 @@ class RoundController:
         self.state.mark(k, "publish", {"version": k, "path": self.state.policy(k)})
 
     async def _eval(self, k: int, progress: bool) -> dict:
-        from caspo.mesh.client import MeshProposer
-
         lc = self.cfg.loop
         proposer = MeshProposer(self.client, self.task.prompt)
         greedy = await evaluate_async(proposer, self.task, self.eval_problems, SearchConfig(method="greedy", seed=lc.eval_seed), batch=lc.eval_batch, progress=progress, desc=f"round {k} eval greedy")
@@ -325,8 +320,6 @@ class RoundController:
 
 
 def _reliability(report) -> list[dict]:
-    from caspo.core.metrics import reliability_bins
-
     return reliability_bins([r.confidence for r in report.records], [r.correct for r in report.records])
 
 
