@@ -26,11 +26,11 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from caspo.config import Config, config_from_dict
 from caspo.errors import Unavailable
-from caspo.mesh.registry import HEARTBEAT_S
+from caspo.mesh.registry import HEARTBEAT_S, advertised_address
 from caspo.models.factory import make_backend
 from caspo.models.worker import ModelWorker
 from caspo.services import critic_servicer, generator_servicer, mesh_servicer, pair_store_servicer, scorer_servicer
-from caspo.services.server import add_port, advertised_address, new_server
+from caspo.services.server import add_port, new_server
 from caspo.store.pair_store import PairStore
 from caspo.tasks import get_task
 from caspo.tasks.critic import ExactCritic, LLMCritic

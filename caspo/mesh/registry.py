@@ -13,16 +13,25 @@ import time
 
 import grpc
 import ray
+import ray.util
 
 from caspo.protos.v1 import mesh_pb2, mesh_pb2_grpc
 from caspo.services import mesh_servicer
 from caspo.services.channel import channel
-from caspo.services.server import add_port, advertised_address, new_server
+from caspo.services.server import add_port, new_server
 
 log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "caspo-registry"
 HEARTBEAT_S = 2.0
+
+
+def advertised_address(host: str, port: int) -> str:
+    """The address other processes dial: ``host:port``, or this node's IP when bound to every
+    interface (``0.0.0.0`` in a cluster, where 127.0.0.1 would mean the caller's own pod)."""
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = ray.util.get_node_ip_address()
+    return f"{host}:{port}"
 
 
 async def probe(address: str, timeout: float = 1.0) -> tuple[bool, int]:

@@ -14,7 +14,6 @@ import logging
 import os
 
 import grpc
-import ray.util
 
 from caspo.errors import BadRequest, NotFound, Unavailable
 from caspo.services.security import AuthGuard, auth_token, tls_server_credentials
@@ -96,14 +95,6 @@ def add_port(server: grpc.aio.Server, address: str) -> int:
     """Listen on ``address`` (``host:port``; port 0 picks one), with TLS when configured; the port."""
     creds = tls_server_credentials()
     return server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-
-
-def advertised_address(host: str, port: int) -> str:
-    """The address other processes dial: ``host:port``, or this node's IP when bound to every
-    interface (``0.0.0.0`` in a cluster, where 127.0.0.1 would mean the caller's own pod)."""
-    if host in ("0.0.0.0", "::", "[::]", ""):
-        host = ray.util.get_node_ip_address()
-    return f"{host}:{port}"
 
 
 def limit_proxy_messages() -> None:

@@ -170,7 +170,7 @@ class RoundController:
         """After a restart the services may hold an older policy: publish the newest trained one."""
         services = {s["name"]: s for s in await self.client.registry()}
         if services.get("generator", {}).get("policy_version") != version:
-            await self._reload_services(version, self.state.policy(version))
+            await self.client.publish(version, self.state.policy(version), self.run_dir / "policy.json")
 
     # ---- stages -------------------------------------------------------------------------------
     async def _pairs(self, k: int, progress: bool) -> None:
@@ -276,11 +276,8 @@ class RoundController:
         self.state.mark(k, "train", metrics)
         (self.run_dir / f"round{k}_train.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
-    async def _reload_services(self, version: int, path: str) -> None:
-        await self.client.publish(version, path, self.run_dir / "policy.json")
-
     async def _publish(self, k: int) -> None:
-        await self._reload_services(k, self.state.policy(k))
+        await self.client.publish(k, self.state.policy(k), self.run_dir / "policy.json")
         self.state.mark(k, "publish", {"version": k, "path": self.state.policy(k)})
 
     async def _eval(self, k: int, progress: bool) -> dict:
