@@ -42,9 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class MeshClient:
-    """Async gRPC client for every mesh service. Addresses come from the registry; a call that finds
-    its service UNAVAILABLE (killed, restarting on a new port, Redis down behind the pair store)
-    re-resolves the address and retries with backoff for up to ``retry_for_s`` seconds.
+    """Async gRPC client for every mesh service; a call retries through UNAVAILABLE for up to
+    ``retry_for_s`` seconds.
 
     Retrying is safe for every mesh RPC: proposals are seeded, scoring and judging are pure, ``Put`` is
     keyed by pair content, ``Read`` re-delivers the consumer's pending entries, ``Ack`` is idempotent.

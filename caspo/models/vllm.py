@@ -189,8 +189,8 @@ class VLLMBackend:
         A running ``generate`` holds the lock, so it finishes on the weights it started with; requests
         that arrive during the swap wait for it (the time to read the checkpoint from disk). This replica
         does not serve two versions at once — that would need a second engine and a second KV cache on
-        the same GPU — so zero-downtime serving is the GeneratorPool's job: it reloads its replicas one
-        at a time while the others keep serving. (``LLM.sleep``/``wake_up`` with ``enable_sleep_mode``
+        the same GPU — so zero-downtime serving is the generator pool's job (caspo/mesh/actors.py): it
+        reloads its replicas one at a time while the others keep serving. (``LLM.sleep``/``wake_up`` with ``enable_sleep_mode``
         is the alternative for colocated training; it is not needed here.)
         If loading fails part-way the replica holds mixed weights: the error is raised with the old
         version number kept, and the pool must take this replica out of service.
