@@ -11,7 +11,7 @@ evaluation and the benchmarks run.
 
 * gRPC (``serve.grpc_port``, default 9000): ``caspo.v1.CaT/Solve`` and ``/SolveStream``
   (``protos/caspo/v1/cat.proto``) are this class's methods of those names; Serve's proxy parses
-  requests with grpc_proxy.py. The stream sends each step as soon as every live branch shares it,
+  requests with proxy.py. The stream sends each step as soon as every live branch shares it,
   then the answer. Reflection is on, so ``grpcurl`` needs no proto files.
 * HTTP (``serve.http_port``, default 8000): the routes of http_app.py.
 
@@ -53,20 +53,14 @@ from caspo.protos.v1 import cat_pb2
 from caspo.serve.http_app import api
 from caspo.serve.params import SolveParams, params_from_grpc
 from caspo.serve.protocol import response_proto, step_proto
+from caspo.serve.proxy import Unauthenticated
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
 from caspo.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-GRPC_SERVICER = "caspo.serve.grpc_proxy.add_CaTServicer_to_server"  # parse errors -> INVALID_ARGUMENT
+GRPC_SERVICER = "caspo.serve.proxy.add_CaTServicer_to_server"  # parse errors -> INVALID_ARGUMENT
 DEPLOYMENT = "CaT"
-
-
-class Unauthenticated(PermissionError):
-    """The call carried no or the wrong bearer token (gRPC UNAUTHENTICATED)."""
-
-    def __reduce__(self):  # Ray pickles exceptions between the replica and the proxy
-        return (Unauthenticated, self.args)
 
 
 class _RequestProposer:

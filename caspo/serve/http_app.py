@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from caspo.core.cat import CommittedStep
-from caspo.serve.params import ParamError, params_from_body
+from caspo.serve.params import params_from_body
+from caspo.serve.proxy import ParamError
 from caspo.serve.protocol import ChatBody, SolveBody, chat_completion, models_list, result_json, step_json
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
 

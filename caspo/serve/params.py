@@ -10,19 +10,7 @@ from typing import Any
 from caspo.config import ServeConfig
 from caspo.core.cat import METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS
-from caspo.errors import BadRequest
-from caspo.serve.grpc_proxy import UndecodableRequest
-
-
-class ParamError(BadRequest):
-    """A request field out of its limits; ``field`` names it (HTTP 422 ``loc``, gRPC details)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field} {message}")
-        self.field, self.message = field, message
-
-    def __reduce__(self):  # Ray pickles exceptions between the replica and the proxy
-        return (ParamError, (self.field, self.message))
+from caspo.serve.proxy import ParamError, UndecodableRequest
 
 
 @dataclass(frozen=True)
