@@ -99,9 +99,8 @@ class PairStore:
     round, ``stats``.
 
     Limits come from the config's ``pair_store`` section. Thread-safe (one connection pool); every call
-    blocks until Redis replied. A Redis that cannot be
-    reached raises :class:`~caspo.errors.Unavailable`; bad input raises
-    :class:`~caspo.errors.BadRequest` naming the field.
+    blocks until Redis replied. A Redis that cannot be reached raises :class:`~caspo.errors.Unavailable`;
+    bad input raises :class:`~caspo.errors.BadRequest` naming the field.
     """
 
     def __init__(self, url: str, cfg: PairStoreConfig | None = None, connect_timeout_s: float = 2.0):
