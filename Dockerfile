@@ -14,7 +14,6 @@ RUN pip install --no-cache-dir build==1.2.2.post1
 COPY pyproject.toml setup.py README.md ./
 COPY protos protos
 COPY caspo caspo
-COPY bench bench
 RUN python -m build --wheel --outdir /dist . \
     && python -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('/dist/*.whl')[0]).namelist(); sys.exit(0 if 'caspo/protos/v1/cat_pb2.py' in names else 'generated protos missing from the wheel')"
 

@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 
-from caspo.actors.redis_server import redact_url
+import ray
+from ray import serve
+
+from caspo.bench.run import main as bench_main
+from caspo.config import ConfigError, load_config
 from caspo.core.cat import METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS
+from caspo.evaluation import evaluate
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner, ensure_mesh, stop_running_mesh
+from caspo.mesh.state import MeshError, running_mesh
+from caspo.models.base import ModelLoadError
+from caspo.models.hf import HFBackend
+from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
+from caspo.netutil import redact_url
+from caspo.report import write_report
+from caspo.serve.cat_client import FIELDS as SOLVE_FIELDS
+from caspo.serve.cat_client import SolveError, solve_grpc, solve_http
+from caspo.serve.deployment import build_app, serve_options
+from caspo.services.security import auth_token
+from caspo.services.server import limit_proxy_messages
+from caspo.tasks import get_task
+from caspo.tasks.base import TaskError
+from caspo.tasks.gsm8k import check_data
+from caspo.trainer.collect import collect_round
+from caspo.trainer.loop import RoundController
 
 EXIT_USAGE = 2
 
@@ -57,15 +83,10 @@ def _search_config(args) -> SearchConfig:
 
 
 def _backend(model: str, max_step_tokens: int = 32):
-    from caspo.models.hf import HFBackend
-
     return HFBackend(model, max_step_tokens=max_step_tokens)
 
 
 def cmd_eval(args) -> int:
-    from caspo.evaluation import evaluate
-    from caspo.tasks import get_task
-
     cfg = _search_config(args)
     if args.n < 1:
         raise UsageError(f"-n must be >= 1, got {args.n}")
@@ -85,9 +106,6 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     """Load (or train) the tiny reasoner and compare greedy, SC@K and CaT@K with both scorings."""
-    from caspo.evaluation import evaluate
-    from caspo.tasks import get_task
-
     task = get_task("arith")
     problems = task.problems(args.n, seed=args.seed, split="test")
     backend = _backend(args.model)
@@ -117,8 +135,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train_base(args) -> int:
-    from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
-
     out = args.out or str(caspo_home() / "tiny")
     cfg = TinyTrainConfig(seed=args.seed, steps=args.steps)
     path = train_tiny(cfg, out, progress=True)
@@ -129,8 +145,6 @@ def cmd_train_base(args) -> int:
 def cmd_check_data(args) -> int:
     if args.task != "gsm8k":
         raise UsageError(f"check-data supports --task gsm8k, got {args.task!r}")
-    from caspo.tasks.gsm8k import check_data
-
     res = check_data(args.data, perturb=args.perturb, seed=args.seed)
     if args.json:
         print(json.dumps(res))
@@ -146,8 +160,6 @@ DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
 
 
 def _config(args):
-    from caspo.config import load_config
-
     path = args.config
     if path is None and os.path.exists(DEFAULT_CONFIG):
         path = DEFAULT_CONFIG
@@ -155,10 +167,6 @@ def _config(args):
 
 
 def cmd_up(args) -> int:
-    import signal
-    import threading
-
-    from caspo.services.mesh import MeshRunner
 
     cfg = _config(args)
     runner = MeshRunner(cfg)
@@ -180,8 +188,6 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from caspo.services.mesh import stop_running_mesh
-
     cfg = _config(args)
     if stop_running_mesh(cfg):
         print("mesh stopped")
@@ -191,9 +197,6 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
-    import asyncio
-
-    from caspo.services.mesh import MeshClient, MeshError
 
     cfg = _config(args)
     try:
@@ -212,12 +215,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_generate_pairs(args) -> int:
-    import asyncio
-    import contextlib
-
-    from caspo.services.mesh import MeshClient, MeshRunner, read_state, _alive
-    from caspo.tasks import get_task
-    from caspo.trainer.collect import collect_round
 
     cfg = _config(args)
     if args.n < 1:
@@ -226,13 +223,13 @@ def cmd_generate_pairs(args) -> int:
         raise UsageError(f"--round must be >= 0, got {args.round}")
     task = get_task(cfg.task.name, cfg.task.data)
     problems = task.problems(args.n, seed=cfg.pairs.seed + 1000 * args.round, split="train")
-    st = read_state(cfg)
-    with contextlib.ExitStack() as stack:
-        if not (st and _alive(int(st.get("pid", -1)))):
-            if not args.json:
-                print("no running mesh found: starting one for this command (`caspo up` keeps one running)", file=sys.stderr)
-            stack.enter_context(MeshRunner(cfg))
-        client = MeshClient.from_state(cfg)
+
+    def announce():
+        if not args.json:
+            print("no running mesh found: starting one for this command (`caspo up` keeps one running)", file=sys.stderr)
+
+    with ensure_mesh(cfg, on_start=announce) as st:
+        client = MeshClient(st["registry"])
 
         async def go():
             try:
@@ -262,12 +259,6 @@ def _round_rows(rows: list[dict]) -> list[dict]:
 
 
 def cmd_loop(args) -> int:
-    import contextlib
-
-    import ray
-
-    from caspo.services.mesh import MeshRunner, _alive, read_state
-    from caspo.trainer.loop import RoundController
 
     overrides = list(args.set)
     if args.run:
@@ -279,17 +270,11 @@ def cmd_loop(args) -> int:
     args.set = overrides
     cfg = _config(args)
     rounds = None if args.forever else cfg.loop.rounds
-    with contextlib.ExitStack() as stack:
-        st = read_state(cfg)
-        if st and _alive(int(st.get("pid", -1))):
-            ray.init(address=st["ray_address"], namespace=cfg.mesh.namespace, logging_level="WARNING")
-            stack.callback(ray.shutdown)
-        else:
-            print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
-            runner = MeshRunner(cfg)
-            stack.callback(runner.stop)
-            runner.start(progress=True)
-            st = read_state(cfg)
+
+    def announce():
+        print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
+
+    with ensure_mesh(cfg, join_ray=True, progress=True, on_start=announce) as st:
         actor = ray.remote(num_cpus=0)(RoundController).options(name=f"caspo-loop-{cfg.loop.run}", namespace=cfg.mesh.namespace).remote(
             cfg.to_dict(), st["registry"], st["redis_url"]
         )
@@ -311,8 +296,6 @@ def cmd_loop(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from caspo.report import write_report
-
     try:
         res = write_report(args.run_dir, out_dir=args.out, compare=args.compare)
     except (FileNotFoundError, ValueError) as e:
@@ -324,23 +307,15 @@ def cmd_report(args) -> int:
 
 def cmd_serve(args) -> int:
     """CaT on Ray Serve: HTTP and gRPC, until Ctrl-C."""
-    import signal
-    import threading
 
-    import ray
-    from ray import serve
-
-    from caspo.services.cat_serve import build_app, serve_options
-    from caspo.services.grpc_util import auth_token, limit_proxy_messages
-    from caspo.services.mesh import _alive, read_state
 
     cfg = _config(args)
     sv = cfg.serve
-    st = read_state(cfg)
+    st = running_mesh(cfg)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING")
         where = f"the Ray cluster at {os.environ['RAY_ADDRESS']}"
-    elif st and _alive(int(st.get("pid", -1))):
+    elif st:
         ray.init(address=st["ray_address"], logging_level="WARNING")  # beside the running mesh and loop
         where = "the running mesh's Ray"
     else:
@@ -378,9 +353,7 @@ def _paint(c: float, tty: bool) -> str:
 
 def cmd_solve(args) -> int:
     """Ask a running CaT service; print each step with its confidence, then the answer."""
-    from caspo.services.cat_client import SolveError, solve_grpc, solve_http
-
-    params = {k: getattr(args, k) for k in ("method", "k", "tau", "max_steps", "temperature", "scoring", "seed")}
+    params = {k: getattr(args, k) for k in SOLVE_FIELDS}
     tty = sys.stdout.isatty()
     try:
         if args.http:
@@ -528,9 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own parser (bench/run.py), so `caspo bench --help` lists its options
-        from bench.run import main as bench_main
-
+    if argv[:1] == ["bench"]:  # its own parser (caspo/bench/run.py), so `caspo bench --help` lists its options
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -538,10 +509,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from caspo.config import ConfigError
-    from caspo.models.base import ModelLoadError
-    from caspo.tasks.base import TaskError
-
     try:
         return args.func(args)
     except (UsageError, TaskError, ModelLoadError, ConfigError) as e:

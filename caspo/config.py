@@ -3,7 +3,9 @@
     cfg = load_config("configs/tiny-cpu.yaml", ["generator.replicas=2", "pairs.tau_quantile=0.3"])
 
 Every key has a default here; a YAML file sets any subset; ``--set section.key=value`` overrides
-(values parsed as YAML scalars). Unknown sections or keys are errors that name them.
+(values parsed as YAML scalars). Unknown sections or keys are errors that name them. Every limit a
+service enforces is a key here. A loaded config is frozen: code that needs a variant of a section
+(the pairs temperature of a round, say) makes one with ``dataclasses.replace``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class ConfigError(ValueError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeshConfig:
     run_dir: str = "runs/mesh"  # state file, Redis data, logs
     namespace: str = "caspo"  # Ray namespace of the mesh's named actors
@@ -33,7 +35,7 @@ class MeshConfig:
     placement: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     policy: str = "tiny"  # "tiny", a directory, or a hub id
     backend: str = "hf"  # hf | vllm
@@ -41,37 +43,40 @@ class ModelConfig:
     max_batch_rows: int = 256  # rows per forward pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class GeneratorConfig:
     replicas: int = 1
     max_k: int = 16  # samples per prompt a request may ask for
     max_prompts: int = 512  # prompts per request
     max_prompt_chars: int = 8192
     max_steps: int = 16  # rollout steps a request may ask for
+    max_temperature: float = 2.0  # sampling temperature a request may ask for
+    max_path_chars: int = 4096  # checkpoint path of a Reload
     batch_wait_ms: float = 5.0  # how long a replica waits to merge concurrent requests
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScorerConfig:
     max_items: int = 1024
     max_prompt_chars: int = 8192
     max_step_chars: int = 2048
+    max_path_chars: int = 4096  # checkpoint path of a Reload
 
 
-@dataclass
+@dataclass(frozen=True)
 class CriticConfig:
     kind: str = "exact"  # exact: the task's verifier; llm: a model writes the reference step
     model: str | None = None  # for kind=llm
     max_items: int = 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
     name: str = "arith"
     data: str | None = None  # JSONL for file-backed tasks
 
 
-@dataclass
+@dataclass(frozen=True)
 class PairsConfig:
     candidates: int = 4  # sampled steps per sub-question: the policy's step and its competitors
     temperature: float = 0.7
@@ -82,14 +87,38 @@ class PairsConfig:
     seed: int = 0
 
 
-@dataclass
-class DPOConfig:
+@dataclass(frozen=True)
+class PairStoreConfig:
+    max_prompt_chars: int = 16384
+    max_step_chars: int = 4096  # chosen and rejected
+    max_name_chars: int = 256  # question_id, critic, consumer group, consumer
+    max_put_pairs: int = 10000  # pairs one Put may carry
+    max_read_count: int = 10000  # pairs one Read may return
+    max_block_ms: int = 60000  # longest a Read may wait for new pairs
+
+
+@dataclass(frozen=True)
+class DPOTrainConfig:
+    """One round of DPO (caspo/trainer/dpo.py); the ``dpo`` section of the config is this dataclass.
+
+    ``per_device_batch_size`` is per Ray Train worker: the global batch is ``per_device_batch_size *
+    gradient_accumulation_steps * num_workers``. ``precompute_ref_log_probs``: the reference is frozen,
+    so its log-probs are computed once up front and the model is not held during training.
+    """
+
     beta: float = 0.1  # DPO temperature (paper: 0.1)
+    loss_type: str = "sigmoid"  # TRL's DPO loss (the paper's: sigmoid); see _loss in caspo/trainer/dpo.py
     sft_weight: float = 0.0  # NLL on the chosen step added to the DPO loss (0: plain DPO as in the paper)
     learning_rate: float = 2e-6  # tiny model (larger rates shift its digits, see README); paper (7B): 5e-7
     per_device_batch_size: int = 8  # per Ray Train worker
+    gradient_accumulation_steps: int = 1
     epochs: float = 2
-    max_length: int = 256
+    max_length: int = 256  # prompt + completion tokens; longer rows are truncated, prompt-only-too-long dropped
+    precompute_ref_log_probs: bool = True
+    gradient_checkpointing: bool = False  # TRL turns it on by default; worth it for 7B, a slowdown for tiny
+    logging_steps: int = 1
+    seed: int = 0  # the loop trains round k with seed k
+    delimiter: str = "\n"  # the step delimiter appended to each completion (DESIGN §4)
     num_workers: int = 2  # data-parallel Ray Train workers
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
     use_gpu: bool = False
@@ -98,7 +127,7 @@ class DPOConfig:
     max_failures: int = 3  # Ray Train restarts of the worker group after a worker dies (resumes from a checkpoint)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopConfig:
     run: str = "caspo"  # runs/NAME holds rounds.jsonl, policies/vK, state
     runs_dir: str = "runs"
@@ -113,7 +142,7 @@ class LoopConfig:
     eval_batch: int = 16
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeConfig:
     app_name: str = "caspo"  # the Serve application (gRPC clients may send it as "application" metadata)
     host: str = "127.0.0.1"  # HTTP bind address (0.0.0.0 in a cluster)
@@ -142,7 +171,7 @@ class ServeConfig:
     max_temperature: float = 2.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,7 +180,8 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
+    pair_store: PairStoreConfig = field(default_factory=PairStoreConfig)
+    dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
@@ -181,22 +211,31 @@ def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-def _apply(cfg: Config, section: str, values: dict, origin: str) -> None:
-    if not hasattr(cfg, section):
-        names = ", ".join(f.name for f in dataclasses.fields(cfg))
-        raise ConfigError(f"{origin}: unknown section {section!r} (sections: {names})")
-    sub = getattr(cfg, section)
-    fields = {f.name: f for f in dataclasses.fields(sub)}
-    if not isinstance(values, dict):
+# the section classes, by section name
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _apply(values: dict[str, dict], section: str, given: dict, origin: str) -> None:
+    """Check and coerce ``given`` (keys of one section) and merge it into ``values``."""
+    if section not in _SECTIONS:
+        raise ConfigError(f"{origin}: unknown section {section!r} (sections: {', '.join(_SECTIONS)})")
+    fields = {f.name: f for f in dataclasses.fields(_SECTIONS[section])}
+    if not isinstance(given, dict):
         raise ConfigError(f"{origin}: section {section!r} must be a mapping")
-    for key, value in values.items():
+    for key, value in given.items():
         if key not in fields:
             raise ConfigError(f"{origin}: unknown key {section}.{key} (keys: {', '.join(fields)})")
-        setattr(sub, key, _coerce(section, key, value, fields[key].type))
+        values.setdefault(section, {})[key] = _coerce(section, key, value, fields[key].type)
+
+
+def _build(values: dict[str, dict]) -> Config:
+    cfg = Config(**{name: cls(**values.get(name, {})) for name, cls in _SECTIONS.items()})
+    validate(cfg)
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    cfg = Config()
+    values: dict[str, dict] = {}
     if path:
         p = Path(path)
         if not p.exists():
@@ -204,16 +243,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        for section, values in data.items():
-            _apply(cfg, section, values or {}, str(p))
+        for section, given in data.items():
+            _apply(values, section, given or {}, str(p))
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        _apply(cfg, section, {key: yaml.safe_load(raw) if raw else None}, "--set")
-    validate(cfg)
-    return cfg
+        _apply(values, section, {key: yaml.safe_load(raw) if raw else None}, "--set")
+    return _build(values)
 
 
 def validate(cfg: Config) -> None:
@@ -251,8 +289,7 @@ def validate(cfg: Config) -> None:
 
 def config_from_dict(data: dict) -> Config:
     """A Config from ``Config.to_dict()`` output (how actors receive it)."""
-    cfg = Config()
-    for section, values in (data or {}).items():
-        _apply(cfg, section, values or {}, "config")
-    validate(cfg)
-    return cfg
+    values: dict[str, dict] = {}
+    for section, given in (data or {}).items():
+        _apply(values, section, given or {}, "config")
+    return _build(values)

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from caspo.core import metrics
-from caspo.progress import bar as progress_bar
 from caspo.core.cat import Search, SearchConfig, SearchResult, derive_seed, run_searches, run_searches_async
 from caspo.models.base import PromptedProposer
+from caspo.progress import bar as progress_bar
 from caspo.tasks.base import Problem, Task
 
 
@@ -111,7 +111,9 @@ def report_of(cfg: SearchConfig, records: list[ProblemRecord], seconds: float, n
     )
 
 
-def _searches(problems: Sequence[Problem], cfg: SearchConfig) -> list[Search]:
+def make_searches(problems: Sequence[Problem], cfg: SearchConfig) -> list[Search]:
+    """One search per problem, each seeded from ``cfg.seed`` and the problem's id (so a problem samples
+    the same whatever else shares its batch)."""
     out = []
     for p in problems:
         seed = None if cfg.seed is None else derive_seed(cfg.seed, p.id)
@@ -135,7 +137,7 @@ def evaluate(
     with progress_bar(len(problems), desc or f"eval {cfg.method}", "q", progress) as bar:
         for s in range(0, len(problems), batch):
             chunk = problems[s : s + batch]
-            for p, res in zip(chunk, run_searches(_searches(chunk, cfg), proposer)):
+            for p, res in zip(chunk, run_searches(make_searches(chunk, cfg), proposer)):
                 records.append(record_of(task, p, res))
             bar.update(len(chunk))
     return report_of(cfg, records, time.perf_counter() - t0)
@@ -156,7 +158,7 @@ async def evaluate_async(
     with progress_bar(len(problems), desc or f"eval {cfg.method}", "q", progress) as bar:
         for s in range(0, len(problems), batch):
             chunk = problems[s : s + batch]
-            for p, res in zip(chunk, await run_searches_async(_searches(chunk, cfg), proposer)):
+            for p, res in zip(chunk, await run_searches_async(make_searches(chunk, cfg), proposer)):
                 records.append(record_of(task, p, res))
             bar.update(len(chunk))
     return report_of(cfg, records, time.perf_counter() - t0)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ray
+from ray.experimental import tqdm_ray
+from tqdm.auto import tqdm
+
 
 def _in_ray_worker() -> bool:
     try:
-        import ray
-
         return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
     except Exception:  # noqa: BLE001
         return False
@@ -50,9 +52,5 @@ def bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
     if not enabled:
         return _Off()
     if _in_ray_worker():
-        from ray.experimental import tqdm_ray
-
         return _Closing(tqdm_ray.tqdm(total=total, desc=desc, unit=unit))
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, leave=False)

@@ -18,15 +18,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import grpc_tools
+from grpc_tools import protoc
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 OUT_DIR = Path(__file__).resolve().parent / "protos"
 
 
 def generate(proto_dir: Path = PROTO_DIR, out_dir: Path = OUT_DIR) -> list[Path]:
-    import grpc_tools
-    from grpc_tools import protoc
-
     protos = sorted(str(p.relative_to(proto_dir)) for p in proto_dir.rglob("*.proto"))
     if not protos:
         raise FileNotFoundError(f"no .proto files under {proto_dir}")

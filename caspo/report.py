@@ -21,6 +21,11 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
 __all__ = ["load_rounds", "write_report", "format_markdown_table", "SUMMARY_COLUMNS"]
 
 # (row key, column header) of the summary table
@@ -171,9 +176,11 @@ def _run_section(name: str, run_dir, rows: list[dict]) -> str:
 
 
 # ---- figures ----------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (figures to files, no display).
 
+    Imported when a figure is drawn rather than at the top: choosing a backend is process-wide, and
+    importing this module (the CLI does) must not switch the backend of, say, a notebook."""
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -212,7 +219,7 @@ def _reliability_axes(ax, row: dict, title: str) -> None:
 
 
 def _plot_reliability(runs: list[tuple[str, list[dict]]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     max_cols = 5
     layout = []  # (run index, row) per panel, each run starting on a new grid row
     grid_rows = 0
@@ -253,11 +260,7 @@ CURVE_PANELS = [
 
 
 def _plot_curves(runs: list[tuple[str, list[dict]]], path: Path) -> None:
-    plt = _pyplot()
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
-
+    plt = pyplot()
     colors = [f"C{i % 10}" for i in range(len(runs))]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.4))
     flat = axes.ravel()

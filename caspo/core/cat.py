@@ -23,12 +23,13 @@ calibration is measured on the same quantity for every method.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from caspo.core.confidence import SCORINGS, log_step_multiplier, log_step_score, mean_entropy
-from caspo.core.steps import final_answer, parse_number
+from caspo.core.steps import final_answer, number_text, parse_number
 
 METHODS = ("greedy", "sc", "bon", "cat")
 NO_CONFIDENT_ANSWER = "no confident answer"
@@ -104,8 +105,6 @@ class Node:
     status: str = "active"  # active | expanded | completed | pruned | dropped | dead | truncated
 
     def to_dict(self) -> dict:
-        import math
-
         return {
             "id": self.id,
             "parent": self.parent,
@@ -148,9 +147,10 @@ def derive_seed(*parts) -> int:
 
 
 def answer_key(answer: str) -> str:
-    """Canonical form of a final answer for voting: the number if it is one, else trimmed text."""
+    """Canonical form of a final answer for voting: the number as people write it (``30``, ``2.5``)
+    if it is one, else trimmed lower-case text."""
     n = parse_number(answer)
-    return str(n.normalize()) if n is not None else answer.strip().lower()
+    return number_text(n) if n is not None else answer.strip().lower()
 
 
 @dataclass(frozen=True)
@@ -320,8 +320,6 @@ class Search:
         return chosen, path, votes
 
     def result(self, with_tree: bool = False) -> SearchResult:
-        import math
-
         chosen, path, votes = self.answer()
         return SearchResult(
             question=self.question,
@@ -345,8 +343,6 @@ class Search:
 
 
 def _log(x: float) -> float:
-    import math
-
     return math.log(x) if x > 0 else float("-inf")
 
 
@@ -410,8 +406,6 @@ class CommittedStep:
 
 
 def _committed_step(index: int, node: Node) -> CommittedStep:
-    import math
-
     return CommittedStep(index, node.step, math.exp(node.log_c), math.exp(node.log_C), node.mean_entropy)
 
 

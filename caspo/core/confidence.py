@@ -16,14 +16,14 @@ def token_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 
     ``logits``: (..., V), the raw logits the sampler saw (before temperature). Computed via
     log_softmax in float32 so huge or -inf logits stay finite. ``mask`` (same leading shape, 1 = real
-    token) zeroes padded positions. O(V) per token.
+    token) zeroes padded positions, whatever their logits hold (NaN too). O(V) per token.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
     # p*logp with p == 0 is 0; where logp is -inf, torch gives nan for 0*-inf, so use xlogy-style guard
     p = logp.exp()
     h = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
     if mask is not None:
-        h = h * mask.to(h.dtype)
+        h = _masked(h, mask)
     return h
 
 
@@ -32,8 +32,13 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, mask: torch.Te
     logp = torch.log_softmax(logits.float(), dim=-1)
     lp = logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
     if mask is not None:
-        lp = lp * mask.to(lp.dtype)
+        lp = _masked(lp, mask)
     return lp
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` with padded positions set to 0; a select, since multiplying by 0 keeps NaN and inf."""
+    return torch.where(mask.bool(), values, torch.zeros_like(values))
 
 
 def topk_entropy_estimate(logprobs: Sequence[float], vocab_size: int | None = None) -> float:

@@ -10,6 +10,9 @@ policy's step ``s`` with step confidence ``c`` (paper eq. 2, ``-mean entropy``, 
 
 ``tau`` is on the same scale as ``c`` (a non-positive negated mean entropy), usually a quantile of
 the round's step confidences (:func:`tau_from_quantile`).
+
+A :class:`Pair` keeps this one form from the rule that builds it to the DPO trainer that reads it;
+only the gRPC and Redis boundaries turn it into something else and back.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import numpy as np
 __all__ = [
     "CASE_UNSURE_CORRECT",
     "CASE_INCORRECT",
+    "CASE_TRAJECTORY",
+    "CASES",
     "SKIP_CONFIDENT",
     "SKIP_NO_COMPETITOR",
     "Candidate",
@@ -38,6 +43,8 @@ __all__ = [
 
 CASE_UNSURE_CORRECT = "correct_unsure"
 CASE_INCORRECT = "incorrect"
+CASE_TRAJECTORY = "trajectory"  # the control run's pairs: best vs worst full solution of a question
+CASES = (CASE_UNSURE_CORRECT, CASE_INCORRECT, CASE_TRAJECTORY)
 
 SKIP_CONFIDENT = "skip_confident_correct"
 SKIP_NO_COMPETITOR = "skip_no_incorrect_competitor"
@@ -54,9 +61,12 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Pair:
-    """One DPO preference pair; ``case`` is CASE_UNSURE_CORRECT or CASE_INCORRECT.
+    """One DPO preference pair; ``case`` is one of ``CASES``.
 
     ``confidence`` is the policy step's eq. 2 confidence and ``tau`` the threshold it was compared to.
+    The lineage — ``policy_version`` that wrote the step, ``question_id``, ``critic`` that judged it —
+    is known once the round is (the three-case rule leaves it empty). ``key`` names the pair by its
+    content alone, so the same pair put twice is stored once.
     """
 
     prompt: str
@@ -65,6 +75,13 @@ class Pair:
     case: str
     confidence: float
     tau: float
+    policy_version: int = 0
+    question_id: str = ""
+    critic: str = ""
+
+    @property
+    def key(self) -> str:
+        return pair_key(self)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,13 @@ def parse_number(text: str) -> Decimal | None:
         return None
 
 
+def number_text(n: Decimal) -> str:
+    """A number in plain canonical notation: ``30``, ``2.5``, ``-3``, ``0`` (never ``3E+1`` or ``-0``)."""
+    if n.is_zero():
+        return "0"
+    return format(n.normalize(), "f")
+
+
 def step_result(step: str) -> Decimal | None:
     """The numeric result a step arrives at: its final answer, else the number after its last '=',
     else its last number. None when the step states no number."""

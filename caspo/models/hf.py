@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caspo.core.cat import ProposedStep, derive_seed
 from caspo.core.confidence import token_entropy, token_logprobs
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import ModelLoadError, StepScore
+from caspo.models.tiny import resolve_tiny
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,6 @@ def resolve_model_path(name_or_path: str) -> str:
     """``tiny`` → the built-in tiny reasoner; an existing directory → itself; anything else is passed
     to ``from_pretrained`` as a hub id (which needs a reachable hub or a local cache)."""
     if name_or_path == "tiny":
-        from caspo.models.tiny import resolve_tiny
-
         return str(resolve_tiny())
     p = Path(name_or_path).expanduser()
     try:
@@ -46,8 +46,6 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None):
     """Load model and tokenizer with ``from_pretrained``; weights only from safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
@@ -159,8 +157,6 @@ class HFBackend:
 
     @torch.inference_mode()
     def _sample_chunk(self, w: _Weights, prompts, n, temperature, seeds) -> list[list[ProposedStep]]:
-        from transformers import DynamicCache
-
         ids, mask = self._encode_left(w, prompts)
         cache = DynamicCache(config=w.model.config)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -20,6 +20,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, processors
+from tokenizers.models import BPE
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from caspo.tasks.arith import ArithTask
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -46,11 +54,8 @@ def resolve_tiny() -> Path:
 
 def build_tokenizer():
     """Character-level tokenizer: a BPE with an empty merge list is exactly one token per character."""
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.decoder = decoders.Fuse()
     # the tokenizer owns <bos>: encode(..., add_special_tokens=True) prepends it, as Llama tokenizers do
@@ -86,8 +91,6 @@ class TinyTrainConfig:
 
 
 def build_model(cfg: TinyTrainConfig, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -109,10 +112,6 @@ def _packed_batches(cfg: TinyTrainConfig, tokenizer, seed: int):
 
     A document is <bos> prompt solution <eos>; the loss covers solution and <eos> only.
     """
-    import torch
-
-    from caspo.tasks.arith import ArithTask
-
     stream = ArithTask().iter_train_text(seed)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     ids_buf: list[int] = []
@@ -135,9 +134,6 @@ def train_tiny(cfg: TinyTrainConfig, out_dir: str | Path, progress: bool = True,
     """Train the tiny reasoner from scratch into ``out_dir``, resuming from ``out_dir/_resume`` when a
     run was interrupted. ``stop_at`` ends this call after that many steps (a checkpoint step), leaving
     the run resumable; it returns None then, else the saved model's directory."""
-    import torch
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume_dir = out / "_resume"

@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
+
 from caspo.core.cat import ProposedStep, derive_seed
 from caspo.core.confidence import topk_entropy_estimate
 from caspo.core.steps import DEFAULT_DELIMITER
@@ -54,9 +58,6 @@ class WeightReloadExtension:
     """
 
     def caspo_load_safetensors(self, path: str) -> int:
-        import torch
-        from safetensors import safe_open
-
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors in {path}")
@@ -137,12 +138,10 @@ class VLLMBackend:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
-        import torch
-
         if not torch.cuda.is_available():
             raise ModelLoadError(f"{GPU_EXTRA} and a CUDA GPU (torch sees none)")
         try:
-            import vllm
+            import vllm  # only here: vllm is the optional gpu extra, and this module imports without it
         except ImportError as e:
             raise ModelLoadError(GPU_EXTRA) from e
         self._vllm = vllm
@@ -150,8 +149,6 @@ class VLLMBackend:
         self.max_step_tokens = max_step_tokens
         self.topk = topk
         resolved = resolve_model_path(path)
-        from transformers import AutoConfig, AutoTokenizer
-
         try:
             # the same tokenizer the HF backend uses, so both encode a prompt to the same ids
             self._tok = AutoTokenizer.from_pretrained(resolved)
@@ -192,8 +189,8 @@ class VLLMBackend:
         A running ``generate`` holds the lock, so it finishes on the weights it started with; requests
         that arrive during the swap wait for it (the time to read the checkpoint from disk). This replica
         does not serve two versions at once — that would need a second engine and a second KV cache on
-        the same GPU — so zero-downtime serving is the GeneratorPool's job: it reloads its replicas one
-        at a time while the others keep serving. (``LLM.sleep``/``wake_up`` with ``enable_sleep_mode``
+        the same GPU — so zero-downtime serving is the generator pool's job (caspo/mesh/actors.py): it
+        reloads its replicas one at a time while the others keep serving. (``LLM.sleep``/``wake_up`` with ``enable_sleep_mode``
         is the alternative for colocated training; it is not needed here.)
         If loading fails part-way the replica holds mixed weights: the error is raised with the old
         version number kept, and the pool must take this replica out of service.

@@ -1,1 +1,1 @@
-"""gRPC servers and clients for the mesh's actors, and the Ray Serve CaT application."""
+"""gRPC servicers of the mesh's services, and what their servers and channels share."""

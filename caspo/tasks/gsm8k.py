@@ -36,6 +36,7 @@ from caspo.tasks.base import Judgement, Problem, TaskError
 # ---- safe arithmetic --------------------------------------------------------------------------
 
 MAX_EXPR_LEN = 500  # characters; GSM8K annotations are at most ~30
+MAX_STEP_CHARS = 4096  # a step the verifier reads; GSM8K steps are under 500
 MAX_EXPONENT = 100  # |exponent| of **
 MAX_DIGITS = 100  # any intermediate value: |numerator|, denominator < 10**MAX_DIGITS
 _LIMIT = 10**MAX_DIGITS
@@ -46,6 +47,8 @@ _THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])")
 _PERCENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*%(?=\s*(?:[)+\-*/]|$))")
 _LEADING_ZEROS = re.compile(r"(?<![\d.])0+(?=\d)")
 _UNICODE_OPS = str.maketrans({"−": "-", "×": "*", "÷": "/", "–": "-"})
+# what a calculator writes; Python's other literals (1_000, 0x10, 0b11, 0o7, 1j) are not numbers here
+_DECIMAL_LITERAL = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 def _normalise(expr: str) -> str:
@@ -122,8 +125,10 @@ def _walk(node: ast.AST, src: str) -> Fraction:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"only numbers are allowed, got {v!r}")
         text = ast.get_source_segment(src, node) or repr(v)
+        if not _DECIMAL_LITERAL.fullmatch(text):
+            raise ValueError(f"not a decimal number: {text!r}")
         try:
-            return _check(Fraction(text.replace("_", "")))  # the literal as written, not a float
+            return _check(Fraction(text))  # the literal as written, not a float
         except (ValueError, ZeroDivisionError):
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"number out of range: {text}") from None
@@ -188,15 +193,37 @@ def safe_eval(expr: str) -> Decimal:
 
 # ---- calculator annotations -------------------------------------------------------------------
 
-_ANNOTATION = re.compile(r"<<(.*?)>>")
-_NUMBER_AFTER = re.compile(r"\s*\$?\s*(-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+)")
+# the number written right after an annotation: a fraction (``3/4``) is read whole
+_NUMBER_AFTER = re.compile(r"\s*\$?\s*((-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+)(?:/\d+(?:\.\d+)?)?)")
+
+
+def annotation_spans(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, body)`` of every ``<<body>>`` in ``text``, as ``re.finditer(r"<<(.*?)>>")`` finds them.
+
+    A scan in linear time: the regex tries every ``<<`` against the rest of its line, so a step of
+    ``<<`` without ``>>`` cost quadratic time. An annotation never spans a line, and once a ``<<`` has
+    no ``>>`` after it on its line, no later ``<<`` of that line has one either."""
+    out = []
+    offset = 0
+    for line in text.split("\n"):
+        pos = 0
+        while True:
+            start = line.find("<<", pos)
+            if start < 0:
+                break
+            end = line.find(">>", start + 2)
+            if end < 0:
+                break
+            out.append((offset + start, offset + end + 2, line[start + 2 : end]))
+            pos = end + 2
+        offset += len(line) + 1
+    return out
 
 
 def calc_annotations(step: str) -> list[tuple[str, str]]:
     """All ``<<expr=value>>`` annotations of a step, as (expr, value) stripped; value after the last '='."""
     out = []
-    for m in _ANNOTATION.finditer(step):
-        body = m.group(1)
+    for _, _, body in annotation_spans(step):
         if "=" in body:
             expr, value = body.rsplit("=", 1)
             out.append((expr.strip(), value.strip()))
@@ -224,18 +251,21 @@ def verify_step_annotations(step: str) -> tuple[bool, str]:
     and the number written right after an annotation (if any) is that value; else (False, reason).
 
     A step with no annotation is vacuously true, with the reason ``"no calculator annotation"``;
-    callers that must tell such steps apart (check_data) use :func:`calc_annotations` first.
+    callers that must tell such steps apart (check_data) use :func:`calc_annotations` first. A step
+    longer than ``MAX_STEP_CHARS`` is refused unread.
     """
-    for m in _ANNOTATION.finditer(step):
-        if "=" not in m.group(1):
-            return False, f"annotation without '=': {m.group(0)}"
+    if len(step) > MAX_STEP_CHARS:
+        return False, f"step is {len(step)} characters; the verifier reads at most {MAX_STEP_CHARS} characters"
+    spans = annotation_spans(step)
+    for start, end, body in spans:
+        if "=" not in body:
+            return False, f"annotation without '=': {step[start:end]}"
     if step.count("<<") != step.count(">>"):
         return False, "unbalanced '<<' / '>>'"
-    matches = list(_ANNOTATION.finditer(step))
-    if not matches:
+    if not spans:
         return True, "no calculator annotation"
-    for m in matches:
-        expr, value = (p.strip() for p in m.group(1).rsplit("=", 1))
+    for _, end, body in spans:
+        expr, value = (p.strip() for p in body.rsplit("=", 1))
         try:
             computed = eval_fraction(expr)
         except ValueError as e:
@@ -246,15 +276,21 @@ def verify_step_annotations(step: str) -> tuple[bool, str]:
             return False, f"value {value!r} of {expr!r} is not a number: {e}"
         if not ok:
             return False, f"{expr}={value} is wrong: {expr} = {_fmt(computed)}"
-        shown = _NUMBER_AFTER.match(step, m.end())
+        shown = _NUMBER_AFTER.match(step, end)
         if shown:
-            try:
-                ok = value_matches(computed, shown.group(1))
-            except ValueError:
-                ok = False
+            # the number as written, a fraction whole (``<<3/4=3/4>>3/4``), or the part before its
+            # slash, which is all that was read before fractions were (``<<2*3=6>>6/2=3`` stays right)
+            ok = any(_states(computed, written) for written in {shown.group(1), shown.group(2)})
             if not ok:
                 return False, f"writes {shown.group(1)} after <<{expr}={value}>>"
-    return True, f"{len(matches)} annotation{'s' if len(matches) != 1 else ''} verified"
+    return True, f"{len(spans)} annotation{'s' if len(spans) != 1 else ''} verified"
+
+
+def _states(computed: Fraction, written: str) -> bool:
+    try:
+        return value_matches(computed, written)
+    except ValueError:
+        return False
 
 
 def _fmt(v: Fraction) -> str:
@@ -353,12 +389,11 @@ def _change_digit(value: str, rng: random.Random) -> str:
 def perturb_step(step: str, rng: random.Random) -> str:
     """Change one digit of every annotation's value, and the same in a verbatim copy right after it."""
     out, pos = [], 0
-    for m in _ANNOTATION.finditer(step):
-        body = m.group(1)
-        out.append(step[pos : m.start()])
-        pos = m.end()
+    for start, end, body in annotation_spans(step):
+        out.append(step[pos:start])
+        pos = end
         if "=" not in body:
-            out.append(m.group(0))
+            out.append(step[start:end])
             continue
         expr, value = body.rsplit("=", 1)
         new = _change_digit(value, rng)

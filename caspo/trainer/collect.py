@@ -11,6 +11,7 @@ unless set), the three-case rule makes the pairs, and the pair store acknowledge
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -185,20 +186,8 @@ async def collect_round(
         records=records,
     )
     if store and pairs:
-        rows = [
-            {
-                "prompt": p.prompt,
-                "chosen": p.chosen,
-                "rejected": p.rejected,
-                "case": p.case,
-                "confidence": p.confidence,
-                "tau": p.tau,
-                "policy_version": version,
-                "question_id": r.problem_id,
-                "critic": critic,
-            }
-            for r, p in pairs
-        ]
+        # the lineage is known now that the whole round is: the policy that wrote it and who judged it
+        rows = [dataclasses.replace(p, policy_version=version, question_id=r.problem_id, critic=critic) for r, p in pairs]
         for i in range(0, len(rows), 500):
             resp = await client.put_pairs(round_, rows[i : i + 500])
             report.added += resp.added

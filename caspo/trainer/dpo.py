@@ -64,45 +64,30 @@ import shutil
 import struct
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Sequence
+
+import datasets
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import FailureConfig, RunConfig, ScalingConfig  # the V2 classes unless RAY_TRAIN_V2_ENABLED=0
+from ray.train.huggingface.transformers import prepare_trainer
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import is_v2_enabled
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import global_then_local_main_first
+
+from caspo.config import DPOTrainConfig
+from caspo.core.pairs import Pair
 
 log = logging.getLogger(__name__)
 
 _PAIR_KEYS = ("prompt", "chosen", "rejected")
-
-
-@dataclass
-class DPOSettings:
-    """Hyper-parameters of one DPO round.
-
-    ``learning_rate`` defaults to 5e-5, tuned for the tiny reasoner; the paper uses 5e-7 for its 7B models (with
-    a global batch of 64 and max length 2048). ``per_device_batch_size`` is per Ray worker: the global batch is
-    ``per_device_batch_size * gradient_accumulation_steps * num_workers``. ``precompute_ref_log_probs``: the
-    reference is frozen, so its log-probs are computed once up front and the model is not held during training.
-    ``checkpoint_steps``: a resumable checkpoint every that many optimizer steps (0: none, a restart begins at step
-    0); ``max_failures``: how often Ray Train restarts the workers after one dies before the run fails.
-    """
-
-    beta: float = 0.1
-    learning_rate: float = 5e-5  # tiny model; paper (7B): 5e-7
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    epochs: float = 1
-    max_length: int = 256  # prompt + completion tokens; longer rows are truncated, prompt-only-too-long dropped
-    loss_type: str = "sigmoid"
-    sft_weight: float = 0.0  # weight of an added NLL term on the chosen completion (0: plain DPO)
-    precompute_ref_log_probs: bool = True
-    num_workers: int = 2
-    use_gpu: bool = False
-    seed: int = 0
-    logging_steps: int = 1
-    delimiter: str = "\n"  # the step delimiter appended to each completion (DESIGN §4)
-    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker (a laptop mesh already holds some)
-    resources: dict | None = None  # extra custom Ray resources per worker (pins workers to a trainer group)
-    gradient_checkpointing: bool = False  # TRL turns it on by default; worth it for 7B, a slowdown for tiny
-    checkpoint_steps: int = 20  # optimizer steps between resumable checkpoints in the scratch dir (0: none)
-    max_failures: int = 3  # Ray Train restarts of the worker group after a worker process dies
 
 
 def scratch_dir(out_dir: str | os.PathLike) -> Path:
@@ -111,22 +96,22 @@ def scratch_dir(out_dir: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.dpo"
 
 
-def _rows(pairs: list[dict], delimiter: str) -> list[dict]:
+def _rows(pairs: Sequence[Pair], delimiter: str) -> list[dict]:
+    """The rows TRL reads (``{prompt, chosen, rejected}``): where a Pair stops being one."""
     if not pairs:
         raise ValueError("train_dpo needs at least one preference pair; got an empty list")
     rows = []
     for i, p in enumerate(pairs):
-        missing = [k for k in _PAIR_KEYS if k not in p]
-        if missing:
-            raise ValueError(f"pair {i} lacks {', '.join(missing)} (a pair needs prompt, chosen and rejected)")
-        bad = [k for k in _PAIR_KEYS if not isinstance(p[k], str)]
+        if not isinstance(p, Pair):
+            raise ValueError(f"pair {i} is a {type(p).__name__}, not a caspo.core.pairs.Pair")
+        bad = [k for k in _PAIR_KEYS if not isinstance(getattr(p, k), str)]
         if bad:
             raise ValueError(f"pair {i}: {', '.join(bad)} must be strings")
-        chosen, rejected = p["chosen"].strip(), p["rejected"].strip()
-        if not chosen or not rejected:
-            raise ValueError(f"pair {i}: chosen and rejected must be non-empty steps")
+        empty = [k for k in ("chosen", "rejected") if not getattr(p, k).strip()]
+        if empty:
+            raise ValueError(f"pair {i} lacks {' and '.join(empty)}: chosen and rejected must be non-empty steps")
         # the completion is the step plus its delimiter: the model learns to end the step there
-        rows.append({"prompt": p["prompt"], "chosen": chosen + delimiter, "rejected": rejected + delimiter})
+        rows.append({"prompt": p.prompt, "chosen": p.chosen.strip() + delimiter, "rejected": p.rejected.strip() + delimiter})
     return rows
 
 
@@ -221,9 +206,8 @@ def _model_files(path: str) -> list:
     return [str(p)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir()) if f.is_file()]
 
 
-def _fingerprint(rows: list[dict], policy_path: str, ref_path: str, settings: DPOSettings) -> dict:
+def _fingerprint(rows: list[dict], policy_path: str, ref_path: str, cfg: DPOTrainConfig) -> dict:
     """What makes two ``train_dpo`` calls the same run: rows, result-changing settings, models, library versions."""
-    from importlib.metadata import PackageNotFoundError, version
 
     def ver(pkg: str) -> str | None:
         try:
@@ -233,7 +217,7 @@ def _fingerprint(rows: list[dict], policy_path: str, ref_path: str, settings: DP
 
     parts = {
         "rows": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
-        "settings": {k: v for k, v in sorted(asdict(settings).items()) if k not in _NOT_IN_FINGERPRINT},
+        "settings": {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_IN_FINGERPRINT},
         "policy": _model_files(policy_path),
         "ref": _model_files(ref_path),
         "versions": {pkg: ver(pkg) for pkg in ("torch", "transformers", "trl", "datasets")},
@@ -282,55 +266,48 @@ def _loss_sum(history: list[dict], upto: int) -> tuple[float, int]:
     return total, covered
 
 
-def _step_trainer_class():
+class _StepDPOTrainer(DPOTrainer):
     """``DPOTrainer`` that keeps TRL's tokenisation but drops the ``<eos>`` TRL appends to each completion."""
-    from trl import DPOTrainer
 
-    class _StepDPOTrainer(DPOTrainer):
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            eos = self._tokenizer.eos_token_id
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        eos = self._tokenizer.eos_token_id
 
-            def drop_eos(example):
-                out = {}
-                for key in ("chosen_ids", "rejected_ids"):
-                    ids = example[key]
-                    out[key] = ids[:-1] if len(ids) > 1 and ids[-1] == eos else ids
-                return out
+        def drop_eos(example):
+            out = {}
+            for key in ("chosen_ids", "rejected_ids"):
+                ids = example[key]
+                out[key] = ids[:-1] if len(ids) > 1 and ids[-1] == eos else ids
+            return out
 
-            from trl.trainer.utils import global_then_local_main_first
-
-            with global_then_local_main_first():  # main writes the cache file first, the others then read it
-                return dataset.map(drop_eos, desc=f"Dropping appended EOS from {dataset_name} dataset")
-
-    return _StepDPOTrainer
+        with global_then_local_main_first():  # main writes the cache file first, the others then read it
+            return dataset.map(drop_eos, desc=f"Dropping appended EOS from {dataset_name} dataset")
 
 
-def _no_final_checkpoint_class():
-    from transformers import TrainerCallback
+class _NoFinalCheckpoint(TrainerCallback):
+    """The Trainer also checkpoints after the last step; the model is written right after it, so skip that."""
 
-    class _NoFinalCheckpoint(TrainerCallback):
-        """The Trainer also checkpoints after the last step; the model is written right after it, so skip that."""
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and state.global_step >= state.max_steps:
+            control.should_save = False
+        return control
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if control.should_save and state.global_step >= state.max_steps:
-                control.should_save = False
-            return control
 
-    return _NoFinalCheckpoint
+def _loss(cfg: DPOTrainConfig) -> dict:
+    """The loss TRL's DPOTrainer minimises, as ``DPOConfig`` arguments: the one place a loss is chosen.
+
+    ``loss_type`` is one of TRL's DPO losses (the paper's is ``sigmoid``); ``sft_weight`` > 0 adds NLL
+    on the chosen step (RPO), which keeps DPO from lowering the chosen step's likelihood too."""
+    losses, weights = [cfg.loss_type], [1.0]
+    if cfg.sft_weight > 0:
+        losses.append("sft")
+        weights.append(cfg.sft_weight)
+    return {"loss_type": losses, "loss_weights": weights}
 
 
 def _train_loop(config: dict) -> dict:
     """Ray Train worker loop (runs on every rank)."""
-    import datasets
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from ray.train.huggingface.transformers import prepare_trainer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig
-
-    s = DPOSettings(**config["settings"])
+    s = DPOTrainConfig(**config["settings"])
     progress = config["progress"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -388,9 +365,7 @@ def _train_loop(config: dict) -> dict:
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         num_train_epochs=s.epochs,
         max_length=s.max_length,
-        # sft_weight > 0 adds NLL on the chosen step (RPO): keeps DPO from lowering the chosen likelihood too
-        loss_type=[s.loss_type] + (["sft"] if s.sft_weight > 0 else []),
-        loss_weights=[1.0] + ([s.sft_weight] if s.sft_weight > 0 else []),
+        **_loss(s),
         precompute_ref_log_probs=s.precompute_ref_log_probs,
         gradient_checkpointing=s.gradient_checkpointing,
         report_to="none",
@@ -411,7 +386,7 @@ def _train_loop(config: dict) -> dict:
         # every parameter gets a gradient (tied embeddings included); searching for unused ones costs a pass
         ddp_find_unused_parameters=False,
     )
-    trainer = _step_trainer_class()(
+    trainer = _StepDPOTrainer(
         model=policy,
         ref_model=ref,
         args=args,
@@ -422,7 +397,7 @@ def _train_loop(config: dict) -> dict:
         trainer.ref_model = None  # its log-probs are in the dataset now; free it before training
         ref = None
     trainer = prepare_trainer(trainer)  # Ray's hook for Ray Data iterables; a no-op for a datasets.Dataset
-    trainer.add_callback(_no_final_checkpoint_class()())
+    trainer.add_callback(_NoFinalCheckpoint())
     n_train = len(trainer.train_dataset)
 
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -474,8 +449,6 @@ def _worker_env() -> dict:
     The patch sends ``print`` to Ray's logger, which defeats ``dill``'s stdout capture while ``datasets`` hashes
     the map functions for its fingerprints: every TRL map would dump the bytecode of its functions to the log.
     """
-    from ray.train.v2._internal.constants import is_v2_enabled
-
     if not is_v2_enabled():
         return {}
     var = "RAY_TRAIN_ENABLE_PRINT_PATCH"
@@ -483,17 +456,17 @@ def _worker_env() -> dict:
 
 
 def train_dpo(
-    pairs: list[dict],
+    pairs: Sequence[Pair],
     policy_path: str,
     ref_path: str,
     out_dir: str,
-    settings: DPOSettings,
+    cfg: DPOTrainConfig,
     progress: bool = True,
 ) -> dict:
     """Train ``policy_path`` with DPO against ``ref_path`` on ``pairs``; write the result to ``out_dir``.
 
-    ``pairs``: dicts with at least string ``prompt``, ``chosen`` and ``rejected`` (one reasoning step each; the
-    delimiter is appended here; other keys are ignored). ``out_dir`` must not exist or be empty; it ends up with
+    ``pairs``: :class:`caspo.core.pairs.Pair` (chosen and rejected are one reasoning step each; the delimiter is
+    appended here; the case and lineage do not change training). ``out_dir`` must not exist or be empty; it ends up with
     ``model.safetensors``, ``config.json`` and ``tokenizer.json``, loadable by ``from_pretrained``. It is a local
     path on one machine; on a multi-node Ray cluster it must be on storage shared by all nodes (see the module
     docstring), as the run's scratch directory is created beside it.
@@ -510,10 +483,10 @@ def train_dpo(
     ``train_loss`` and the ``*_start`` metrics cover the whole run, resumed or not; ``samples_per_s`` and
     ``train_runtime`` cover the last attempt's steps only.
     """
-    rows = _rows(pairs, settings.delimiter)
-    if settings.num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {settings.num_workers}")
-    if settings.checkpoint_steps < 0 or settings.max_failures < -1:
+    rows = _rows(pairs, cfg.delimiter)
+    if cfg.num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {cfg.num_workers}")
+    if cfg.checkpoint_steps < 0 or cfg.max_failures < -1:
         raise ValueError("checkpoint_steps must be >= 0 and max_failures >= -1 (-1: restart without limit)")
     for name, p in (("policy", policy_path), ("reference", ref_path)):
         if not (Path(p) / "config.json").exists():
@@ -522,10 +495,6 @@ def train_dpo(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory; DPO writes a fresh model directory")
 
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig  # the V2 classes unless RAY_TRAIN_V2_ENABLED=0
-    from ray.train.torch import TorchTrainer
-
     t0 = time.time()
     if not ray.is_initialized():
         log.info("no Ray running: starting a local one for DPO")
@@ -533,7 +502,7 @@ def train_dpo(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     run_dir = scratch_dir(out)  # deterministic: a re-run after a crash finds it
-    _open_run_dir(run_dir, _fingerprint(rows, policy_path, ref_path, settings))
+    _open_run_dir(run_dir, _fingerprint(rows, policy_path, ref_path, cfg))
     # Ray Train V2 restores its own run state from storage_path/name when it exists; this run keeps its state in
     # the HF checkpoints, so Ray's starts empty every call
     shutil.rmtree(run_dir / "ray", ignore_errors=True)
@@ -546,20 +515,20 @@ def train_dpo(
                 "ref_path": str(Path(ref_path).expanduser().resolve()),
                 "out_dir": str(out),
                 "run_dir": str(run_dir),
-                "settings": asdict(settings),
+                "settings": asdict(cfg),
                 "progress": progress,
             },
             scaling_config=ScalingConfig(
-                num_workers=settings.num_workers,
-                use_gpu=settings.use_gpu,
-                resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {}), **(settings.resources or {})},
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **cfg.resources},
             ),
             run_config=RunConfig(
                 name="dpo",
                 storage_path=str(run_dir / "ray"),
                 # a dead worker process fails the worker group; Ray Train then starts a new one, whose loop resumes
                 # from the newest complete checkpoint in run_dir/trainer
-                failure_config=FailureConfig(max_failures=settings.max_failures),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
                 **_worker_env(),
             ),
         )

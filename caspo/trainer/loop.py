@@ -23,34 +23,41 @@ never trained twice; pairs are acknowledged in the store only after the checkpoi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
-from caspo.progress import bar as progress_bar
-from caspo.config import Config
+import redis
+
+from caspo.config import Config, PairsConfig, config_from_dict
 from caspo.core.cat import SearchConfig, derive_seed
+from caspo.core.metrics import reliability_bins
+from caspo.core.pairs import CASE_TRAJECTORY, Pair
 from caspo.core.steps import final_answer
 from caspo.evaluation import evaluate_async
+from caspo.mesh.client import MeshClient, MeshProposer
+from caspo.models.hf import resolve_model_path
+from caspo.netutil import redact_url
+from caspo.progress import bar as progress_bar
 from caspo.tasks import get_task
 from caspo.trainer.collect import collect_round
+from caspo.trainer.dpo import scratch_dir, train_dpo
 
 log = logging.getLogger(__name__)
 
 STAGES = ("pairs", "train", "publish", "eval")
 TRAINER_GROUP = "trainer"
-READ_BATCH = 10_000  # the store re-delivers un-acked entries first, so a round is read in one go (<= 10k pairs)
 ROW_KEYS = ("round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_accuracy_logprob", "pairs", "policy_version")
 
 
 def store_round(run: str, k: int) -> int:
     """Pair-store round id of round k of a run: runs sharing one store (a CASPO run and its control,
     say) must never read each other's pairs, so each run's rounds live in their own block of ids."""
-    import zlib
-
     return (zlib.crc32(run.encode()) % 1_000_000) * 1000 + k
 
 
@@ -69,8 +76,6 @@ class RunState:
         self.redis = None
         self.key = f"caspo:run:{run}:state"
         if redis_url:
-            import redis
-
             self.redis = redis.Redis.from_url(redis_url)
             if not self.path.exists():  # the run dir was lost but Redis remembers
                 raw = self.redis.get(self.key)
@@ -109,11 +114,6 @@ class RoundController:
     """Drives rounds over a running mesh. Run it in-process or as a Ray actor (``caspo loop``)."""
 
     def __init__(self, cfg_dict: dict, registry_address: str, redis_url: str | None = None):
-        from caspo.actors.redis_server import redact_url
-        from caspo.config import config_from_dict
-        from caspo.models.hf import resolve_model_path
-        from caspo.services.mesh import MeshClient
-
         self.cfg = config_from_dict(cfg_dict)
         self.client = MeshClient(registry_address)
         self.run_dir = (Path(self.cfg.loop.runs_dir) / self.cfg.loop.run).resolve()  # services may run elsewhere
@@ -170,16 +170,15 @@ class RoundController:
         """After a restart the services may hold an older policy: publish the newest trained one."""
         services = {s["name"]: s for s in await self.client.registry()}
         if services.get("generator", {}).get("policy_version") != version:
-            await self._reload_services(version, self.state.policy(version))
+            await self.client.publish(version, self.state.policy(version), self.run_dir / "policy.json")
 
     # ---- stages -------------------------------------------------------------------------------
     async def _pairs(self, k: int, progress: bool) -> None:
         t0 = time.time()
-        pcfg = self.cfg.pairs
-        pcfg.temperature = temperature_for(self.cfg, k)
+        pcfg = dataclasses.replace(self.cfg.pairs, temperature=temperature_for(self.cfg, k))
         problems = self.task.problems(self.cfg.loop.questions, seed=derive_seed("loop", pcfg.seed, k) % (2**31), split="train")
         if self.cfg.loop.pairs == "trajectory":
-            summary = await self._trajectory_pairs(k, problems, progress)
+            summary = await self._trajectory_pairs(k, problems, pcfg, progress)
         else:
             rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress, desc=f"round {k} pairs")
             summary = rep.summary()
@@ -190,24 +189,17 @@ class RoundController:
         self.state.mark(k, "pairs", summary)
         log.info("round %d pairs: %s", k, summary["pairs"])
 
-    async def _trajectory_pairs(self, k: int, problems, progress: bool) -> dict:
+    async def _trajectory_pairs(self, k: int, problems, pcfg: PairsConfig, progress: bool) -> dict:
         """Control: K full solutions per question; chosen = the most likely correct one, rejected = the
         most likely incorrect one (the same sample budget as K candidates per step)."""
-        from caspo.protos.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-
-        pcfg = self.cfg.pairs
         kk = pcfg.candidates
         rows, skipped, version = [], Counter(), 0
         bar = progress_bar(len(problems), f"round {k} trajectories", "q", progress)
         for s in range(0, len(problems), pcfg.batch):
             chunk = problems[s : s + pcfg.batch]
-            prompts = [
-                common_pb2.Prompt(text=self.task.prompt(p.question), seed=derive_seed(pcfg.seed, k, p.id, j))
-                for p in chunk
-                for j in range(kk)
-            ]
-            req = generator_pb2.RolloutRequest(prompts=prompts, temperature=pcfg.temperature, max_steps=pcfg.max_steps)
-            resp = await self.client.call("generator", generator_pb2_grpc.GeneratorStub, "Rollout", req)
+            prompts = [self.task.prompt(p.question) for p in chunk for _ in range(kk)]
+            seeds = [derive_seed(pcfg.seed, k, p.id, j) for p in chunk for j in range(kk)]
+            resp = await self.client.rollout(prompts, pcfg.temperature, pcfg.max_steps, seeds)
             version = resp.policy_version
             for i, p in enumerate(chunk):
                 good, bad = [], []
@@ -221,15 +213,17 @@ class RoundController:
                     (good if self.task.answer_correct(p, answer) else bad).append((score, "\n".join(steps)))
                 if good and bad:
                     rows.append(
-                        {
-                            "prompt": self.task.prompt(p.question),
-                            "chosen": max(good)[1],
-                            "rejected": max(bad)[1],
-                            "case": "trajectory",
-                            "policy_version": version,
-                            "question_id": p.id,
-                            "critic": f"answer:{self.task.name}",
-                        }
+                        Pair(
+                            prompt=self.task.prompt(p.question),
+                            chosen=max(good)[1],
+                            rejected=max(bad)[1],
+                            case=CASE_TRAJECTORY,
+                            confidence=0.0,
+                            tau=0.0,
+                            policy_version=version,
+                            question_id=p.id,
+                            critic=f"answer:{self.task.name}",
+                        )
                     )
                 else:
                     skipped["all_correct" if good else "all_wrong"] += 1
@@ -241,33 +235,27 @@ class RoundController:
             added, dup = added + r.added, dup + r.duplicates
         return {"round": k, "policy_version": version, "questions": len(problems), "pairs": {"trajectory": len(rows)} if rows else {}, "skipped": dict(skipped), "added": added, "duplicates": dup}
 
-    async def _read_round(self, k: int) -> tuple[list[dict], list[str]]:
+    async def _read_round(self, k: int) -> tuple[list[Pair], list[str]]:
         """Exactly round k's pairs, through the pair store's consumer group."""
-        from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
-
+        # as many as one Read may return: the store re-delivers un-acked pairs first, so a round is read in one go
+        batch = self.cfg.pair_store.max_read_count
         pairs, ids = [], []
         while True:
-            req = pair_store_pb2.ReadRequest(round=self._sr(k), group=TRAINER_GROUP, consumer=f"{self.cfg.loop.run}-trainer", count=READ_BATCH)
-            resp = await self.client.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Read", req)
-            new = [sp for sp in resp.pairs if sp.id not in set(ids)]
+            got = await self.client.read_pairs(self._sr(k), TRAINER_GROUP, f"{self.cfg.loop.run}-trainer", batch)
+            new = [(sid, p) for sid, p in got if sid not in set(ids)]
             if not new:
                 return pairs, ids
-            for sp in new:
-                ids.append(sp.id)
-                pairs.append({"prompt": sp.pair.prompt, "chosen": sp.pair.chosen, "rejected": sp.pair.rejected, "case": sp.pair.case})
-            if len(resp.pairs) < READ_BATCH:
+            for sid, p in new:
+                ids.append(sid)
+                pairs.append(p)
+            if len(got) < batch:
                 return pairs, ids
 
     async def _ack(self, k: int, ids: list[str]) -> None:
-        from caspo.protos.v1 import pair_store_pb2, pair_store_pb2_grpc
-
         for i in range(0, len(ids), 1000):
-            req = pair_store_pb2.AckRequest(round=self._sr(k), group=TRAINER_GROUP, ids=ids[i : i + 1000])
-            await self.client.call("pair_store", pair_store_pb2_grpc.PairStoreStub, "Ack", req)
+            await self.client.ack_pairs(self._sr(k), TRAINER_GROUP, ids[i : i + 1000])
 
     async def _train(self, k: int, progress: bool) -> None:
-        from caspo.trainer.dpo import DPOSettings, scratch_dir, train_dpo
-
         out = self.run_dir / "policies" / f"v{k}"
         pairs, ids = await self._read_round(k)
         prev = self.state.policy(k - 1)
@@ -279,23 +267,8 @@ class RoundController:
             out = Path(prev)
             metrics = {"pairs": 0, "carried_over": True}
         else:
-            d = self.cfg.dpo
-            settings = DPOSettings(
-                beta=d.beta,
-                sft_weight=d.sft_weight,
-                learning_rate=d.learning_rate,
-                per_device_batch_size=d.per_device_batch_size,
-                epochs=d.epochs,
-                max_length=d.max_length,
-                num_workers=d.num_workers,
-                cpus_per_worker=d.cpus_per_worker,
-                use_gpu=d.use_gpu,
-                resources=dict(d.resources),
-                checkpoint_steps=d.checkpoint_steps,
-                max_failures=d.max_failures,
-                seed=k,
-            )
-            metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), settings, progress)
+            dpo = dataclasses.replace(self.cfg.dpo, seed=k)
+            metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), dpo, progress)
             metrics.pop("history", None)
         await self._ack(k, ids)
         metrics["pairs_read"] = len(pairs)
@@ -303,25 +276,11 @@ class RoundController:
         self.state.mark(k, "train", metrics)
         (self.run_dir / f"round{k}_train.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
-    async def _reload_services(self, version: int, path: str) -> None:
-        import ray
-
-        from caspo.actors.hosts import ACTOR_NAMES
-
-        await self.client.reload(version, path)
-        scorer = ray.get_actor(ACTOR_NAMES["scorer"], namespace=self.cfg.mesh.namespace)
-        await scorer.reload.remote(path, version)
-        tmp = self.run_dir / "policy.json.tmp"
-        tmp.write_text(json.dumps({"version": version, "path": path, "published_at": time.time()}) + "\n")
-        tmp.replace(self.run_dir / "policy.json")  # Serve and other readers watch this file
-
     async def _publish(self, k: int) -> None:
-        await self._reload_services(k, self.state.policy(k))
+        await self.client.publish(k, self.state.policy(k), self.run_dir / "policy.json")
         self.state.mark(k, "publish", {"version": k, "path": self.state.policy(k)})
 
     async def _eval(self, k: int, progress: bool) -> dict:
-        from caspo.services.mesh import MeshProposer
-
         lc = self.cfg.loop
         proposer = MeshProposer(self.client, self.task.prompt)
         greedy = await evaluate_async(proposer, self.task, self.eval_problems, SearchConfig(method="greedy", seed=lc.eval_seed), batch=lc.eval_batch, progress=progress, desc=f"round {k} eval greedy")
@@ -358,8 +317,6 @@ class RoundController:
 
 
 def _reliability(report) -> list[dict]:
-    from caspo.core.metrics import reliability_bins
-
     return reliability_bins([r.confidence for r in report.records], [r.correct for r in report.records])
 
 

@@ -41,7 +41,7 @@ def test_what_the_image_runs_exists():
         assert args.func.__name__ == "cmd_serve"
     # the wheel check in the build stage looks for a module the build really generates
     assert (ROOT / "caspo" / "protos" / "v1" / "cat_pb2.py").exists()
-    assert "/healthz" in (ROOT / "caspo" / "services" / "cat_serve.py").read_text()
+    assert "/healthz" in (ROOT / "caspo" / "serve" / "http_app.py").read_text()
     for path in re.findall(r"^COPY (?:--\S+ )*(\S+) \S+$", DOCKERFILE, re.M):
         if not path.startswith("/"):
             assert (ROOT / path).exists(), path

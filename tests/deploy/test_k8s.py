@@ -178,7 +178,7 @@ def test_serve_config_in_the_rayservice_builds_the_real_application(built, tmp_p
     from ray.serve._private.utils import import_attr
     from ray.serve.schema import ServeDeploySchema
 
-    from caspo.services.cat_serve import DEPLOYMENT
+    from caspo.serve.deployment import DEPLOYMENT
 
     _, docs = built
     rs = _one(docs, "RayService")
@@ -373,7 +373,7 @@ def test_probes_hit_only_health_endpoints(built):
 
 
 def test_redis_has_an_acl_user_limited_to_caspo_keys(built):
-    from caspo.actors.pair_store import PREFIX
+    from caspo.store.pair_store import PREFIX
 
     _, docs = built
     c = _one(docs, "StatefulSet", "caspo-redis")["spec"]["template"]["spec"]["containers"][0]
@@ -405,7 +405,8 @@ def test_the_redis_statefulset_command_runs_and_its_acl_fits_the_pair_store(tmp_
     and RunState, connected with the URL every Ray pod gets, do their work as the ACL user caspo."""
     import redis
 
-    from caspo.actors.pair_store import PairStore
+    from caspo.core.pairs import Pair
+    from caspo.store.pair_store import PairStore
     from caspo.trainer.loop import RunState
 
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
@@ -430,15 +431,14 @@ def test_the_redis_statefulset_command_runs_and_its_acl_fits_the_pair_store(tmp_
         assert url == f"redis://caspo:{password}@127.0.0.1:{port}/0"
 
         store = PairStore(url)
-        pair = dict(prompt="2+2?", chosen="4", rejected="5", case="incorrect", confidence=0.5, tau=0.1)
-        pair.update(policy_version=0, question_id="q1", critic="exact")
+        pair = Pair("2+2?", "4", "5", "incorrect", 0.5, 0.1, policy_version=0, question_id="q1", critic="exact")
         put = store.put(1, [pair, pair])
         assert (put.added, put.duplicates) == (1, 1)
         ((sid, got),) = store.read(1, "dpo", "worker-0", count=10)
-        assert (got["chosen"], got["rejected"], got["round"]) == ("4", "5", 1)
+        assert (got.chosen, got.rejected, store.client.hget(store.pair_redis_key(1, got.key), "round")) == ("4", "5", "1")
         assert store.ack(1, "dpo", [sid]) == 1 and store.pending(1, "dpo") == 0
         assert store.stats() == [{"round": 1, "total": 1, "per_case": {"incorrect": 1}}]
-        assert [p["key"] for p in store.round_pairs(1)] == put.keys[:1]
+        assert [p.key for p in store.round_pairs(1)] == put.keys[:1]
         (tmp_path / "run").mkdir()
         RunState(tmp_path / "run", url, run="caspo").mark(1, "generate")
         client = redis.Redis.from_url(url, decode_responses=True)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from caspo.actors.redis_server import LocalRedis
+from caspo.store.redis_server import LocalRedis
 
 
 @pytest.fixture(scope="module")

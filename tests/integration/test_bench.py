@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from bench.run import SUITES, run_suite
+from caspo.bench.run import SUITES, run_suite
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from caspo.config import load_config
-from caspo.services.mesh import MeshClient, MeshRunner
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner
 from caspo.trainer.loop import ROW_KEYS, RoundController, store_round
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
@@ -42,7 +43,7 @@ def _cfg(mesh_cfg, run: str):
 
 
 def _store_stats(redis_url, run, k):
-    from caspo.actors.pair_store import PairStore
+    from caspo.store.pair_store import PairStore
 
     store = PairStore(redis_url)
     r = store_round(run, k)

@@ -1,6 +1,7 @@
 """The whole mesh on a real local Ray (2 CPUs), a real redis-server and real gRPC, with the tiny model."""
 
 import asyncio
+import json
 import os
 import time
 
@@ -8,7 +9,9 @@ import pytest
 
 from caspo.config import load_config
 from caspo.core.pairs import CASE_INCORRECT, CASE_UNSURE_CORRECT
-from caspo.services.mesh import SERVICES, MeshClient, MeshRunner
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner
+from caspo.mesh.state import SERVICES
 from caspo.tasks import get_task
 from caspo.trainer.collect import collect_round
 
@@ -73,7 +76,7 @@ def test_one_round_end_to_end_and_idempotent_reput(mesh):
     assert first.pairs.get(CASE_INCORRECT, 0) == len(wrong)
 
 
-def test_generator_reload_while_requests_are_in_flight(mesh):
+def test_publish_while_requests_are_in_flight(mesh, tmp_path):
     cfg, _ = mesh
     from caspo.models.tiny import resolve_tiny
 
@@ -85,20 +88,21 @@ def test_generator_reload_while_requests_are_in_flight(mesh):
 
         async def do_reload():
             await reload
-            return await client.reload(1, str(resolve_tiny()))
+            return await client.publish(1, str(resolve_tiny()), tmp_path / "policy.json")
 
         results = await asyncio.gather(*calls, do_reload())
         after = await client.propose(prompts, 1, 0.0)
         return results, after
 
     results, after = run(_with_client(cfg, go))
-    proposals, reloaded = results[:-1], results[-1]
-    assert reloaded.policy_version == 1
+    proposals, published = results[:-1], results[-1]
+    assert published == {"generator": 1, "scorer": 1}
+    assert json.loads((tmp_path / "policy.json").read_text())["version"] == 1  # what Serve watches
     assert all(len(r.candidates) == 2 and all(len(c.steps) == 4 for c in r.candidates) for r in proposals)
     assert {r.policy_version for r in proposals} <= {0, 1}
     assert after.policy_version == 1
     # back to version 0 for the other tests
-    run(_with_client(cfg, lambda c: c.reload(0, str(resolve_tiny()))))
+    assert run(_with_client(cfg, lambda c: c.publish(0, str(resolve_tiny()), None))) == {"generator": 0, "scorer": 0}
 
 
 def test_registry_after_a_service_restarts(mesh):

@@ -4,36 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import threading
+from dataclasses import replace
 
 import grpc
 import pytest
 
-from caspo.actors.pair_store import MAX_PROMPT_CHARS, MAX_STEP_CHARS, PairStore
-from caspo.actors.redis_server import LocalRedis, free_port, redis_url_or_start
+from caspo.config import PairStoreConfig
+from caspo.store.pair_store import PairStore
+from caspo.netutil import free_port
+from caspo.store.redis_server import LocalRedis, redis_url_or_start
 from caspo.core.pairs import Pair, pair_key
 from caspo.protos.v1 import pair_store_pb2 as pb
 from caspo.protos.v1 import pair_store_pb2_grpc as pb_grpc
-from caspo.services.grpc_util import CHANNEL_OPTIONS, BadRequest, Unavailable, new_server
-from caspo.services.pair_store import add_to_server
+from caspo.errors import BadRequest, Unavailable
+from caspo.services.server import MESSAGE_OPTIONS, new_server
+from caspo.services.pair_store_servicer import add_to_server
 
 CASES = ("correct_unsure", "incorrect", "trajectory")
+MAX_PROMPT_CHARS = PairStoreConfig().max_prompt_chars
+MAX_STEP_CHARS = PairStoreConfig().max_step_chars
 
 
-def make_pairs(n: int, tag: str = "") -> list[dict]:
+def make_pairs(n: int, tag: str = "") -> list[Pair]:
     return [
-        {
-            "prompt": f"Q{tag}{i}: 3+4*{i}\n",
-            "chosen": f"4*{i}={4 * i}",
-            "rejected": f"4*{i}={4 * i + 1}",
-            "case": CASES[i % 3],
-            "confidence": -0.05 * i,
-            "tau": -0.5,
-            "policy_version": 2,
-            "question_id": f"q{i}",
-            "critic": "exact",
-        }
+        Pair(
+            prompt=f"Q{tag}{i}: 3+4*{i}\n",
+            chosen=f"4*{i}={4 * i}",
+            rejected=f"4*{i}={4 * i + 1}",
+            case=CASES[i % 3],
+            confidence=-0.05 * i,
+            tau=-0.5,
+            policy_version=2,
+            question_id=f"q{i}",
+            critic="exact",
+        )
         for i in range(n)
     ]
 
@@ -50,7 +57,7 @@ def test_put_stats_and_idempotent_reput(store):
     pairs = make_pairs(9)
     added, dups, keys = store.put(1, pairs)
     assert (added, dups) == (9, 0)
-    assert keys == [pair_key(Pair(p["prompt"], p["chosen"], p["rejected"], p["case"], 0.0, 0.0)) for p in pairs]
+    assert keys == [pair_key(Pair(p.prompt, p.chosen, p.rejected, p.case, 0.0, 0.0)) for p in pairs]
     assert store.stats(1) == [{"round": 1, "total": 9, "per_case": {c: 3 for c in CASES}}]
     stream_len = store.client.xlen(store.stream_key(1))
 
@@ -59,14 +66,16 @@ def test_put_stats_and_idempotent_reput(store):
     assert store.stats(1)[0]["total"] == 9 and store.stats(1)[0]["per_case"] == {c: 3 for c in CASES}
     assert store.client.xlen(store.stream_key(1)) == stream_len == 9
 
-    # the same pair in another round counts there too; a core Pair + lineage is accepted
+    # the same pair in another round counts there too, with the lineage it came with
     p = pairs[0]
-    core = Pair(p["prompt"], p["chosen"], p["rejected"], p["case"], -0.1, -0.5)
-    assert store.put(2, [core, p], lineage={"policy_version": 7, "critic": "exact"}) == (1, 1, [keys[0], keys[0]])
+    core = Pair(p.prompt, p.chosen, p.rejected, p.case, -0.1, -0.5, policy_version=7, critic="exact")
+    assert store.put(2, [core, p]) == (1, 1, [keys[0], keys[0]])
     assert [s["round"] for s in store.stats()] == [1, 2]
     (stored,) = store.round_pairs(2)
-    assert stored["policy_version"] == 7 and stored["critic"] == "exact" and stored["round"] == 2
-    assert stored["confidence"] == pytest.approx(-0.1) and stored["key"] == keys[0]
+    assert stored.policy_version == 7 and stored.critic == "exact" and stored.question_id == ""
+    assert store.client.hget(store.pair_redis_key(2, stored.key), "round") == "2"
+    assert stored.confidence == pytest.approx(-0.1) and stored.key == keys[0]
+    assert stored == core  # out as it went in
 
 
 def test_concurrent_puts_of_the_same_pairs_add_each_once(store):
@@ -99,7 +108,7 @@ def test_two_consumers_consume_exactly_once(store):
             batch = store.read(0, "trainer", name, count=7)
             if not batch:
                 return
-            got[name] += [p["key"] for _, p in batch]
+            got[name] += [p.key for _, p in batch]
             assert store.ack(0, "trainer", [sid for sid, _ in batch]) == len(batch)
 
     threads = [threading.Thread(target=consume, args=(n,)) for n in got]
@@ -135,8 +144,8 @@ def test_round_pairs_returns_exactly_the_round(store):
     store.put(2, r2)
     store.read(1, "trainer", "c", count=3)  # consumption does not change what a round holds
     got = store.round_pairs(1)
-    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in got] == [(p["prompt"], p["chosen"], p["rejected"]) for p in r1]
-    assert {p["round"] for p in got} == {1}
+    assert got == r1
+    assert {store.client.hget(store.pair_redis_key(1, p.key), "round") for p in got} == {"1"}
     assert len(store.round_pairs(2)) == 4 and store.round_pairs(9) == []
     assert len(store.round_pairs(1, batch=2)) == 5  # pagination
 
@@ -144,15 +153,16 @@ def test_round_pairs_returns_exactly_the_round(store):
 def test_bad_input_names_the_field_and_writes_nothing(store):
     good = make_pairs(1)[0]
     cases = [
-        ({**good, "prompt": ""}, "pairs[1].prompt is empty"),
-        ({**good, "chosen": ""}, "pairs[1].chosen is empty"),
-        ({**good, "rejected": "  "}, "pairs[1].rejected is empty"),
-        ({**good, "rejected": good["chosen"]}, "pairs[1].chosen equals"),
-        ({**good, "case": "maybe"}, "pairs[1].case"),
-        ({**good, "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, f"pairs[1].prompt is {MAX_PROMPT_CHARS + 1} characters; the limit is {MAX_PROMPT_CHARS}"),
-        ({**good, "chosen": "x" * (MAX_STEP_CHARS + 1)}, "pairs[1].chosen is"),
-        ({**good, "confidence": float("nan")}, "pairs[1].confidence"),
-        ({**good, "prompt": "bad \ud800"}, "pairs[1].prompt is not valid UTF-8"),
+        (replace(good, prompt=""), "pairs[1].prompt is empty"),
+        (replace(good, chosen=""), "pairs[1].chosen is empty"),
+        (replace(good, rejected="  "), "pairs[1].rejected is empty"),
+        (replace(good, rejected=good.chosen), "pairs[1].chosen equals"),
+        (replace(good, case="maybe"), "pairs[1].case"),
+        (replace(good, prompt="x" * (MAX_PROMPT_CHARS + 1)), f"pairs[1].prompt is {MAX_PROMPT_CHARS + 1} characters; the limit is {MAX_PROMPT_CHARS}"),
+        (replace(good, chosen="x" * (MAX_STEP_CHARS + 1)), "pairs[1].chosen is"),
+        (replace(good, confidence=float("nan")), "pairs[1].confidence"),
+        (replace(good, prompt="bad \ud800"), "pairs[1].prompt is not valid UTF-8"),
+        (dataclasses.asdict(good), "pairs[1] must be a caspo.core.pairs.Pair"),  # one form of a pair
     ]
     for bad, message in cases:
         with pytest.raises(BadRequest) as e:
@@ -177,7 +187,7 @@ def test_acknowledged_pairs_survive_sigkill_of_redis(tmp_path):
     with LocalRedis(data_dir) as again:  # a new port: nothing depends on the old URL
         revived = PairStore(again.url)
         assert revived.stats(4) == [{"round": 4, "total": 50, "per_case": {"correct_unsure": 17, "incorrect": 17, "trajectory": 16}}]
-        assert [p["key"] for p in revived.round_pairs(4)] == keys
+        assert [p.key for p in revived.round_pairs(4)] == keys
         revived.close()
     store.close()
 
@@ -210,14 +220,14 @@ async def serving(store):
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=MESSAGE_OPTIONS) as channel:
             yield channel
     finally:
         await server.stop(None)
 
 
-def to_proto(p: dict) -> pb.Pair:
-    return pb.Pair(**p)
+def to_proto(p: Pair) -> pb.Pair:
+    return pb.Pair(**dataclasses.asdict(p))
 
 
 def test_grpc_round_trip(store):
@@ -234,7 +244,7 @@ def test_grpc_round_trip(store):
             assert len(read.pairs) == 4
             first = read.pairs[0].pair
             assert (first.prompt, first.chosen, first.case, first.policy_version) == (
-                pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["case"], 2)
+                pairs[0].prompt, pairs[0].chosen, pairs[0].case, 2)
             assert first.key == r.keys[0] and first.confidence == pytest.approx(0.0)
             ack = await stub.Ack(pb.AckRequest(round=5, group="trainer", ids=[p.id for p in read.pairs]))
             assert ack.acked == 4
@@ -253,13 +263,13 @@ def test_grpc_round_trip(store):
 def test_grpc_bad_input_is_invalid_argument_and_server_keeps_serving(store):
     good = make_pairs(1)[0]
     bad_puts = [
-        (pb.PutRequest(round=0, pairs=[to_proto({**good, "prompt": ""})]), "pairs[0].prompt"),
-        (pb.PutRequest(round=0, pairs=[to_proto(good), to_proto({**good, "chosen": ""})]), "pairs[1].chosen"),
-        (pb.PutRequest(round=0, pairs=[to_proto({**good, "rejected": good["chosen"]})]), "pairs[0].chosen"),
-        (pb.PutRequest(round=0, pairs=[to_proto({**good, "case": "nope"})]), "pairs[0].case"),
+        (pb.PutRequest(round=0, pairs=[to_proto(replace(good, prompt=""))]), "pairs[0].prompt"),
+        (pb.PutRequest(round=0, pairs=[to_proto(good), to_proto(replace(good, chosen=""))]), "pairs[1].chosen"),
+        (pb.PutRequest(round=0, pairs=[to_proto(replace(good, rejected=good.chosen))]), "pairs[0].chosen"),
+        (pb.PutRequest(round=0, pairs=[to_proto(replace(good, case="nope"))]), "pairs[0].case"),
         (pb.PutRequest(round=-1, pairs=[to_proto(good)]), "round"),
-        (pb.PutRequest(round=0, pairs=[to_proto({**good, "prompt": "p" * (MAX_PROMPT_CHARS + 1)})]), "pairs[0].prompt"),
-        (pb.PutRequest(round=0, pairs=[to_proto({**good, "rejected": "r" * (MAX_STEP_CHARS + 1)})]), "pairs[0].rejected"),
+        (pb.PutRequest(round=0, pairs=[to_proto(replace(good, prompt="p" * (MAX_PROMPT_CHARS + 1)))]), "pairs[0].prompt"),
+        (pb.PutRequest(round=0, pairs=[to_proto(replace(good, rejected="r" * (MAX_STEP_CHARS + 1)))]), "pairs[0].rejected"),
     ]
     bad_reads = [
         (pb.ReadRequest(round=0, group="g", consumer="c", count=0), "count"),
@@ -322,7 +332,7 @@ def test_grpc_redis_unreachable_is_unavailable():
                 assert "unreachable" in e.value.details()
             # bad input is still told apart from a Redis that is down
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                await stub.Put(pb.PutRequest(round=0, pairs=[to_proto({**make_pairs(1)[0], "chosen": ""})]))
+                await stub.Put(pb.PutRequest(round=0, pairs=[to_proto(replace(make_pairs(1)[0], chosen=""))]))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     asyncio.run(main())

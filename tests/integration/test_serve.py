@@ -9,13 +9,13 @@ import urllib.request
 import grpc
 import pytest
 
-from caspo.actors.redis_server import free_port
+from caspo.netutil import free_port
 from caspo.config import load_config
 from caspo.core.cat import SearchConfig, search
 from caspo.models.base import PromptedProposer
 from caspo.models.hf import HFBackend, resolve_model_path
 from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
-from caspo.services.cat_client import SolveError, solve_grpc, solve_http
+from caspo.serve.cat_client import SolveError, solve_grpc, solve_http
 from caspo.tasks import get_task
 
 QUESTION = "12+7*3-5"
@@ -27,7 +27,7 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
-    from caspo.services.cat_serve import build_app, serve_options
+    from caspo.serve.deployment import build_app, serve_options
 
     root = tmp_path_factory.mktemp("serve")
     cfg = load_config(

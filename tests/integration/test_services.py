@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from caspo.actors.critic import ExactCritic, LLMCritic, agrees
-from caspo.actors.worker import ModelWorker
+from caspo.tasks.critic import ExactCritic, LLMCritic, agrees
+from caspo.models.worker import ModelWorker
 from caspo.config import CriticConfig, GeneratorConfig, ScorerConfig
 from caspo.core.steps import final_answer
 from caspo.models.hf import HFBackend
@@ -26,11 +26,11 @@ from caspo.protos.v1 import (
     scorer_pb2,
     scorer_pb2_grpc,
 )
-from caspo.services import critic as critic_service
-from caspo.services import generator as generator_service
-from caspo.services import health as health_service
-from caspo.services import scorer as scorer_service
-from caspo.services.grpc_util import CHANNEL_OPTIONS, new_server
+from caspo.services import critic_servicer as critic_service
+from caspo.services import generator_servicer as generator_service
+from caspo.services import mesh_servicer as health_service
+from caspo.services import scorer_servicer as scorer_service
+from caspo.services.server import MESSAGE_OPTIONS, new_server
 from caspo.tasks import get_task
 from caspo.tasks.arith import ArithTask
 
@@ -72,7 +72,7 @@ async def serving(*services):
         add(server, servicer)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=MESSAGE_OPTIONS)
     try:
         yield channel
     finally:
@@ -184,6 +184,24 @@ def test_reload_while_requests_in_flight(backend):
             assert later.policy_version == new and later.candidates[0].steps[0].policy_version == new
             pinned = await stub.ProposeSteps(propose([PROMPT], policy_version=new))
             assert pinned.policy_version == new
+
+    asyncio.run(main())
+
+
+def test_scorer_reload_swaps_the_policy_it_scores_with(backend):
+    async def main():
+        worker = ModelWorker(backend)
+        scorer = scorer_service.ScorerServicer(worker, ScorerConfig())
+        old, new = backend.version, backend.version + 3
+        async with serving((scorer_service.add_to_server, scorer)) as ch:
+            stub = scorer_pb2_grpc.ConfidenceScorerStub(ch)
+            item = scorer_pb2.ScoreItem(prompt=PROMPT, step="12+7=19")
+            assert (await stub.Score(scorer_pb2.ScoreRequest(items=[item]))).policy_version == old
+            rr = await stub.Reload(generator_pb2.ReloadRequest(path="tiny", version=new))
+            assert rr.policy_version == new and rr.replicas == 1
+            after = await stub.Score(scorer_pb2.ScoreRequest(items=[item], policy_version=new))
+            assert after.policy_version == new and len(after.scores[0].token_entropies) > 0
+            await stub.Reload(generator_pb2.ReloadRequest(path="tiny", version=old))  # the module's backend is shared
 
     asyncio.run(main())
 
@@ -312,6 +330,8 @@ def test_error_paths_name_the_field_and_service_keeps_serving(backend):
                 (s.Score, scorer_pb2.ScoreRequest(), invalid, "items"),
                 (s.Score, scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=PROMPT, step="")]), invalid, "items[0].step"),
                 (s.Score, scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=PROMPT, step="1+1=2")], policy_version=v + 7), not_found, "policy_version"),
+                (s.Reload, generator_pb2.ReloadRequest(path="", version=1), invalid, "path"),
+                (s.Reload, generator_pb2.ReloadRequest(path="/nonexistent/model-dir", version=1), invalid, "not a model directory on the scorer's node"),
                 (c.Judge, judge_request(("", "12+7*3", [], "")), invalid, "items[0].step"),
                 (c.Judge, judge_request(("", "", [], "1+1=2")), invalid, "items[0].question"),
                 (c.Judge, judge_request(("", "twelve plus seven", [], "1+1=2")), invalid, "items[0].question"),

@@ -27,9 +27,10 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from caspo.actors.redis_server import free_port
+from caspo.netutil import free_port
 from caspo.config import load_config
 from caspo.protos.v1 import cat_pb2, critic_pb2, generator_pb2, mesh_pb2, pair_store_pb2, scorer_pb2
+from tests.ray_actors import alive_actor_pids
 
 pytestmark = [
     pytest.mark.skipif(
@@ -58,26 +59,14 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _pids(prefix: str) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if title.startswith(prefix):
-            out.append(int(entry.name))
-    return out
-
-
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     """The mesh (its own Ray, Redis, registry, four services) and the CaT Serve app on that Ray."""
     import ray
     from ray import serve
 
-    from caspo.services.cat_serve import build_app, serve_options
-    from caspo.services.mesh import MeshRunner
+    from caspo.serve.deployment import build_app, serve_options
+    from caspo.mesh.runner import MeshRunner
 
     env = pytest.MonkeyPatch()
     env.setenv("CASPO_AUTH_TOKEN", TOKEN)  # inherited by every Ray worker started from here on
@@ -112,8 +101,8 @@ def system(tmp_path_factory):
         serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
         procs = {name: ray.get(actor.pid.remote()) for name, actor in runner.actors.items()}
         procs.update({f"replica{i}": p for i, p in enumerate(ray.get(runner.actors["generator"].replica_pids.remote()))})
-        procs.update({f"serve{i}": p for i, p in enumerate(_pids("ray::ServeReplica:caspo:CaT"))})
-        procs.update({f"proxy{i}": p for i, p in enumerate(_pids("ray::ProxyActor"))})
+        procs.update({f"serve{i}": p for i, p in enumerate(alive_actor_pids("ServeReplica:caspo:CaT"))})
+        procs.update({f"proxy{i}": p for i, p in enumerate(alive_actor_pids("ProxyActor"))})
         system = {"cfg": cfg, "runner": runner, "procs": procs, "rss": {}}
         _warm_up(system)  # memory is compared with the processes after they served their first calls
         system["rss"] = {name: _rss(pid) for name, pid in procs.items()}
@@ -197,7 +186,7 @@ MESH_METHODS = [
     (svc_name, module.DESCRIPTOR.services_by_name[service].methods_by_name[m])
     for svc_name, module, service, methods in [
         ("generator", generator_pb2, "Generator", ("ProposeSteps", "Rollout", "Reload")),
-        ("scorer", scorer_pb2, "ConfidenceScorer", ("Score",)),
+        ("scorer", scorer_pb2, "ConfidenceScorer", ("Score", "Reload")),
         ("critic", critic_pb2, "Critic", ("Judge",)),
         ("pair_store", pair_store_pb2, "PairStore", ("Put", "Read", "Ack", "Stats")),
         ("registry", mesh_pb2, "Mesh", ("Health", "Registry")),
@@ -230,7 +219,7 @@ def _call(address: str, method, payload: bytes, metadata=AUTH) -> grpc.StatusCod
 
 def _warm_up(system) -> None:
     """One well-formed call to every method and endpoint, so first-call allocations are not counted."""
-    from caspo.services.mesh import MeshClient
+    from caspo.mesh.client import MeshClient
 
     import asyncio
 

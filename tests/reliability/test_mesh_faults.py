@@ -22,10 +22,11 @@ from collections import Counter
 
 import pytest
 
-from caspo.actors.pair_store import PairStore
+from caspo.store.pair_store import PairStore
 from caspo.config import load_config
-from caspo.core.pairs import pair_key
-from caspo.services.mesh import MeshClient, MeshRunner
+from caspo.core.pairs import CASE_INCORRECT, Pair, pair_key
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner
 from caspo.tasks import get_task
 from caspo.trainer.collect import collect_round, make_pairs
 
@@ -173,7 +174,7 @@ def _put_batches(runner, round_: int, batches: int, size: int, acked: list[str])
         try:
             for b in range(batches):
                 rows = [
-                    {"prompt": f"round {round_} q{b}.{i}: 12+{i}", "chosen": f"12+{i}={12 + i}", "rejected": f"12+{i}={13 + i}", "case": "incorrect", "question_id": f"{b}.{i}"}
+                    Pair(f"round {round_} q{b}.{i}: 12+{i}", f"12+{i}={12 + i}", f"12+{i}={13 + i}", CASE_INCORRECT, 0.0, 0.0, question_id=f"{b}.{i}")
                     for i in range(size)
                 ]
                 resp = await client.put_pairs(round_, rows)

@@ -15,7 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from caspo.actors.redis_server import LocalRedis, free_port
+from caspo.netutil import free_port
+from caspo.store.redis_server import LocalRedis
 from caspo.config import load_config
 from caspo.protos.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -67,7 +68,7 @@ def _certificates(d: Path) -> dict[str, Path]:
 def secure_mesh(tmp_path_factory):
     import ray
 
-    from caspo.services.mesh import MeshRunner
+    from caspo.mesh.runner import MeshRunner
 
     root = tmp_path_factory.mktemp("secure")
     certs = _certificates(root)
@@ -99,8 +100,8 @@ def secure_mesh(tmp_path_factory):
 def test_a_round_runs_over_tls_with_the_token_and_the_redis_acl_user(secure_mesh):
     import redis
 
-    from caspo.actors.pair_store import PairStore
-    from caspo.services.mesh import MeshClient
+    from caspo.store.pair_store import PairStore
+    from caspo.mesh.client import MeshClient
     from caspo.tasks import get_task
     from caspo.trainer.collect import collect_round
 
@@ -159,8 +160,8 @@ def test_tls_and_token_are_enforced(secure_mesh):
 
 
 def test_state_file_is_private_and_no_secret_is_in_any_log(secure_mesh, capfd):
-    from caspo.actors.pair_store import PairStore
-    from caspo.services.grpc_util import Unavailable
+    from caspo.store.pair_store import PairStore
+    from caspo.errors import Unavailable
 
     runner, root = secure_mesh["runner"], secure_mesh["root"]
     state = Path(runner.cfg.mesh.run_dir) / "mesh.json"

@@ -13,16 +13,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from bench.serve_load import grpc_load
-from caspo.actors.redis_server import free_port
+from caspo.bench.serve_load import grpc_load
+from caspo.netutil import free_port
 from caspo.config import load_config
 from caspo.tasks import get_task
+from tests.ray_actors import alive_actor_pids
 
 TOKEN = "reliability-token-7f3a"
 
@@ -33,8 +35,8 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
-    from caspo.services.cat_serve import build_app, serve_options
-    from caspo.services.grpc_util import limit_proxy_messages
+    from caspo.serve.deployment import build_app, serve_options
+    from caspo.services.server import limit_proxy_messages
 
     env = pytest.MonkeyPatch()
     env.setenv("CASPO_AUTH_TOKEN", TOKEN)  # before ray.init: the replicas inherit it, as pods get it from a Secret
@@ -68,17 +70,9 @@ def _questions(n: int = 50) -> list[str]:
 
 
 def _replica_pids() -> list[int]:
-    """PIDs of the live CaT replicas: Ray titles each replica's process ``ray::ServeReplica:APP:DEPLOYMENT``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split(")")[-1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if title.startswith("ray::ServeReplica:caspo:CaT") and state != "Z":
-            pids.append(int(entry.name))
-    return sorted(pids)
+    """PIDs of this test's live CaT replicas (actor class ``ServeReplica:APP:DEPLOYMENT``), not those of
+    another Ray on the machine: a ``caspo serve`` running beside the test titles its processes alike."""
+    return alive_actor_pids("ServeReplica:caspo:CaT")
 
 
 def _record(name: str, data: dict) -> Path:
@@ -87,6 +81,21 @@ def _record(name: str, data: dict) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def test_only_the_replicas_of_this_ray_are_counted(served):
+    # a process titled like a replica, as another `caspo serve` on the machine has them
+    impostor = subprocess.Popen(["bash", "-c", 'exec -a "ray::ServeReplica:caspo:CaT" sleep 300'])
+    try:
+        deadline = time.time() + 10
+        while b"ServeReplica" not in Path(f"/proc/{impostor.pid}/cmdline").read_bytes():
+            assert time.time() < deadline, "the impostor never took its title"
+            time.sleep(0.05)
+        pids = _replica_pids()
+        assert len(pids) == 2 and impostor.pid not in pids, (pids, impostor.pid)
+    finally:
+        impostor.kill()
+        impostor.wait()
 
 
 def test_64_concurrent_grpc_clients_see_no_errors(served, long_mode):

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from caspo.config import DPOTrainConfig
+from caspo.core.pairs import Pair
 from caspo.models.tiny import resolve_tiny
 from caspo.trainer.dpo import (
-    DPOSettings,
     _checkpoint_complete,
     _drop_incomplete_checkpoints,
     _fingerprint,
@@ -37,13 +38,14 @@ from caspo.trainer.dpo import (
     train_dpo,
 )
 from tests.arith_pairs import arith_pairs
+from tests.ray_actors import alive_actor_pids
 
 REPO = Path(__file__).resolve().parents[2]
 N_PAIRS, WORKERS, BATCH, CKPT = 48, 2, 4, 2
 WAIT_S = 420  # generous bound for waits on a loaded 2-core machine; no timing is asserted
 
 
-def _expected_steps(n_pairs: int, s: DPOSettings) -> int:
+def _expected_steps(n_pairs: int, s: DPOTrainConfig) -> int:
     """Optimizer steps of an uninterrupted run: each rank gets ceil(n / workers) rows, in per-device batches."""
     per_epoch = math.ceil(math.ceil(n_pairs / s.num_workers) / s.per_device_batch_size) // s.gradient_accumulation_steps
     return int(per_epoch * s.epochs)
@@ -60,14 +62,14 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def pairs() -> list[dict]:
+def pairs() -> list[Pair]:
     return arith_pairs(N_PAIRS, seed=3)
 
 
 @pytest.fixture(scope="module")
-def settings(long_mode) -> DPOSettings:
+def settings(long_mode) -> DPOTrainConfig:
     # epochs: 4 (24 steps) fast, 8 (48 steps) long; the first checkpoint comes at step 2, leaving most of the run
-    return DPOSettings(
+    return DPOTrainConfig(
         num_workers=WORKERS,
         per_device_batch_size=BATCH,
         epochs=8 if long_mode else 4,
@@ -90,18 +92,8 @@ def _wait_for_checkpoint(trainer_dir: Path, running) -> int:
 
 
 def _train_worker_pids(ray) -> list[int]:
-    """Pids of the live Ray Train workers of this cluster, from the GCS actor table.
-
-    ``ray.util.state.list_actors`` would need the dashboard (tests run without it); psutil over process titles
-    would also see the workers of any other Ray on the machine.
-    """
-    from ray._private import state
-
-    return sorted(
-        a["Pid"]
-        for a in state.actors().values()
-        if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE" and a.get("Pid")
-    )
+    """Pids of the live Ray Train workers of this cluster (not of any other Ray on the machine)."""
+    return alive_actor_pids("RayTrainWorker")
 
 
 def _wait_no_train_workers(ray) -> None:
@@ -118,7 +110,7 @@ def _logged_losses(m: dict) -> dict[int, float]:
     return by_step
 
 
-def _check_resumed_run(m: dict, out: Path, first_ckpt: int, n_pairs: int, s: DPOSettings, pairs: list[dict]) -> None:
+def _check_resumed_run(m: dict, out: Path, first_ckpt: int, n_pairs: int, s: DPOTrainConfig, pairs: list[Pair]) -> None:
     total = _expected_steps(n_pairs, s)
     print("resumed run:", {k: v for k, v in m.items() if k != "history"})
     assert m["steps"] == total
@@ -139,7 +131,7 @@ def _check_resumed_run(m: dict, out: Path, first_ckpt: int, n_pairs: int, s: DPO
     from caspo.models.hf import HFBackend
 
     backend = HFBackend(str(out), device="cpu")
-    scores = backend.score_steps([p["prompt"] for p in pairs[:8]], [p["chosen"] for p in pairs[:8]])
+    scores = backend.score_steps([p.prompt for p in pairs[:8]], [p.chosen for p in pairs[:8]])
     assert len(scores) == 8
     for sc in scores:
         assert sc.tokens > 0 and all(math.isfinite(x) and x <= 0 for x in sc.token_logprobs)
@@ -199,7 +191,7 @@ def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
 
 def test_fingerprint_follows_pairs_and_result_changing_settings(pairs):
     tiny = str(resolve_tiny())
-    s = DPOSettings()
+    s = DPOTrainConfig()
     base = _fingerprint(_rows(pairs, s.delimiter), tiny, tiny, s)["fingerprint"]
     assert _fingerprint(_rows(pairs, s.delimiter), tiny, tiny, s)["fingerprint"] == base
     assert _fingerprint(_rows(pairs[:-1], s.delimiter), tiny, tiny, s)["fingerprint"] != base
@@ -247,11 +239,13 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, pairs, setti
 _DRIVER = """
 import json, logging, sys
 import ray
-from caspo.trainer.dpo import DPOSettings, train_dpo
+from caspo.core.pairs import Pair
+from caspo.config import DPOTrainConfig
+from caspo.trainer.dpo import train_dpo
 logging.basicConfig(level=logging.INFO)
 a = json.load(open(sys.argv[1]))
 ray.init(address=a["address"])
-train_dpo(a["pairs"], a["tiny"], a["tiny"], a["out"], DPOSettings(**a["settings"]), progress=False)
+train_dpo([Pair(**p) for p in a["pairs"]], a["tiny"], a["tiny"], a["out"], DPOTrainConfig(**a["settings"]), progress=False)
 print("TRAIN_DPO_RETURNED", flush=True)
 """
 
@@ -262,7 +256,7 @@ def test_trainer_killed_resumes_and_other_pairs_start_fresh(ray_local, pairs, se
     scratch = tmp_path / ".policy.dpo"
     args = tmp_path / "args.json"
     address = ray_local.get_runtime_context().gcs_address
-    args.write_text(json.dumps({"address": address, "pairs": pairs, "tiny": tiny, "out": str(out), "settings": asdict(settings)}))
+    args.write_text(json.dumps({"address": address, "pairs": [asdict(p) for p in pairs], "tiny": tiny, "out": str(out), "settings": asdict(settings)}))
     log_path = tmp_path / "driver.log"
     with open(log_path, "wb") as log_file:
         driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(args)], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)

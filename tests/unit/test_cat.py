@@ -9,6 +9,7 @@ from caspo.core.cat import (
     ProposedStep,
     Search,
     SearchConfig,
+    answer_key,
     run_searches,
     search,
 )
@@ -123,6 +124,22 @@ def test_self_consistency_majority_vote():
     assert res.answer in ("2", "2.0")
     assert res.votes == {"2": 3, "1": 2}
     assert p.calls[0] == (1, 5, 0.7) and p.calls[1] == (5, 1, 0.7)
+
+
+@pytest.mark.parametrize("answer,key", [("30", "30"), ("30.0", "30"), ("2.50", "2.5"), ("-3", "-3"), ("$1,200", "1200"), ("-0", "0"), ("Paris ", "paris")])
+def test_answer_key_is_a_plain_canonical_number(answer, key):
+    assert answer_key(answer) == key  # Decimal.normalize alone wrote 30 as 3E+1
+
+
+def test_self_consistency_votes_under_plain_numbers():
+    script = {
+        (): [cand("x", 0.9), cand("y", 0.5), cand("z", 0.5)],
+        ("x",): [cand("#### 30", 0.9)],
+        ("y",): [cand("#### 30.0", 0.9)],
+        ("z",): [cand("#### 2.50", 0.9)],
+    }
+    res = search("q", Scripted(script), SearchConfig(method="sc", k=3, temperature=0.7))
+    assert res.votes == {"30": 2, "2.5": 1} and res.answer == "30"
 
 
 def test_self_consistency_tie_goes_to_most_confident_then_earliest():

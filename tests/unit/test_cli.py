@@ -107,7 +107,7 @@ def test_check_data_cli(tmp_path, capsys):
 
 
 def test_redact_url_hides_passwords_only():
-    from caspo.actors.redis_server import redact_url
+    from caspo.netutil import redact_url
 
     assert redact_url("redis://:s3cr3t@caspo-redis:6379/0") == "redis://:***@caspo-redis:6379/0"
     assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"

@@ -51,6 +51,17 @@ def test_padding_is_masked():
     assert torch.equal(lp[0, 3:], torch.zeros(2))
 
 
+def test_a_nan_at_a_masked_position_does_not_survive_the_mask():
+    # masking by multiplication kept NaN (NaN * 0 is NaN); padding must read 0 whatever its logits
+    logits = torch.randn(1, 4, 30)
+    logits[0, 3] = float("nan")
+    mask = torch.tensor([[1, 1, 1, 0]])
+    h = token_entropy(logits, mask)
+    assert torch.equal(h[0, 3:], torch.zeros(1)) and torch.isfinite(h).all()
+    lp = token_logprobs(logits, torch.zeros(1, 4, dtype=torch.long), mask)
+    assert torch.equal(lp[0, 3:], torch.zeros(1)) and torch.isfinite(lp).all()
+
+
 def test_token_logprobs_direct():
     logits = torch.tensor([[0.0, math.log(3.0)]])  # p = (1/4, 3/4)
     assert token_logprobs(logits, torch.tensor([1])).item() == pytest.approx(math.log(0.75))

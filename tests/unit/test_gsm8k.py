@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from caspo.tasks.base import Problem, TaskError
 from caspo.tasks.gsm8k import (
+    MAX_STEP_CHARS,
     GSM8KTask,
+    annotation_spans,
     calc_annotations,
     check_data,
     load_jsonl,
@@ -153,6 +158,37 @@ def test_verify_step_annotations():
     assert not verify_step_annotations("<<10/3=3.34>>3.34")[0]
     assert not verify_step_annotations("<<10/3=3>>3")[0]
     assert verify_step_annotations("no annotation here") == (True, "no calculator annotation")
+
+
+def test_a_fraction_written_after_an_annotation_is_read_whole():
+    # the text after an annotation was read only up to the slash ("3"), so right steps were rejected
+    assert verify_step_annotations("<<3/4=3/4>>3/4")[0]
+    assert verify_step_annotations("She adds <<1/2=1/2>>1/2 cup of milk")[0]
+    ok, why = verify_step_annotations("<<3/4=3/4>>3/5")
+    assert not ok and "writes 3/5" in why
+
+
+@pytest.mark.parametrize("literal", ["1_000", "0x10", "0b11", "0o7"])
+def test_only_decimal_numbers_are_numbers(literal):
+    # Python's other literal forms are not calculator notation: 1_000 became 10, 0x10 became 16
+    with pytest.raises(ValueError, match="not a decimal number"):
+        safe_eval(literal)
+    assert not verify_step_annotations(f"<<{literal}+0={literal}>>")[0]
+    assert not verify_step_annotations("<<1_000=10>>10")[0]
+    assert not verify_step_annotations("<<8+8=0x10>>16")[0]
+
+
+def test_a_step_past_the_verifier_limit_is_refused_by_its_length():
+    # a step of '<<' without '>>' made the annotation regex quadratic (74 s at 80 kB)
+    ok, why = verify_step_annotations("<<" * 40_000)
+    assert not ok and f"at most {MAX_STEP_CHARS} characters" in why
+    assert verify_step_annotations("x" * (MAX_STEP_CHARS - 12) + " <<1+1=2>>2")[0]
+
+
+@given(st.text(alphabet="<>=1+\n a", max_size=40))
+def test_the_annotation_scanner_finds_what_the_old_regex_found(text):
+    old = [(m.start(), m.end(), m.group(1)) for m in re.finditer(r"<<(.*?)>>", text)]
+    assert annotation_spans(text) == old
 
 
 # ---- load_jsonl -------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from caspo.core.pairs import (
     resolve_tau,
     tau_from_quantile,
 )
+from caspo.services.pair_store_servicer import pair_from_proto, pair_to_proto
+from caspo.store.pair_store import pair_from_redis, pair_to_redis
 
 PROMPT = "Q: 2 + 3 * 4 = ?\n"
 STEP = "3 * 4 = 12"
@@ -202,3 +204,13 @@ def test_pair_key_sensitive_to_content():
     assert pair_key(_pair(chosen="ab", rejected="c")) != pair_key(_pair(chosen="a", rejected="bc"))
     # non-ASCII text hashes fine
     assert pair_key(_pair(chosen="√2 ≈ 1.41")) != pair_key(_pair(chosen="√2 ≈ 1.42"))
+
+
+def test_a_pair_crosses_the_grpc_and_redis_boundaries_unchanged():
+    # values a proto float (32 bits) holds exactly, so the round trip can be compared with ==
+    pair = Pair("Q: 3+4\n", "3+4=7", "3+4=8", CASE_INCORRECT, -0.25, -0.5, policy_version=3, question_id="q7", critic="exact:arith")
+    assert pair_from_redis(pair_to_redis(pair)) == pair
+    assert pair_from_proto(pair_to_proto(pair)) == pair
+    assert pair_to_proto(pair).key == pair_to_redis(pair)["key"] == pair.key == pair_key(pair)
+    # the key is the content's: lineage and scores do not change it
+    assert dataclasses.replace(pair, policy_version=9, confidence=0.0, critic="llm").key == pair.key

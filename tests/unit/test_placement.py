@@ -3,7 +3,7 @@
 import pytest
 
 from caspo.config import ConfigError, load_config
-from caspo.services.grpc_util import advertised_address
+from caspo.mesh.registry import advertised_address
 
 
 def test_placement_and_dpo_resources_are_checked():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from caspo.actors.redis_server import LocalRedis, redact_url
-from caspo.services.cat_client import replica_lost
-from caspo.services.grpc_util import auth_metadata, authorized
+from caspo.netutil import redact_url
+from caspo.store.redis_server import LocalRedis
+from caspo.serve.cat_client import replica_lost
+from caspo.services.security import auth_metadata, authorized
 
 
 def test_authorized_needs_the_exact_bearer_header_only_when_a_token_is_set(monkeypatch):

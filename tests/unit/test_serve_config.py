@@ -1,10 +1,13 @@
 """The Serve config file validates against Ray's schema and its import path builds the real application."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
-from caspo.services.cat_serve import DEPLOYMENT, GRPC_SERVICER, app_builder, parse_params
+from caspo.serve.deployment import DEPLOYMENT, GRPC_SERVICER, app_builder
+from caspo.serve.params import parse_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,3 +47,15 @@ def test_parse_params_defaults_and_greedy_normalisation():
     assert p.question == "1+2" and p.search.method == "cat" and p.search.k == sv.k and p.search.tau == sv.tau
     g = parse_params(sv, "1+2", method="greedy", k=7, temperature=1.3)
     assert g.search.k == 1 and g.search.temperature == 0.0
+
+
+def test_what_serves_proxies_load_stays_light():
+    """The proxy unpickles the errors a replica raises, which imports the module that defines them: a
+    model stack imported that way grew the proxy by over 100 MiB."""
+    code = (
+        "import pickle, sys; from caspo.serve import proxy; "
+        "[pickle.loads(pickle.dumps(e)) for e in (proxy.ParamError('k', 'is bad'), proxy.Unauthenticated('no token'))]; "
+        "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

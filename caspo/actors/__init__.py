@@ -1,1 +1,0 @@
-"""Long-lived Ray actors: generator pool, confidence scorer, critic, pair store, registry."""

@@ -1,0 +1,242 @@
+"""The mesh's long-lived Ray actors. Each service actor hosts one grpc.aio server (its servicer from
+caspo/services/) in its own event loop and heartbeats its address and policy version into the
+registry (caspo/mesh/registry.py).
+
+  * ``GeneratorActor``  — the Generator service over N ``ReplicaActor`` actors (one model each);
+    requests go to the least busy replica and are micro-batched there.
+  * ``ScorerActor``     — the ConfidenceScorer service: exact step confidence, one batched pass.
+  * ``CriticActor``     — the Critic service: the task's exact verifier, or an LLM critic.
+  * ``PairStoreActor``  — the PairStore service over Redis.
+  * ``ReplicaActor``    — one policy replica (a ``ModelWorker``); ``ReplicaClient`` is how the
+    generator's servicer sees it.
+
+Ray restarts a dead actor (``max_restarts=-1``); ``__init__`` runs again, starts a new server (new
+port) and the next heartbeat puts the new address in the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+from caspo.config import Config, config_from_dict
+from caspo.errors import Unavailable
+from caspo.mesh.registry import HEARTBEAT_S, advertised_address
+from caspo.models.factory import make_backend
+from caspo.models.worker import ModelWorker
+from caspo.services import critic_servicer, generator_servicer, mesh_servicer, pair_store_servicer, scorer_servicer
+from caspo.services.server import add_port, new_server
+from caspo.store.pair_store import PairStore
+from caspo.tasks import get_task
+from caspo.tasks.critic import ExactCritic, LLMCritic
+
+log = logging.getLogger(__name__)
+
+ACTOR_NAMES = {
+    "generator": "caspo-generator",
+    "scorer": "caspo-scorer",
+    "critic": "caspo-critic",
+    "pair_store": "caspo-pair-store",
+}
+
+
+def _torch_threads(num_cpus: float) -> None:
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def _cuda() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class ServiceActor:
+    """Base of the service actors: build servicers, serve, heartbeat."""
+
+    service = "service"
+
+    def __init__(self, cfg_dict: dict, registry_name: str | None = None):
+        self.cfg: Config = config_from_dict(cfg_dict)
+        self.registry_name = registry_name
+        self.address: str | None = None
+        self.error: str | None = None
+        self._ready = asyncio.Event()
+        asyncio.get_running_loop().create_task(self._run())
+
+    async def build(self, server) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def policy_version(self) -> int:
+        return 0
+
+    async def _run(self):
+        try:
+            self.server = new_server()
+            await self.build(self.server)
+            mesh_servicer.add_to_server(self.server, mesh_servicer.HealthServicer(self.service, self.policy_version))
+            port = add_port(self.server, f"{self.cfg.mesh.host}:0")
+            await self.server.start()
+            self.address = advertised_address(self.cfg.mesh.host, port)
+        except Exception as e:  # noqa: BLE001 - reported through ready()
+            log.exception("%s failed to start", self.service)
+            self.error = f"{type(e).__name__}: {e}"
+            self._ready.set()
+            return
+        self._ready.set()
+        log.info("%s serving on %s", self.service, self.address)
+        await self._heartbeat()
+
+    async def _heartbeat(self):
+        if not self.registry_name:
+            return
+        while True:
+            try:
+                reg = ray.get_actor(self.registry_name, namespace=self.cfg.mesh.namespace)
+                await reg.register.remote(self.service, self.address, self.policy_version())
+            except Exception as e:  # noqa: BLE001 - the registry may be restarting; try again
+                log.debug("heartbeat to registry failed: %s", e)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def ready(self) -> str:
+        await self._ready.wait()
+        if self.error:
+            raise RuntimeError(f"{self.service} failed to start: {self.error}")
+        return self.address
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+class ReplicaActor:
+    """One policy replica: a model backend behind a micro-batching ``ModelWorker``."""
+
+    def __init__(self, cfg_dict: dict, num_cpus: float = 1.0, path: str | None = None, version: int = 0):
+        cfg = config_from_dict(cfg_dict)
+        _torch_threads(num_cpus)
+        self.worker = ModelWorker(make_backend(cfg, path, version), batch_wait_ms=cfg.generator.batch_wait_ms)
+
+    async def sample_steps_versioned(self, prompts, n, temperature, seeds):
+        return await self.worker.sample_steps_versioned(prompts, n, temperature, seeds)
+
+    async def score_steps_versioned(self, prompts, steps):
+        return await self.worker.score_steps_versioned(prompts, steps)
+
+    async def reload(self, path: str, version: int) -> int:
+        await self.worker.reload(path, version)
+        return self.worker.version
+
+    async def version(self) -> int:
+        return self.worker.version
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+class ReplicaClient:
+    """A ``ReplicaActor`` seen through ModelWorker's async interface (what the servicers expect)."""
+
+    def __init__(self, handle, version: int = 0):
+        self.handle = handle
+        self.in_flight = 0
+        self._version = version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    async def _call(self, method: str, *args):
+        self.in_flight += 1
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except (ActorDiedError, ActorUnavailableError) as e:
+            raise Unavailable(f"generator replica is restarting: {type(e).__name__}") from e
+        finally:
+            self.in_flight -= 1
+
+    async def sample_steps_versioned(self, prompts, n, temperature, seeds=None):
+        out, version = await self._call("sample_steps_versioned", list(prompts), n, temperature, list(seeds) if seeds is not None else None)
+        self._version = version
+        return out, version
+
+    async def score_steps_versioned(self, prompts, steps):
+        out, version = await self._call("score_steps_versioned", list(prompts), list(steps))
+        self._version = version
+        return out, version
+
+    async def reload(self, path: str, version: int) -> None:
+        self._version = await self._call("reload", path, version)
+
+
+class GeneratorActor(ServiceActor):
+    service = "generator"
+
+    def __init__(self, cfg_dict: dict, registry_name: str | None = None, replica_cpus: float = 0.5):
+        self.replica_cpus = replica_cpus
+        self.replicas = []
+        self.workers: list[ReplicaClient] = []
+        super().__init__(cfg_dict, registry_name)
+
+    async def build(self, server):
+        opts = {"num_gpus": 1} if _cuda() else {"num_cpus": self.replica_cpus}
+        if self.cfg.mesh.placement.get("generator"):  # the replicas hold the models: pin them to their group
+            opts["resources"] = dict(self.cfg.mesh.placement["generator"])
+        Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **opts)(ReplicaActor)
+        self.replicas = [Replica.remote(self.cfg.to_dict(), self.replica_cpus) for _ in range(self.cfg.generator.replicas)]
+        versions = await asyncio.gather(*(r.version.remote() for r in self.replicas))
+        self.workers = [ReplicaClient(r, v) for r, v in zip(self.replicas, versions)]
+        self.servicer = generator_servicer.GeneratorServicer(self.workers, self.cfg.generator)
+        generator_servicer.add_to_server(server, self.servicer)
+
+    def policy_version(self) -> int:
+        return min((w.version for w in self.workers), default=0)
+
+    async def replica_pids(self) -> list[int]:
+        return list(await asyncio.gather(*(r.pid.remote() for r in self.replicas)))
+
+
+class ScorerActor(ServiceActor):
+    service = "scorer"
+
+    def __init__(self, cfg_dict: dict, registry_name: str | None = None, num_cpus: float = 0.5):
+        self.num_cpus = num_cpus
+        super().__init__(cfg_dict, registry_name)
+
+    async def build(self, server):
+        _torch_threads(self.num_cpus)
+        backend = await asyncio.to_thread(make_backend, self.cfg)
+        self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
+        scorer_servicer.add_to_server(server, scorer_servicer.ScorerServicer(self.worker, self.cfg.scorer))
+
+    def policy_version(self) -> int:
+        return self.worker.version if hasattr(self, "worker") else 0
+
+
+class CriticActor(ServiceActor):
+    service = "critic"
+
+    async def build(self, server):
+        task = await asyncio.to_thread(get_task, self.cfg.task.name, self.cfg.task.data)
+        if self.cfg.critic.kind == "llm":
+            backend = await asyncio.to_thread(make_backend, self.cfg, self.cfg.critic.model)
+            critic = LLMCritic(ModelWorker(backend), task.prompt)
+        else:
+            critic = ExactCritic(task)
+        critic_servicer.add_to_server(server, critic_servicer.CriticServicer(critic, self.cfg.critic))
+
+
+class PairStoreActor(ServiceActor):
+    service = "pair_store"
+
+    def __init__(self, cfg_dict: dict, redis_url: str, registry_name: str | None = None):
+        self.redis_url = redis_url
+        super().__init__(cfg_dict, registry_name)
+
+    async def build(self, server):
+        self.store = PairStore(self.redis_url, self.cfg.pair_store)
+        pair_store_servicer.add_to_server(server, self.store)

@@ -1,0 +1,88 @@
+"""One CaT request's parameters, filled from ``serve.*`` defaults and checked against its limits the
+same way whether the request came over gRPC or HTTP."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from caspo.config import ServeConfig
+from caspo.core.cat import METHODS, SearchConfig
+from caspo.core.confidence import SCORINGS
+from caspo.serve.proxy import ParamError, UndecodableRequest
+
+
+@dataclass(frozen=True)
+class SolveParams:
+    question: str
+    search: SearchConfig
+    with_tree: bool = False
+
+
+SEARCH_FIELDS = ("method", "k", "tau", "max_steps", "temperature", "scoring", "seed")
+
+
+def _number(field: str, value, lo, hi, integer: bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ParamError(field, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if isinstance(value, float) and math.isnan(value):
+        raise ParamError(field, "must be a number, got nan")
+    if not lo <= value <= hi:
+        raise ParamError(field, f"must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def parse_params(
+    sv: ServeConfig,
+    question: Any,
+    method: Any = None,
+    k: Any = None,
+    tau: Any = None,
+    max_steps: Any = None,
+    temperature: Any = None,
+    scoring: Any = None,
+    seed: Any = None,
+    with_tree: bool = False,
+) -> SolveParams:
+    """Fill defaults from ``serve.*`` and check every field against its limit (``ParamError``)."""
+    if not isinstance(question, str):
+        raise ParamError("question", f"must be a string, got {type(question).__name__}")
+    if not question.strip():
+        raise ParamError("question", "is empty")
+    if len(question) > sv.max_question_chars:
+        raise ParamError("question", f"is {len(question)} characters; the limit is {sv.max_question_chars}")
+    if "\x00" in question:
+        raise ParamError("question", "contains a NUL character")
+    method = sv.method if method is None else method
+    if method not in METHODS:
+        raise ParamError("method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+    scoring = sv.scoring if scoring is None else scoring
+    if scoring not in SCORINGS:
+        raise ParamError("scoring", f"must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    k = _number("k", sv.k if k is None else k, 1, sv.max_k, integer=True)
+    tau = float(_number("tau", sv.tau if tau is None else tau, 0.0, 1.0, integer=False))
+    max_steps = _number("max_steps", sv.max_steps if max_steps is None else max_steps, 1, sv.max_max_steps, integer=True)
+    temperature = float(_number("temperature", sv.temperature if temperature is None else temperature, 0.0, sv.max_temperature, integer=False))
+    if seed is not None:
+        seed = _number("seed", seed, -(2**63), 2**63 - 1, integer=True)
+    if method == "greedy":
+        k, temperature = 1, 0.0
+    elif k > 1 and temperature == 0:  # SearchConfig's rule, answered with the field's name
+        raise ParamError("temperature", f"must be > 0 for method {method} with k > 1 (the k samples would be identical)")
+    cfg = SearchConfig(method=method, k=k, tau=tau, max_steps=max_steps, scoring=scoring, temperature=temperature, seed=seed)
+    return SolveParams(question.strip(), cfg, bool(with_tree))
+
+
+def params_from_grpc(sv: ServeConfig, request) -> SolveParams:
+    """A ``caspo.v1.SolveRequest`` (unset fields take the defaults), or the stand-in of one that did not parse."""
+    if isinstance(request, UndecodableRequest):
+        raise ParamError("request", f"does not parse as caspo.v1.SolveRequest: {request.error}")
+    fields = {name: getattr(request, name) if request.HasField(name) else None for name in SEARCH_FIELDS}
+    return parse_params(sv, request.question, with_tree=request.with_tree, **fields)
+
+
+def params_from_body(sv: ServeConfig, question: Any, body) -> SolveParams:
+    """An HTTP body's search fields (``protocol.SearchFields``) for ``question``."""
+    fields = {name: getattr(body, name) for name in SEARCH_FIELDS}
+    return parse_params(sv, question, with_tree=body.with_tree, **fields)

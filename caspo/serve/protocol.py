@@ -1,0 +1,126 @@
+"""CaT's wire formats: the HTTP request bodies (pydantic, strict: a wrong JSON type is a 422 naming the
+field) and the encoders of an answer to JSON (``/v1/solve``, NDJSON, OpenAI chat completions) and to
+protobuf (``protos/caspo/v1/cat.proto``). Field names are the same in both."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from caspo.core.cat import CommittedStep, SearchResult
+from caspo.protos.v1 import cat_pb2
+from caspo.serve.params import SolveParams
+
+
+# ---- HTTP bodies -----------------------------------------------------------------------------------
+class SearchFields(BaseModel):
+    """The search fields every solving endpoint takes (OpenAI extension fields on chat completions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: StrictStr | None = None
+    k: StrictInt | None = None
+    tau: StrictFloat | StrictInt | None = None
+    max_steps: StrictInt | None = None
+    temperature: StrictFloat | StrictInt | None = None
+    scoring: StrictStr | None = None
+    seed: StrictInt | None = None
+    with_tree: StrictBool = False
+
+
+class SolveBody(SearchFields):
+    question: StrictStr
+
+
+class ChatMessage(BaseModel):
+    role: StrictStr
+    content: StrictStr
+
+
+class ChatBody(SearchFields):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (top_p, user, ...)
+
+    model: StrictStr
+    messages: list[ChatMessage] = Field(min_length=1)
+    n: StrictInt = 1
+    stream: StrictBool = False
+    max_tokens: StrictInt | None = None  # accepted and ignored: a step budget is max_steps
+
+
+# ---- JSON ------------------------------------------------------------------------------------------
+def result_json(res: SearchResult, steps: list[CommittedStep], params: SolveParams, version: int, seconds: float) -> dict:
+    """The JSON answer (``/v1/solve``, and ``caspo`` in chat completions); field names match cat.proto."""
+    out = {
+        "answer": res.answer,
+        "has_answer": res.answer is not None,
+        "reason": res.reason,
+        "confidence": res.confidence,
+        "entropy_confidence": res.entropy_confidence,
+        "steps": [step_json(s) for s in steps],
+        "policy_version": version,
+        "method": res.method,
+        "scoring": res.scoring,
+        "k": params.search.k,
+        "tau": params.search.tau,
+        "steps_proposed": res.steps_proposed,
+        "tokens_generated": res.tokens_generated,
+        "branches_pruned": res.branches_pruned,
+        "seconds": seconds,
+    }
+    if params.with_tree:
+        out["tree"] = res.tree
+    return out
+
+
+def step_json(step: CommittedStep) -> dict:
+    return dict(step.__dict__)
+
+
+def chat_completion(model_id: str, res: SearchResult, answer: dict, prompt_tokens: int) -> dict:
+    """An OpenAI ``chat.completion``: the steps as the message, the JSON answer under ``caspo``."""
+    content = "\n".join(res.steps) if res.answer is not None else "\n".join([*res.steps, f"({res.reason})"])
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": res.tokens_generated, "total_tokens": prompt_tokens + res.tokens_generated},
+        "caspo": answer,
+    }
+
+
+def models_list(model_id: str, version: int) -> dict:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "caspo", "policy_version": version}]}
+
+
+# ---- protobuf --------------------------------------------------------------------------------------
+def step_proto(s: CommittedStep) -> cat_pb2.SolvedStep:
+    return cat_pb2.SolvedStep(index=s.index, text=s.text, confidence=s.confidence, cumulative=s.cumulative, mean_entropy=s.mean_entropy)
+
+
+def response_proto(res: SearchResult, steps: list[CommittedStep], params: SolveParams, version: int, seconds: float) -> cat_pb2.SolveResponse:
+    tree = [
+        cat_pb2.TreeNode(id=i + 1, parent=n["parent"], step=n["step"], depth=n["depth"], c=n["c"], cumulative=n["C"], status=n["status"])
+        for i, n in enumerate(res.tree)
+    ]
+    return cat_pb2.SolveResponse(
+        answer=res.answer or "",
+        has_answer=res.answer is not None,
+        reason=res.reason,
+        confidence=res.confidence,
+        entropy_confidence=res.entropy_confidence,
+        steps=[step_proto(s) for s in steps],
+        policy_version=version,
+        method=res.method,
+        scoring=res.scoring,
+        k=params.search.k,
+        tau=params.search.tau,
+        steps_proposed=res.steps_proposed,
+        tokens_generated=res.tokens_generated,
+        branches_pruned=res.branches_pruned,
+        tree=tree,
+        seconds=seconds,
+    )

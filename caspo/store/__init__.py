@@ -1,0 +1,1 @@
+"""Preference pairs in Redis, and the redis-server the mesh starts when none is given."""
