@@ -1,8 +1,8 @@
-"""caspo.core.diagnose on sibling sets whose answers are known by construction."""
+"""caspo.core.siblings on sibling sets whose answers are known by construction."""
 
 import pytest
 
-from caspo.core.diagnose import Sibling, divergence, sibling_report, top_choice
+from caspo.core.siblings import Sibling, divergence, sibling_report, top_choice
 
 
 def sib(text, correct, ents, lps, reason=""):
