@@ -8,9 +8,10 @@ TASKS = ("arith", "gsm8k")
 
 
 def get_task(name: str, data: str | None = None) -> Task:
-    """The task called ``name``; ``data`` is the JSONL file that file-backed tasks read."""
+    """The task called ``name``; ``data`` is the JSONL file that file-backed tasks read (for arith, a
+    file of ``{"question", "answer"}`` lines replaces the generated problems)."""
     if name == "arith":
-        return ArithTask()
+        return ArithTask(data)
     if name == "gsm8k":
         if not data:
             raise TaskError("task gsm8k needs a data file: pass --data PATH (GSM8K-format JSONL)")

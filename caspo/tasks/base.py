@@ -25,8 +25,14 @@ class Judgement:
 class Task(Protocol):
     name: str
 
-    def problems(self, n: int, seed: int, split: str = "test") -> list[Problem]:
-        """n problems, reproducible from seed; split is 'train' or 'test' (disjoint)."""
+    def question(self, text: str) -> str:
+        """The question as the policy will see it, from what a person typed; TaskError, naming what the
+        task accepts, when it cannot take it (the built-in arithmetic takes expressions only; a task for
+        a real model takes any non-empty text)."""
+
+    def problems(self, n: int | None, seed: int, split: str = "test") -> list[Problem]:
+        """n problems, reproducible from seed; split is 'train' or 'test' (disjoint). A file-backed task
+        may take n=None for all of its problems."""
 
     def prompt(self, question: str) -> str:
         """The text a policy is conditioned on before its first step."""
@@ -36,6 +42,9 @@ class Task(Protocol):
 
     def answer_correct(self, problem: Problem, answer: str | None) -> bool:
         """Is a final answer right for the problem?"""
+
+    def error_kind(self, reason: str) -> str:
+        """The kind of error a critic's reason names (the taxonomy ``caspo diagnose`` reports)."""
 
 
 class TaskError(ValueError):

@@ -426,14 +426,21 @@ class GSM8KTask:
             raise ValueError(f"split must be train, test or any, got {split!r}")
         return [p for p in self._problems if split == "any" or self.split_of(p.question) == split]
 
-    def problems(self, n: int, seed: int, split: str = "test") -> list[Problem]:
-        if n < 0:
+    def problems(self, n: int | None, seed: int, split: str = "test") -> list[Problem]:
+        """``n`` problems of ``split`` in a seeded order (None: all of them)."""
+        if n is not None and n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         pool = self.all_problems(split)
         random.Random(f"gsm8k:{seed}:{split}").shuffle(pool)
-        return pool[:n]
+        return pool if n is None else pool[:n]
 
     # ---- format -----------------------------------------------------------------------------
+    def question(self, text: str) -> str:
+        """Any non-empty text: a word problem is for the model to read."""
+        if not text or not text.strip():
+            raise TaskError("empty question")
+        return text.strip()
+
     def prompt(self, question: str) -> str:
         return f"Question: {question.strip()}\nAnswer:\n"
 
@@ -461,3 +468,12 @@ class GSM8KTask:
 
     def answer_correct(self, problem: Problem, answer: str | None) -> bool:
         return answers_match(answer, problem.answer)
+
+    def error_kind(self, reason: str) -> str:
+        if reason.startswith("calculator annotation"):
+            return "arithmetic"
+        if reason.startswith("result "):
+            return "wrong result"
+        if reason.startswith("final answer"):
+            return "wrong final answer"
+        return reason

@@ -149,7 +149,7 @@ def test_micro_batcher_merges_concurrent_requests(backend):
             assert [s.text for s in alone.candidates[0].steps] == [s.text for s in rs[3].candidates[0].steps]
 
             sstub = scorer_pb2_grpc.ConfidenceScorerStub(ch)
-            items = [scorer_pb2.ScoreItem(prompt=p, step="12+7=19") for p in prompts[:4]]
+            items = [scorer_pb2.ScoreItem(prompt=p, step="7*3=21; 12+21") for p in prompts[:4]]
             srs = await asyncio.gather(*(sstub.Score(scorer_pb2.ScoreRequest(items=[it])) for it in items))
             assert counting.score_calls < len(items)
             assert all(len(s.scores) == 1 and len(s.scores[0].token_entropies) > 0 for s in srs)
@@ -195,7 +195,7 @@ def test_scorer_reload_swaps_the_policy_it_scores_with(backend):
         old, new = backend.version, backend.version + 3
         async with serving((scorer_service.add_to_server, scorer)) as ch:
             stub = scorer_pb2_grpc.ConfidenceScorerStub(ch)
-            item = scorer_pb2.ScoreItem(prompt=PROMPT, step="12+7=19")
+            item = scorer_pb2.ScoreItem(prompt=PROMPT, step="7*3=21; 12+21")
             assert (await stub.Score(scorer_pb2.ScoreRequest(items=[item]))).policy_version == old
             rr = await stub.Reload(generator_pb2.ReloadRequest(path="tiny", version=new))
             assert rr.policy_version == new and rr.replicas == 1
@@ -246,15 +246,15 @@ def test_exact_critic(backend):
             stub = critic_pb2_grpc.CriticStub(ch)
             r = await stub.Judge(
                 judge_request(
-                    ("", "12+7*3", [], "12+7=19"),
-                    ("", "12+7*3", [], "12+7=18"),
-                    ("", "12+7*3", ["12+7=19"], "19*3=57"),
-                    ("", "12+7*3", ["12+7=19", "19*3=57"], "#### 57"),
+                    ("", "12+7*3", [], "7*3=21; 12+21"),
+                    ("", "12+7*3", [], "7*3=22; 12+22"),
+                    ("", "12+7*3", ["7*3=21; 12+21"], "12+21=33"),
+                    ("", "12+7*3", ["7*3=21; 12+21", "12+21=33"], "#### 33"),
                 )
             )
             assert r.critic == "exact:arith"
             assert [v.correct for v in r.verdicts] == [True, False, True, True]
-            assert r.verdicts[1].reference == "12+7=19" and r.verdicts[1].reason
+            assert r.verdicts[1].reference == "7*3=21; 12+21" and r.verdicts[1].reason
 
     asyncio.run(main())
 
@@ -285,7 +285,7 @@ def test_llm_critic_with_tiny_model(backend):
         critic = LLMCritic(worker, ArithTask().prompt)
         servicer = critic_service.CriticServicer(critic, CriticConfig())
         async with serving((critic_service.add_to_server, servicer)) as ch:
-            items = [("", "12+7*3", [], "12+7=19"), ("", "12+7*3", [], "12+7=20"), ("", "12+7*3", ["12+7=19"], "19*3=57")]
+            items = [("", "12+7*3", [], "7*3=21; 12+21"), ("", "12+7*3", [], "7*3=20; 12+20"), ("", "12+7*3", ["7*3=21; 12+21"], "12+21=33")]
             r = await critic_pb2_grpc.CriticStub(ch).Judge(judge_request(*items))
             assert r.critic == f"llm:{backend.path}"
             assert len(r.verdicts) == 3
@@ -344,9 +344,9 @@ def test_error_paths_name_the_field_and_service_keeps_serving(backend):
             assert worker.version == v  # the failed reload left the policy alone
             r = await g.ProposeSteps(propose([PROMPT]))
             assert r.candidates[0].steps[0].text and r.policy_version == v
-            sr = await s.Score(scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=PROMPT, step="12+7=19")]))
+            sr = await s.Score(scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=PROMPT, step="7*3=21; 12+21")]))
             assert len(sr.scores[0].token_entropies) > 0
-            cr = await c.Judge(judge_request(("", "12+7*3", [], "12+7=19")))
+            cr = await c.Judge(judge_request(("", "12+7*3", [], "7*3=21; 12+21")))
             assert cr.verdicts[0].correct
 
     asyncio.run(main())
