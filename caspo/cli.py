@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import ray
 from ray import serve
@@ -19,14 +20,18 @@ from caspo.bench.run import main as bench_main
 from caspo.config import ConfigError, load_config
 from caspo.core.cat import METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS
-from caspo.evaluation import evaluate
+from caspo.diagnose import diagnose
+from caspo.diagnose import plot as plot_diagnosis
+from caspo.evaluation import METRICS, compare, evaluate
 from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import MeshRunner, ensure_mesh, stop_running_mesh
 from caspo.mesh.state import MeshError, running_mesh
-from caspo.models.base import ModelLoadError
+from caspo.models.base import ModelLoadError, PromptedProposer
 from caspo.models.hf import HFBackend
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
 from caspo.netutil import redact_url
+from caspo.plots import pyplot
+from caspo.plots import save as save_figure
 from caspo.report import write_report
 from caspo.serve.cat_client import FIELDS as SOLVE_FIELDS
 from caspo.serve.cat_client import SolveError, solve_grpc, solve_http
@@ -54,8 +59,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _cell(row: dict, column: str) -> str:
+    """A value, with its 95% interval when the row carries one (``<column>_ci``)."""
+    text = _fmt(row.get(column))
+    ci = row.get(f"{column}_ci")
+    if text != "-" and isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
+
+
 def print_table(rows: list[dict], columns: list[str], file=sys.stdout) -> None:
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    cells = [[_cell(r, c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
     print("  ".join("-" * w for w in widths), file=file)
@@ -86,21 +100,56 @@ def _backend(model: str, max_step_tokens: int = 32):
     return HFBackend(model, max_step_tokens=max_step_tokens)
 
 
-def cmd_eval(args) -> int:
-    cfg = _search_config(args)
-    if args.n < 1:
+DEFAULT_EVAL_N = 1000  # generated problems: one standard error of accuracy is ~0.015 at this size
+
+
+def _eval_problems(args):
+    if args.n is not None and args.n < 1:
         raise UsageError(f"-n must be >= 1, got {args.n}")
     task = get_task(args.task, args.data)
-    problems = task.problems(args.n, seed=args.seed, split=args.split)
-    backend = _backend(args.model)
-    rep = evaluate(backend, task, problems, cfg, batch=args.batch, progress=not args.json)
-    out = rep.summary()
-    out["model"] = args.model
-    out["task"] = args.task
+    n = args.n if args.n is not None or args.data else DEFAULT_EVAL_N
+    return task, task.problems(n, seed=args.seed, split=args.split)
+
+
+def _compare_sides(args) -> list[tuple[str, str, SearchConfig]]:
+    """``--compare A B``: each side a method (run on --model) or a model (run with --method)."""
+    sides = []
+    for spec in args.compare:
+        if spec in METHODS:
+            sides.append((f"{args.model} {spec}", args.model, _search_config(argparse.Namespace(**{**vars(args), "method": spec}))))
+        else:
+            sides.append((f"{spec} {args.method}", spec, _search_config(args)))
+    return sides
+
+
+def cmd_eval(args) -> int:
+    task, problems = _eval_problems(args)
+    if not args.compare:
+        cfg = _search_config(args)
+        rep = evaluate(_backend(args.model), task, problems, cfg, batch=args.batch, progress=not args.json)
+        out = {**rep.summary(), "model": args.model, "task": args.task}
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print_table([out], EVAL_COLUMNS)
+        return 0
+    sides = _compare_sides(args)
+    backends: dict[str, HFBackend] = {}
+    reports = []
+    for name, model, cfg in sides:
+        if model not in backends:
+            backends[model] = _backend(model)
+        reports.append(evaluate(backends[model], task, problems, cfg, batch=args.batch, progress=not args.json, desc=name))
+    diff = compare(reports[0], reports[1])
+    rows = [{"run": name, **rep.summary()} for (name, _, _), rep in zip(sides, reports)]
     if args.json:
-        print(json.dumps(out))
-    else:
-        print_table([out], EVAL_COLUMNS)
+        print(json.dumps({"task": args.task, "a": rows[0], "b": rows[1], "difference": diff}))
+        return 0
+    print_table(rows, ["run"] + EVAL_COLUMNS)
+    print(f"\nB - A on the same {diff['n']} problems (95% paired bootstrap intervals):")
+    print_table([{"metric": m, "difference": diff[m], "difference_ci": diff[f"{m}_ci"]} for m in METRICS], ["metric", "difference"])
+    print(f"accuracy: only A right on {diff['only_a_correct']} problems, only B on {diff['only_b_correct']}; "
+          f"exact McNemar p = {diff['accuracy_mcnemar_p']:.4g}")
     return 0
 
 
@@ -131,6 +180,47 @@ def cmd_demo(args) -> int:
         with open(args.out, "w") as f:
             json.dump({"model": backend.path, "n": len(problems), "seed": args.seed, "runs": rows}, f, indent=2)
         print(f"\nwrote {args.out}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    """Which confidence signal works on this model: sibling ranking, ties, AUROC, entropy, divergence, errors."""
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"-n must be >= 1, got {args.n}")
+    if args.k < 2:
+        raise UsageError(f"--k must be >= 2 (siblings to rank), got {args.k}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0 to sample siblings, got {args.temperature}")
+    task = get_task(args.task, args.data)
+    problems = task.problems(args.n if args.n is not None or args.data else 500, seed=args.seed, split=args.split)
+    backend = _backend(args.model)
+    rep = diagnose(PromptedProposer(backend, task.prompt), task, problems, k=args.k, temperature=args.temperature, seed=args.seed, progress=not args.json)
+    rep = {"model": args.model, "task": args.task, **rep}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnose.json").write_text(json.dumps(rep, indent=2) + "\n")
+    save_figure(plot_diagnosis(pyplot(), rep), out / "diagnose.png")
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    g = rep["greedy"]
+    print(f"{args.model} on {rep['n']} {args.task} problems: greedy accuracy {_cell(g, 'accuracy')}")
+    print(f"siblings: {rep['siblings']} sampled after {rep['sets']} gold prefixes (k={rep['k']}, T={rep['temperature']}), "
+          f"{rep['distinct_siblings']} distinct; {rep['mixed_sets']} sets mix right and wrong steps "
+          f"(a random pick is right {_fmt(rep['chance'])} of the time)\n")
+    rows = [
+        {"scoring": sc, "sibling_ranking": rep["sibling_ranking"][sc], "sibling_ranking_ci": rep["sibling_ranking_ci"][sc],
+         "ties": rep["ties"][sc], "all_tied": rep["all_tied"][sc], "step_auroc": rep["step_auroc"][sc], "step_auroc_ci": rep["step_auroc_ci"][sc]}
+        for sc in rep["scorings"]
+    ]
+    print_table(rows, ["scoring", "sibling_ranking", "ties", "all_tied", "step_auroc"])
+    h, d = rep["entropy"], rep["divergence"]
+    print(f"\nmean step entropy: right {_fmt(h['correct'])}, wrong {_fmt(h['incorrect'])} nats (gap {_fmt(h['gap'])})")
+    print(f"wrong siblings leave the closest right one at {_fmt(d['median_relative_position'])} of the step (median); "
+          f"{d['one_character']} of {d['wrong_siblings']} differ in one character")
+    print("wrong siblings:", ", ".join(f"{k} {v}" for k, v in (rep.get("error_kinds") or rep["errors"]).items()) or "-")
+    print("first error of wrong greedy solutions:", ", ".join(f"{k} {v}" for k, v in (g.get("first_error_kinds") or g["first_errors"]).items()) or "-")
+    print(f"\nwrote {out / 'diagnose.json'} and {out / 'diagnose.png'}")
     return 0
 
 
@@ -407,14 +497,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a policy with a search method")
     p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
     p.add_argument("--task", default="arith", help="arith or gsm8k")
-    p.add_argument("--data", help="data file for file-backed tasks (gsm8k)")
+    p.add_argument("--data", help='a JSONL file of problems: arith {"question", "answer"} lines, or GSM8K format')
     _add_search_args(p)
-    p.add_argument("-n", type=int, default=200, help="number of problems (default 200)")
+    p.add_argument("-n", type=int, default=None, help=f"number of problems (default: all of --data, else {DEFAULT_EVAL_N} generated)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two methods (greedy, sc, bon, cat) on --model, or two models with --method, "
+                   "on the same problems: both reports, their paired differences with intervals, and a McNemar test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test", choices=["train", "test", "any"])
     p.add_argument("--batch", type=int, default=16, help="questions per batched model call (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("diagnose", help="which confidence signal works on a model, and why (sibling ranking per scoring)")
+    p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
+    p.add_argument("--task", default="arith", help="arith or gsm8k")
+    p.add_argument("--data", help="a JSONL file of problems (as for eval)")
+    p.add_argument("-n", type=int, default=None, help="problems (default: all of --data, else 500 generated)")
+    p.add_argument("--k", type=int, default=4, help="siblings sampled after each gold prefix (default 4)")
+    p.add_argument("--temperature", type=float, default=0.7, help="their sampling temperature (default 0.7)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", choices=["train", "test", "any"])
+    p.add_argument("--out", default="runs/diagnose", help="folder for diagnose.json and diagnose.png")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("demo", help="tiny reasoner: greedy vs SC@K vs CaT@K (both scorings)")
     p.add_argument("--model", default="tiny")

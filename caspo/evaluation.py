@@ -9,16 +9,26 @@ Definitions (the same for every method, so methods compare on one footing):
   * entropy_gap    — mean token entropy of incorrect steps minus that of correct steps (nats).
   * latency_s      — wall time / questions, questions batched ``batch`` at a time.
   * tokens         — tokens generated per question (all branches, pruned ones included).
+
+Every accuracy-like figure carries a 95% interval (``accuracy_ci`` beside ``accuracy``, ...): the
+Wilson score interval for answer accuracy, a percentile bootstrap over problems (2,000 resamples,
+seeded; a problem's steps are resampled together) for everything else. ``compare`` judges two
+reports on the same problems: paired differences with paired bootstrap intervals, and the exact
+McNemar test for accuracy.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
-from caspo.core import metrics
+import numpy as np
+
+from caspo.core import metrics, stats
 from caspo.core.cat import Search, SearchConfig, SearchResult, derive_seed, run_searches, run_searches_async
 from caspo.models.base import PromptedProposer
 from caspo.progress import bar as progress_bar
@@ -57,12 +67,124 @@ class EvalReport:
     latency_s: float
     tokens: float
     no_answer: int
+    accuracy_ci: list[float | None] = field(default_factory=lambda: [None, None])
+    step_accuracy_ci: list[float | None] = field(default_factory=lambda: [None, None])
+    ece_ci: list[float | None] = field(default_factory=lambda: [None, None])
+    brier_ci: list[float | None] = field(default_factory=lambda: [None, None])
+    auroc_ci: list[float | None] = field(default_factory=lambda: [None, None])
+    entropy_gap_ci: list[float | None] = field(default_factory=lambda: [None, None])
     records: list[ProblemRecord] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
         d = asdict(self)
         d.pop("records")
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+        return {k: _clean(v) for k, v in d.items()}
+
+
+def _clean(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
+
+
+# ---- the metrics, as functions of per-problem arrays (so the bootstrap can resample problems) --------
+class _Columns:
+    """Per-problem answer columns and per-step columns with the index of each step's problem."""
+
+    def __init__(self, records: Sequence[ProblemRecord]):
+        self.n = len(records)
+        self.correct = np.array([r.correct for r in records], dtype=float)
+        self.confidence = np.array([r.confidence for r in records], dtype=float)
+        self.step_ok = np.array([ok for r in records for ok in r.step_correct], dtype=float)
+        self.step_h = np.array([h for r in records for h in r.step_mean_entropy], dtype=float)
+        self.owner = np.array([i for i, r in enumerate(records) for _ in r.step_correct], dtype=int)
+
+    def steps(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(step correctness, step mean entropy) of the problems ``idx`` (with repeats), in one go."""
+        counts = np.bincount(idx.astype(int), minlength=self.n)
+        w = counts[self.owner]
+        return np.repeat(self.step_ok, w), np.repeat(self.step_h, w)
+
+
+_ANSWER_METRICS: dict[str, Callable] = {
+    "ece": lambda conf, ok, n_bins=10: metrics.ece(conf, ok, n_bins),
+    "brier": lambda conf, ok: metrics.brier(conf, ok),
+}
+_STEP_METRICS: dict[str, Callable] = {
+    "step_accuracy": lambda ok, h: metrics.accuracy(ok),
+    "auroc": lambda ok, h: metrics.auroc(np.exp(-h), ok),
+    "entropy_gap": lambda ok, h: metrics.entropy_gap(h, ok),
+}
+
+
+def _answer_stat(cols: _Columns, name: str) -> Callable[[np.ndarray], float]:
+    return lambda idx: _ANSWER_METRICS[name](cols.confidence[idx.astype(int)], cols.correct[idx.astype(int)])
+
+
+def _step_stat(cols: _Columns, name: str) -> Callable[[np.ndarray], float]:
+    return lambda idx: _STEP_METRICS[name](*cols.steps(idx))
+
+
+def _ci(pair) -> list[float | None]:
+    return [_clean(float(pair[0])), _clean(float(pair[1]))]
+
+
+def intervals(records: Sequence[ProblemRecord], seed: int = 0, resamples: int = stats.DEFAULT_RESAMPLES) -> dict:
+    """95% intervals of every metric of ``report_of``: Wilson for accuracy, bootstrap over problems else."""
+    cols = _Columns(records)
+    out = {"accuracy_ci": _ci(stats.wilson_interval(int(cols.correct.sum()), cols.n))}
+    idx = [np.arange(cols.n)]
+    for name in _ANSWER_METRICS:
+        out[f"{name}_ci"] = _ci(stats.bootstrap_interval(_answer_stat(cols, name), idx, resamples, seed=seed))
+    for name in _STEP_METRICS:
+        out[f"{name}_ci"] = _ci(stats.bootstrap_interval(_step_stat(cols, name), idx, resamples, seed=seed))
+    return out
+
+
+METRICS = ("accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap")  # each with an interval
+PAIRED = METRICS
+
+
+def write_records(path: str | Path, records: Sequence[ProblemRecord]) -> Path:
+    """Per-problem results as JSONL, so later comparisons (``caspo report``) can pair them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+    tmp.replace(path)
+    return path
+
+
+def read_records(path: str | Path) -> list[ProblemRecord]:
+    return [ProblemRecord(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def compare(a: "EvalReport", b: "EvalReport", seed: int = 0, resamples: int = stats.DEFAULT_RESAMPLES) -> dict:
+    """B − A on the same problems: each metric's paired difference with its paired bootstrap interval
+    (both reports resampled with the same problem indices), and the exact McNemar test on accuracy."""
+    ids_a, ids_b = [r.id for r in a.records], [r.id for r in b.records]
+    if ids_a != ids_b:
+        raise ValueError("compare needs two evaluations of the same problems in the same order")
+    ca, cb = _Columns(a.records), _Columns(b.records)
+    idx = np.arange(ca.n)
+    out: dict = {"n": ca.n}
+    for name in PAIRED:
+        if name == "accuracy":
+            fa, fb = (lambda i, c=ca: float(c.correct[i.astype(int)].mean())), (lambda i, c=cb: float(c.correct[i.astype(int)].mean()))
+        elif name in _ANSWER_METRICS:
+            fa, fb = _answer_stat(ca, name), _answer_stat(cb, name)
+        else:
+            fa, fb = _step_stat(ca, name), _step_stat(cb, name)
+        point = fb(idx) - fa(idx)
+        lo, hi = stats.bootstrap_interval(lambda i: fb(i) - fa(i), [idx], resamples, seed=seed)
+        out[name] = _clean(float(point))
+        out[f"{name}_ci"] = _ci((lo, hi))
+    m = stats.mcnemar(ca.correct.astype(bool), cb.correct.astype(bool))
+    out["accuracy_mcnemar_p"] = m["p_value"]
+    out["only_a_correct"], out["only_b_correct"] = m["only_a"], m["only_b"]
+    return out
 
 
 def judge_steps(task: Task, problem: Problem, steps: Sequence[str]) -> list[bool]:
@@ -108,6 +230,7 @@ def report_of(cfg: SearchConfig, records: list[ProblemRecord], seconds: float, n
         tokens=sum(r.tokens for r in records) / max(1, len(records)),
         no_answer=sum(r.answer is None for r in records),
         records=records,
+        **intervals(records),
     )
 
 

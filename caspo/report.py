@@ -21,10 +21,11 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+
+from caspo.plots import pyplot
 
 __all__ = ["load_rounds", "write_report", "format_markdown_table", "SUMMARY_COLUMNS"]
 
@@ -176,17 +177,6 @@ def _run_section(name: str, run_dir, rows: list[dict]) -> str:
 
 
 # ---- figures ----------------------------------------------------------------------------------------
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (figures to files, no display).
-
-    Imported when a figure is drawn rather than at the top: choosing a backend is process-wide, and
-    importing this module (the CLI does) must not switch the backend of, say, a notebook."""
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _reliability_axes(ax, row: dict, title: str) -> None:
     bins = row.get("reliability") or []
     ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1, label="perfect calibration")

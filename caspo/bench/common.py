@@ -16,7 +16,7 @@ import torch
 from caspo.config import load_config
 from caspo.models.base import Backend
 from caspo.models.factory import make_backend as build_backend
-from caspo.report import pyplot
+from caspo.plots import pyplot
 
 
 @dataclass

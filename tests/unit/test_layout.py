@@ -18,12 +18,12 @@ LAYERS = [
     ["caspo.cli"],
     ["caspo.bench"],
     ["caspo.trainer", "caspo.report"],
-    ["caspo.mesh", "caspo.serve"],
+    ["caspo.mesh", "caspo.serve", "caspo.diagnose"],
     ["caspo.services"],
     ["caspo.evaluation", "caspo.store"],
     ["caspo.models"],
     ["caspo.tasks"],
-    ["caspo.config", "caspo.errors", "caspo.netutil", "caspo.policy_file", "caspo.progress", "caspo.protogen", "caspo.protos"],
+    ["caspo.config", "caspo.errors", "caspo.netutil", "caspo.plots", "caspo.policy_file", "caspo.progress", "caspo.protogen", "caspo.protos"],
     ["caspo.core"],
 ]
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
@@ -31,7 +31,7 @@ LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 # Imports that may stay inside a function, each with its reason. Nothing of the project is here.
 LAZY_IMPORTS = {
     ("caspo/models/vllm.py", "vllm"): "the optional gpu extra: the module imports without it",
-    ("caspo/report.py", "matplotlib.pyplot"): "pyplot after choosing the Agg backend, which is process-wide",
+    ("caspo/plots.py", "matplotlib.pyplot"): "pyplot after choosing the Agg backend, which is process-wide",
 }
 
 
