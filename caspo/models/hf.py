@@ -8,6 +8,7 @@ samples the same tokens whatever else shares its batch (each seeded row draws fr
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from pathlib import Path
@@ -73,6 +74,8 @@ class _Weights:
         self.delim_token = torch.tensor([delimiter in t for t in vocab_text], device=self.device)
         self.content_token = torch.tensor([t.strip() != "" for t in vocab_text], device=self.device)
         self.stop_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
+        # transformers 5 renamed forward's past_key_values to cache (the old name warns, then goes)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class HFBackend:
@@ -160,7 +163,7 @@ class HFBackend:
         ids, mask = self._encode_left(w, prompts)
         cache = DynamicCache(config=w.model.config)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = w.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = w.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{w.cache_arg: cache}).logits[:, -1]
         if n > 1:  # prefill each prompt once, then fan the cache out to its n samples
             cache.batch_repeat_interleave(n)
             logits = logits.repeat_interleave(n, 0)
@@ -216,8 +219,8 @@ class HFBackend:
                 input_ids=nxt.unsqueeze(1),
                 attention_mask=mask,
                 position_ids=next_pos.unsqueeze(1),
-                past_key_values=cache,
                 use_cache=True,
+                **{w.cache_arg: cache},
             ).logits[:, -1]
             next_pos = next_pos + 1
         fin_l = finished.tolist()

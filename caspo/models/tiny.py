@@ -88,6 +88,10 @@ class TinyTrainConfig:
     intermediate_size: int = 384
     checkpoint_every: int = 100
     threads: int = 0  # 0: torch's default
+    # weight of the result digits of each step in the loss. Copying the expression is learned at once;
+    # arithmetic is what a small model learns last, and at 1x it had not yet (9% held-out accuracy after
+    # 1,300 steps, 62% at 3x: README, "The built-in tiny reasoner")
+    result_weight: float = 3.0
 
 
 def build_model(cfg: TinyTrainConfig, tokenizer):
@@ -107,15 +111,30 @@ def build_model(cfg: TinyTrainConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def _packed_batches(cfg: TinyTrainConfig, tokenizer, seed: int):
-    """Endless (input_ids, labels) batches of documents packed into seq_len windows.
+def result_weights(solution: str, weight: float) -> list[float]:
+    """A loss weight per character of a solution: ``weight`` on the digits of each step's result (after
+    ``=``, up to ``;`` or the end of the line), 1 elsewhere."""
+    out, inside = [], False
+    for ch in solution:
+        if ch == "=":
+            inside = True
+        elif ch in ";\n":
+            inside = False
+        out.append(weight if inside and ch.isdigit() else 1.0)
+    return out
 
-    A document is <bos> prompt solution <eos>; the loss covers solution and <eos> only.
+
+def _packed_batches(cfg: TinyTrainConfig, tokenizer, seed: int):
+    """Endless (input_ids, labels, loss weights) batches of documents packed into seq_len windows.
+
+    A document is <bos> prompt solution <eos>; the loss covers solution and <eos> only, each result digit
+    weighted ``cfg.result_weight``. The tokenizer is character-level, so characters are tokens.
     """
     stream = ArithTask().iter_train_text(seed)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     ids_buf: list[int] = []
     lab_buf: list[int] = []
+    wt_buf: list[float] = []
     need = cfg.batch_size * cfg.seq_len
     while True:
         while len(ids_buf) < need:
@@ -124,10 +143,19 @@ def _packed_batches(cfg: TinyTrainConfig, tokenizer, seed: int):
             s = tokenizer.encode(solution, add_special_tokens=False)
             ids_buf += [bos] + p + s + [eos]
             lab_buf += [-100] * (1 + len(p)) + s + [eos]
+            wt_buf += [0.0] * (1 + len(p)) + result_weights(solution, cfg.result_weight) + [1.0]
         ids = torch.tensor(ids_buf[:need]).view(cfg.batch_size, cfg.seq_len)
         labels = torch.tensor(lab_buf[:need]).view(cfg.batch_size, cfg.seq_len)
-        del ids_buf[:need], lab_buf[:need]
-        yield ids, labels
+        weights = torch.tensor(wt_buf[:need]).view(cfg.batch_size, cfg.seq_len)
+        del ids_buf[:need], lab_buf[:need], wt_buf[:need]
+        yield ids, labels, weights
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, each target weighted, normalised by the total weight."""
+    logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
+    return (ce * weights.reshape(-1)).sum() / weights.sum()
 
 
 def train_tiny(cfg: TinyTrainConfig, out_dir: str | Path, progress: bool = True, stop_at: int | None = None) -> Path | None:
@@ -175,10 +203,10 @@ def train_tiny(cfg: TinyTrainConfig, out_dir: str | Path, progress: bool = True,
     for step in bar:
         if batches is None or step % cfg.checkpoint_every == 0:
             batches = _packed_batches(cfg, tokenizer, seed=cfg.seed * 1_000_003 + step)
-        ids, labels = next(batches)
+        ids, labels, weights = next(batches)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = weighted_loss(model(input_ids=ids).logits, labels, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

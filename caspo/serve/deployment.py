@@ -173,7 +173,7 @@ class CaTServer:
             grpc_context.set_details(UNAUTHENTICATED_MESSAGE)
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         try:
-            return params_from_grpc(self.cfg.serve, request)
+            return params_from_grpc(self.cfg.serve, request, self.task.question)
         except BadRequest as e:
             # Serve answers with the code set on the context when the method then raises
             grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from caspo.config import ServeConfig
 from caspo.core.cat import METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS
 from caspo.serve.proxy import ParamError, UndecodableRequest
+from caspo.tasks.base import TaskError
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,11 @@ def parse_params(
     scoring: Any = None,
     seed: Any = None,
     with_tree: bool = False,
+    question_of: Callable[[str], str] | None = None,
 ) -> SolveParams:
-    """Fill defaults from ``serve.*`` and check every field against its limit (``ParamError``)."""
+    """Fill defaults from ``serve.*`` and check every field against its limit (``ParamError``).
+    ``question_of`` (the served task's ``question``) turns what a person typed into what the policy
+    sees, or refuses it with a message naming what the task accepts."""
     if not isinstance(question, str):
         raise ParamError("question", f"must be a string, got {type(question).__name__}")
     if not question.strip():
@@ -54,6 +58,11 @@ def parse_params(
         raise ParamError("question", f"is {len(question)} characters; the limit is {sv.max_question_chars}")
     if "\x00" in question:
         raise ParamError("question", "contains a NUL character")
+    if question_of is not None:
+        try:
+            question = question_of(question)
+        except TaskError as e:
+            raise ParamError("question", f"is not one the served model takes: {e}") from None
     method = sv.method if method is None else method
     if method not in METHODS:
         raise ParamError("method", f"must be one of {', '.join(METHODS)}, got {method!r}")
@@ -74,15 +83,15 @@ def parse_params(
     return SolveParams(question.strip(), cfg, bool(with_tree))
 
 
-def params_from_grpc(sv: ServeConfig, request) -> SolveParams:
+def params_from_grpc(sv: ServeConfig, request, question_of: Callable[[str], str] | None = None) -> SolveParams:
     """A ``caspo.v1.SolveRequest`` (unset fields take the defaults), or the stand-in of one that did not parse."""
     if isinstance(request, UndecodableRequest):
         raise ParamError("request", f"does not parse as caspo.v1.SolveRequest: {request.error}")
     fields = {name: getattr(request, name) if request.HasField(name) else None for name in SEARCH_FIELDS}
-    return parse_params(sv, request.question, with_tree=request.with_tree, **fields)
+    return parse_params(sv, request.question, with_tree=request.with_tree, question_of=question_of, **fields)
 
 
-def params_from_body(sv: ServeConfig, question: Any, body) -> SolveParams:
+def params_from_body(sv: ServeConfig, question: Any, body, question_of: Callable[[str], str] | None = None) -> SolveParams:
     """An HTTP body's search fields (``protocol.SearchFields``) for ``question``."""
     fields = {name: getattr(body, name) for name in SEARCH_FIELDS}
-    return parse_params(sv, question, with_tree=body.with_tree, **fields)
+    return parse_params(sv, question, with_tree=body.with_tree, question_of=question_of, **fields)

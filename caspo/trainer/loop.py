@@ -39,11 +39,13 @@ from caspo.core.cat import SearchConfig, derive_seed
 from caspo.core.metrics import reliability_bins
 from caspo.core.pairs import CASE_TRAJECTORY, Pair
 from caspo.core.steps import final_answer
-from caspo.evaluation import evaluate_async
+from caspo.evaluation import METRICS as ROUND_METRICS
+from caspo.evaluation import evaluate_async, write_records
 from caspo.mesh.client import MeshClient, MeshProposer
 from caspo.models.hf import resolve_model_path
 from caspo.netutil import redact_url
 from caspo.progress import bar as progress_bar
+from caspo.progress import say
 from caspo.tasks import get_task
 from caspo.trainer.collect import collect_round
 from caspo.trainer.dpo import scratch_dir, train_dpo
@@ -293,14 +295,13 @@ class RoundController:
         row = {
             "round": k,
             "policy_version": k,
-            "accuracy": g["accuracy"],
-            "step_accuracy": g["step_accuracy"],
-            "ece": g["ece"],
-            "brier": g["brier"],
-            "auroc": g["auroc"],
-            "entropy_gap": g["entropy_gap"],
+            "eval_n": g["n"],
+            **{m: g[m] for m in ROUND_METRICS},
+            **{f"{m}_ci": g[f"{m}_ci"] for m in ROUND_METRICS},
             "cat_accuracy": cats["entropy"].accuracy,
+            "cat_accuracy_ci": cats["entropy"].summary()["accuracy_ci"],
             "cat_accuracy_logprob": cats["logprob"].accuracy,
+            "cat_accuracy_logprob_ci": cats["logprob"].summary()["accuracy_ci"],
             "cat_k": lc.cat_k,
             "cat_tau": lc.cat_tau,
             "pairs": pairs_info.get("pairs", {}),
@@ -309,10 +310,11 @@ class RoundController:
             "reliability": _reliability(greedy),
             "finished_at": time.time(),
         }
+        write_records(self.run_dir / "eval" / f"round{k}_greedy.jsonl", greedy.records)
         with self.rows_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.state.mark(k, "eval", True)
-        print(summary_line(row), flush=True)
+        say(summary_line(row))
         return row
 
 
@@ -323,8 +325,13 @@ def _reliability(report) -> list[dict]:
 def summary_line(row: dict) -> str:
     pairs = ", ".join(f"{c} {n}" for c, n in sorted(row.get("pairs", {}).items())) or "-"
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+
+    def ci(m):
+        lo, hi = row.get(f"{m}_ci") or (None, None)
+        return f"{f(row[m])} [{f(lo)}, {f(hi)}]" if lo is not None else f(row[m])
+
     return (
-        f"round {row['round']}: accuracy {f(row['accuracy'])}  step {f(row['step_accuracy'])}  ECE {f(row['ece'])}  "
+        f"round {row['round']}: accuracy {ci('accuracy')}  step {f(row['step_accuracy'])}  ECE {ci('ece')}  "
         f"Brier {f(row['brier'])}  AUROC {f(row['auroc'])}  gap {f(row['entropy_gap'])}  "
         f"CaT@{row['cat_k']} entropy {f(row['cat_accuracy'])} logprob {f(row['cat_accuracy_logprob'])}  pairs: {pairs}"
     )
