@@ -29,7 +29,9 @@ from caspo.mesh.state import MeshError, running_mesh
 from caspo.models.base import ModelLoadError, PromptedProposer
 from caspo.models.hf import HFBackend
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
+from caspo.models.factory import make_backend
 from caspo.netutil import redact_url
+from caspo.progress import quiet_terminal, say
 from caspo.plots import pyplot
 from caspo.plots import save as save_figure
 from caspo.report import write_report
@@ -68,13 +70,13 @@ def _cell(row: dict, column: str) -> str:
     return text
 
 
-def print_table(rows: list[dict], columns: list[str], file=sys.stdout) -> None:
+def print_table(rows: list[dict], columns: list[str]) -> None:
     cells = [[_cell(r, c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
-    print("  ".join("-" * w for w in widths), file=file)
+    say("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    say("  ".join("-" * w for w in widths))
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
+        say("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
 EVAL_COLUMNS = ["method", "scoring", "k", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "latency_s", "tokens", "n"]
@@ -153,33 +155,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """Load (or train) the tiny reasoner and compare greedy, SC@K and CaT@K with both scorings."""
-    task = get_task("arith")
-    problems = task.problems(args.n, seed=args.seed, split="test")
-    backend = _backend(args.model)
-    print(f"model: {backend.path}  problems: {len(problems)} held-out synthetic  k={args.k} tau={args.tau}", flush=True)
-    runs = [
-        SearchConfig(method="greedy", seed=args.seed),
-        SearchConfig(method="sc", k=args.k, temperature=args.temperature, seed=args.seed),
-        SearchConfig(method="cat", k=args.k, tau=args.tau, temperature=args.temperature, scoring="entropy", seed=args.seed),
-        SearchConfig(method="cat", k=args.k, tau=args.tau, temperature=args.temperature, scoring="logprob", seed=args.seed),
+def demo_methods(cfg) -> list[tuple[str, SearchConfig]]:
+    """What the demo compares on the base policy: greedy, self-consistency, and CaT as the paper writes it
+    (Algorithm 2, entropy confidence) at the loop's K and tau."""
+    lc, seed = cfg.loop, cfg.loop.eval_seed
+    return [
+        ("greedy", SearchConfig(method="greedy", seed=seed)),
+        (f"SC@{lc.cat_k}", SearchConfig(method="sc", k=lc.cat_k, temperature=0.7, seed=seed)),
+        (f"CaT@{lc.cat_k} entropy (Alg. 2)", SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, temperature=0.7, scoring="entropy", seed=seed)),
+        (f"CaT@{lc.cat_k} logprob", SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, temperature=0.7, scoring="logprob", seed=seed)),
     ]
+
+
+DEMO_COLUMNS = ["method", "accuracy", "ece", "auroc", "tokens", "latency_x_greedy"]
+
+
+def cmd_demo(args) -> int:
+    """The main job on the built-in model, in one screen: inference methods side by side on the held-out
+    set, then CASPO rounds through the mesh; library logs go to a file."""
+    args.set = [f"loop.run={args.run}", f"loop.rounds={args.rounds}", *args.set]
+    cfg = _config(args)
+    run_dir = Path(cfg.loop.runs_dir) / cfg.loop.run
+    log = quiet_terminal(run_dir / "logs" / "demo.log")
+    task = get_task(cfg.task.name, cfg.task.data)
+    problems = task.problems(cfg.loop.eval_n, seed=cfg.loop.eval_seed, split="test")
+    say(f"caspo demo: policy {cfg.model.policy!r}, {len(problems)} held-out {task.name} problems, then {cfg.loop.rounds} CASPO rounds")
+    say(f"library logs: {log}\n")
+    backend = make_backend(cfg)
     rows = []
-    for cfg in runs:
-        rep = evaluate(backend, task, problems, cfg, batch=args.batch, progress=True, desc=f"{cfg.method}/{cfg.scoring}")
-        rows.append(rep.summary())
-        print(f"  {cfg.method:6s} {cfg.scoring:8s} accuracy {rep.accuracy:.3f}  ({rep.latency_s:.3f} s/question)", flush=True)
-    greedy_latency = rows[0]["latency_s"]
+    for name, scfg in demo_methods(cfg):
+        rep = evaluate(backend, task, problems, scfg, batch=cfg.loop.eval_batch, progress=True, desc=name)
+        rows.append({"method": name, **rep.summary()})
     for r in rows:
-        r["latency_x_greedy"] = r["latency_s"] / greedy_latency if greedy_latency else None
-    print()
-    print_table(rows, EVAL_COLUMNS + ["latency_x_greedy"])
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"model": backend.path, "n": len(problems), "seed": args.seed, "runs": rows}, f, indent=2)
-        print(f"\nwrote {args.out}")
+        r["latency_x_greedy"] = r["latency_s"] / rows[0]["latency_s"] if rows[0]["latency_s"] else None
+    say(f"inference on the base policy ({len(problems)} problems; [95% intervals]):")
+    print_table(rows, DEMO_COLUMNS)
+    say()
+    with ensure_mesh(cfg, join_ray=True, progress=False, on_start=lambda: say("starting the mesh ...")) as st:
+        controller = RoundController(cfg.to_dict(), st["registry"], st["redis_url"])
+        round_rows = asyncio.run(controller.run(cfg.loop.rounds, progress=True))
+    say(f"\nCASPO rounds (round 0 is the base policy; greedy on the same {len(problems)} problems):")
+    print_table(_round_rows(round_rows), ROUND_COLUMNS)
+    out = run_dir / "demo.json"
+    out.write_text(json.dumps({"inference": rows, "rounds": round_rows}, indent=2) + "\n")
+    say(f"\nwrote {out}; `caspo report {run_dir}` draws the rounds")
     return 0
 
 
@@ -521,15 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("demo", help="tiny reasoner: greedy vs SC@K vs CaT@K (both scorings)")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("-n", type=int, default=200)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--tau", type=float, default=0.5)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--out", default="runs/demo/inference.json", help="where to write the JSON results")
+    p = sub.add_parser("demo", help="the main job on the built-in model: inference methods side by side, then CASPO rounds")
+    _add_config_args(p)
+    p.add_argument("--run", default="demo", help="run name: runs/NAME (default demo)")
+    p.add_argument("--rounds", type=int, default=2, help="CASPO rounds (default 2)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-base", help="train the built-in tiny reasoner from scratch")

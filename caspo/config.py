@@ -107,7 +107,8 @@ class DPOTrainConfig:
     """
 
     beta: float = 0.1  # DPO temperature (paper: 0.1)
-    loss_type: str = "sigmoid"  # TRL's DPO loss (the paper's: sigmoid); see _loss in caspo/trainer/dpo.py
+    loss_type: str = "sigmoid"  # sigmoid (the paper's DPO) | ipo | dpop (DPO-Positive); see _loss in caspo/trainer/dpo.py
+    dpop_lambda: float = 50.0  # weight of DPO-Positive's penalty on the chosen log-prob falling (loss_type dpop)
     sft_weight: float = 0.0  # NLL on the chosen step added to the DPO loss (0: plain DPO as in the paper)
     learning_rate: float = 2e-6  # tiny model (larger rates shift its digits, see README); paper (7B): 5e-7
     per_device_batch_size: int = 8  # per Ray Train worker
@@ -265,6 +266,9 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.pairs.tau_quantile <= 1.0, f"pairs.tau_quantile must be in [0, 1], got {cfg.pairs.tau_quantile}")
     need(cfg.pairs.temperature > 0, f"pairs.temperature must be > 0, got {cfg.pairs.temperature}")
     need(cfg.critic.kind in ("exact", "llm"), f"critic.kind must be exact or llm, got {cfg.critic.kind!r}")
+    need(cfg.dpo.loss_type in ("sigmoid", "ipo", "dpop"), f"dpo.loss_type must be sigmoid, ipo or dpop, got {cfg.dpo.loss_type!r}")
+    need(cfg.dpo.loss_type != "dpop" or cfg.dpo.precompute_ref_log_probs, "dpo.loss_type dpop needs dpo.precompute_ref_log_probs: true")
+    need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")
     need(cfg.critic.kind != "llm" or bool(cfg.critic.model), "critic.kind llm needs critic.model")
     need(cfg.loop.pairs in ("step", "trajectory"), f"loop.pairs must be step or trajectory, got {cfg.loop.pairs!r}")
     need(cfg.loop.rounds >= 0, f"loop.rounds must be >= 0, got {cfg.loop.rounds}")

@@ -83,6 +83,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import global_then_local_main_first
 
 from caspo.config import DPOTrainConfig
+from caspo.core.losses import dpop_loss, dpop_penalty
 from caspo.core.pairs import Pair
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,12 @@ def _loss_sum(history: list[dict], upto: int) -> tuple[float, int]:
 
 
 class _StepDPOTrainer(DPOTrainer):
-    """``DPOTrainer`` that keeps TRL's tokenisation but drops the ``<eos>`` TRL appends to each completion."""
+    """``DPOTrainer`` that keeps TRL's tokenisation but drops the ``<eos>`` TRL appends to each completion, and
+    adds the losses TRL lacks (``dpop_lambda`` > 0: DPO-Positive, ``caspo.core.losses.dpop_loss``)."""
+
+    def __init__(self, *args, dpop_lambda: float = 0.0, **kwargs):
+        self.dpop_lambda = dpop_lambda
+        super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -283,6 +289,37 @@ class _StepDPOTrainer(DPOTrainer):
         with global_then_local_main_first():  # main writes the cache file first, the others then read it
             return dataset.map(drop_eos, desc=f"Dropping appended EOS from {dataset_name} dataset")
 
+    def _compute_loss(self, model, inputs, return_outputs):
+        if not self.dpop_lambda:
+            return super()._compute_loss(model, inputs, return_outputs)
+        # TRL's forward for the batch [chosen..., rejected...]: per-token log-probs of the completion tokens
+        kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        mask = inputs["completion_mask"][..., 1:]
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        outputs = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True)
+        logps = (outputs.log_probs[:, -mask.size(1) :] * mask).sum(dim=1)
+        chosen, rejected = logps.chunk(2, dim=0)
+        chosen_ratio = chosen - inputs["ref_chosen_logps"]
+        rejected_ratio = rejected - inputs["ref_rejected_logps"]
+        loss = dpop_loss(chosen_ratio, rejected_ratio, self.beta, self.dpop_lambda).mean()
+        for kind, weight in zip(self.loss_types, self.loss_weights):
+            if kind == "sft":  # the NLL anchor, as TRL computes it
+                chosen_mask, _ = mask.chunk(2, dim=0)
+                chosen_token_logps, _ = outputs.log_probs[:, -mask.size(1) :].chunk(2, dim=0)
+                loss = loss + weight * -chosen_token_logps[chosen_mask.bool()].mean()
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather
+        rewards_c, rewards_r = (self.beta * chosen_ratio).detach(), (self.beta * rejected_ratio).detach()
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(rewards_c).mean().item())
+        metrics["rewards/rejected"].append(gather(rewards_r).mean().item())
+        metrics["rewards/accuracies"].append(gather((rewards_c > rewards_r).float()).mean().item())
+        metrics["rewards/margins"].append(gather(rewards_c - rewards_r).mean().item())
+        metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())
+        metrics["dpop/penalty"].append(gather(dpop_penalty(chosen_ratio.detach(), self.dpop_lambda)).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
 
 class _NoFinalCheckpoint(TrainerCallback):
     """The Trainer also checkpoints after the last step; the model is written right after it, so skip that."""
@@ -293,16 +330,62 @@ class _NoFinalCheckpoint(TrainerCallback):
         return control
 
 
-def _loss(cfg: DPOTrainConfig) -> dict:
-    """The loss TRL's DPOTrainer minimises, as ``DPOConfig`` arguments: the one place a loss is chosen.
+LOSS_TYPES = ("sigmoid", "ipo", "dpop")
 
-    ``loss_type`` is one of TRL's DPO losses (the paper's is ``sigmoid``); ``sft_weight`` > 0 adds NLL
-    on the chosen step (RPO), which keeps DPO from lowering the chosen step's likelihood too."""
-    losses, weights = [cfg.loss_type], [1.0]
+
+def _loss(cfg: DPOTrainConfig) -> dict:
+    """The loss, as ``DPOConfig`` arguments and the trainer's own: the one place a loss is chosen.
+
+    ``loss_type``: ``sigmoid`` (the paper's DPO), ``ipo`` (both TRL's), or ``dpop`` (sigmoid DPO with
+    DPO-Positive's penalty, weight ``dpop_lambda``, computed by ``_StepDPOTrainer``); ``sft_weight`` > 0
+    adds NLL on the chosen step (RPO), which also keeps the chosen step's likelihood from falling."""
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}")
+    losses, weights = ["sigmoid" if cfg.loss_type == "dpop" else cfg.loss_type], [1.0]
     if cfg.sft_weight > 0:
         losses.append("sft")
         weights.append(cfg.sft_weight)
-    return {"loss_type": losses, "loss_weights": weights}
+    return {
+        "args": {"loss_type": losses, "loss_weights": weights},
+        "trainer": {"dpop_lambda": cfg.dpop_lambda if cfg.loss_type == "dpop" else 0.0},
+    }
+
+
+def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_dir: str, use_gpu: bool = False, progress: bool = False) -> _StepDPOTrainer:
+    """TRL's trainer for one round, with the project's loss and checkpointing; Ray Train's workers and the
+    loss tests build it the same way."""
+    bf16 = use_gpu and torch.cuda.is_bf16_supported()
+    loss = _loss(s)
+    args = DPOConfig(
+        output_dir=output_dir,
+        beta=s.beta,
+        learning_rate=s.learning_rate,
+        per_device_train_batch_size=s.per_device_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        num_train_epochs=s.epochs,
+        max_length=s.max_length,
+        **loss["args"],
+        precompute_ref_log_probs=s.precompute_ref_log_probs,
+        gradient_checkpointing=s.gradient_checkpointing,
+        report_to="none",
+        # full checkpoints (weights, optimizer, scheduler, trainer state, per-rank RNG) for an exact resume
+        save_strategy="steps" if s.checkpoint_steps > 0 else "no",
+        save_steps=max(s.checkpoint_steps, 1),
+        save_total_limit=2,  # the newest may lack a rank's RNG file when that rank died: keep the one before
+        save_only_model=False,
+        logging_steps=s.logging_steps,
+        logging_first_step=True,
+        use_cpu=not use_gpu,
+        bf16=bf16,
+        fp16=False,
+        seed=s.seed,
+        data_seed=s.seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        # every parameter gets a gradient (tied embeddings included); searching for unused ones costs a pass
+        ddp_find_unused_parameters=False,
+    )
+    return _StepDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=train_ds, processing_class=tokenizer, **loss["trainer"])
 
 
 def _train_loop(config: dict) -> dict:
@@ -357,42 +440,7 @@ def _train_loop(config: dict) -> dict:
     if rank == 0:
         log.info("DPO %s", f"resuming from {resume}" if resume else "starting at step 0")
 
-    args = DPOConfig(
-        output_dir=str(trainer_dir),
-        beta=s.beta,
-        learning_rate=s.learning_rate,
-        per_device_train_batch_size=s.per_device_batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps,
-        num_train_epochs=s.epochs,
-        max_length=s.max_length,
-        **_loss(s),
-        precompute_ref_log_probs=s.precompute_ref_log_probs,
-        gradient_checkpointing=s.gradient_checkpointing,
-        report_to="none",
-        # full checkpoints (weights, optimizer, scheduler, trainer state, per-rank RNG) for an exact resume
-        save_strategy="steps" if s.checkpoint_steps > 0 else "no",
-        save_steps=max(s.checkpoint_steps, 1),
-        save_total_limit=2,  # the newest may lack a rank's RNG file when that rank died: keep the one before
-        save_only_model=False,
-        logging_steps=s.logging_steps,
-        logging_first_step=True,
-        use_cpu=not use_gpu,
-        bf16=bf16,
-        fp16=False,
-        seed=s.seed,
-        data_seed=s.seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        # every parameter gets a gradient (tied embeddings included); searching for unused ones costs a pass
-        ddp_find_unused_parameters=False,
-    )
-    trainer = _StepDPOTrainer(
-        model=policy,
-        ref_model=ref,
-        args=args,
-        train_dataset=train_ds,
-        processing_class=tok,
-    )
+    trainer = build_trainer(policy, ref, tok, train_ds, s, str(trainer_dir), use_gpu, progress)
     if s.precompute_ref_log_probs and trainer.ref_model is not None:
         trainer.ref_model = None  # its log-probs are in the dataset now; free it before training
         ref = None
