@@ -1,7 +1,7 @@
 """Which confidence signal works on a model, and why: statistics of sibling steps (``caspo diagnose``).
 
 A *sibling set* is the group of distinct next steps a policy samples after one correct prefix, each
-judged by the critic and carrying its token entropies and log-probs. A scoring (``SCORINGS``) is
+judged by the critic and carrying its token entropies and log-probs. A scoring (``STEP_SCORINGS``) is
 useful for CaT only if it (a) separates right from wrong steps in general (step AUROC) and (b) ranks
 siblings — among steps that share a context up to their point of divergence, puts a right one on top.
 Eq. 2 entropy is a property of the context *before* a token is chosen, so siblings that diverge late
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from caspo.core import metrics, stats
-from caspo.core.confidence import SCORINGS, log_step_score, mean_entropy
+from caspo.core.confidence import STEP_SCORINGS, log_step_score, mean_entropy
+from caspo.core.steps import final_answer
 
 TIE_TOLERANCE = 1e-3  # two scores closer than this count as equal (float noise from batching is ~1e-6)
 
@@ -45,7 +46,7 @@ def is_mixed(siblings: Sequence[Sibling]) -> bool:
 
 
 def score(sibling: Sibling, scoring: str) -> float:
-    return log_step_score(scoring, sibling.token_entropies, sibling.token_logprobs)
+    return log_step_score(scoring, sibling.token_entropies, sibling.token_logprobs, final=final_answer(sibling.text) is not None)
 
 
 def top_choice(siblings: Sequence[Sibling], scoring: str, tol: float = TIE_TOLERANCE) -> tuple[float, bool, bool]:
@@ -83,7 +84,7 @@ def divergence(wrong: str, right: Sequence[str]) -> Divergence:
 
 def sibling_report(
     sets: Sequence[Sequence[Sibling]],
-    scorings: Sequence[str] = SCORINGS,
+    scorings: Sequence[str] = STEP_SCORINGS,
     error_kind: Callable[[str], str] | None = None,
     tol: float = TIE_TOLERANCE,
     seed: int = 0,
