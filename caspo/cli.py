@@ -18,11 +18,12 @@ from ray import serve
 
 from caspo.bench.run import main as bench_main
 from caspo.config import ConfigError, load_config
-from caspo.core.cat import METHODS, SearchConfig
-from caspo.core.confidence import SCORINGS
+from caspo.core.calibration import DEFAULT_QUANTILES, DEFAULT_TAUS, CalibrationError, read_calibration, write_calibration
+from caspo.core.cat import BRANCHINGS, METHODS, SearchConfig
+from caspo.core.confidence import SCORINGS, UNCERTAINTIES
 from caspo.diagnose import diagnose
 from caspo.diagnose import plot as plot_diagnosis
-from caspo.evaluation import METRICS, compare, evaluate
+from caspo.evaluation import METRICS, calibrate, calibration_path_for, compare, evaluate
 from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import MeshRunner, ensure_mesh, stop_running_mesh
 from caspo.mesh.state import MeshError, running_mesh
@@ -83,17 +84,37 @@ EVAL_COLUMNS = ["method", "scoring", "k", "accuracy", "step_accuracy", "ece", "b
 
 
 # ---- commands -------------------------------------------------------------------------------------
-def _search_config(args) -> SearchConfig:
+# what a search flag left unset means for methods other than cat (cat takes the config's cat section)
+SEARCH_DEFAULTS = {"k": 4, "tau": 0.5, "max_steps": 12, "scoring": "entropy", "temperature": 0.7}
+ADAPTIVE_FLAGS = ("branching", "branch_threshold", "uncertainty", "width", "prune_scoring", "window")
+
+
+def _calibration(args, cat, model: str):
+    """The calibration a cat search uses: --calibration, else cat.calibration, else the one next to the
+    policy when there is one (None otherwise). A named file that is missing or malformed is an error."""
     try:
-        return SearchConfig(
-            method=args.method,
-            k=args.k,
-            tau=args.tau,
-            max_steps=args.max_steps,
-            scoring=args.scoring,
-            temperature=args.temperature,
-            seed=args.seed,
-        )
+        if getattr(args, "calibration", None):
+            return read_calibration(args.calibration)
+        if cat.calibration:
+            return read_calibration(cat.calibration)
+        path = calibration_path_for(model)
+        return read_calibration(path) if path.is_file() else None
+    except CalibrationError as e:
+        raise UsageError(str(e)) from e
+
+
+def _search_config(args, cfg=None, model: str | None = None) -> SearchConfig:
+    """Flags given win; ``--method cat`` fills the rest from the config's cat section (and a calibration
+    file), other methods from SEARCH_DEFAULTS."""
+    given = {f: getattr(args, f, None) for f in (*SEARCH_DEFAULTS, *ADAPTIVE_FLAGS)}
+    try:
+        if args.method == "cat":
+            cat = (cfg or _config(args)).cat
+            cal = _calibration(args, cat, model or args.model)
+            return cat.search_config(cal, seed=args.seed, **given)
+        fields = {k: (SEARCH_DEFAULTS[k] if given[k] is None else given[k]) for k in SEARCH_DEFAULTS}
+        fields.update({k: given[k] for k in ADAPTIVE_FLAGS if given[k] is not None})
+        return SearchConfig(method=args.method, seed=args.seed, **fields)
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -115,19 +136,20 @@ def _eval_problems(args):
 
 def _compare_sides(args) -> list[tuple[str, str, SearchConfig]]:
     """``--compare A B``: each side a method (run on --model) or a model (run with --method)."""
+    cfg = _config(args)
     sides = []
     for spec in args.compare:
         if spec in METHODS:
-            sides.append((f"{args.model} {spec}", args.model, _search_config(argparse.Namespace(**{**vars(args), "method": spec}))))
+            sides.append((f"{args.model} {spec}", args.model, _search_config(argparse.Namespace(**{**vars(args), "method": spec}), cfg)))
         else:
-            sides.append((f"{spec} {args.method}", spec, _search_config(args)))
+            sides.append((f"{spec} {args.method}", spec, _search_config(args, cfg, model=spec)))
     return sides
 
 
 def cmd_eval(args) -> int:
     task, problems = _eval_problems(args)
     if not args.compare:
-        cfg = _search_config(args)
+        cfg = _search_config(args, _config(args))
         rep = evaluate(_backend(args.model), task, problems, cfg, batch=args.batch, progress=not args.json)
         out = {**rep.summary(), "model": args.model, "task": args.task}
         if args.json:
@@ -240,6 +262,42 @@ def cmd_diagnose(args) -> int:
     print("wrong siblings:", ", ".join(f"{k} {v}" for k, v in (rep.get("error_kinds") or rep["errors"]).items()) or "-")
     print("first error of wrong greedy solutions:", ", ".join(f"{k} {v}" for k, v in (g.get("first_error_kinds") or g["first_errors"]).items()) or "-")
     print(f"\nwrote {out / 'diagnose.json'} and {out / 'diagnose.png'}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Pick adaptive CaT's τ and branching threshold on warm-up training problems; write calibration.json."""
+    if args.n < 1:
+        raise UsageError(f"-n must be >= 1, got {args.n}")
+    if not args.max_tokens_x > 0:
+        raise UsageError(f"--max-tokens-x must be > 0, got {args.max_tokens_x}")
+    for t in args.taus:
+        if not 0.0 <= t <= 1.0:
+            raise UsageError(f"--taus must each be in [0, 1], got {t}")
+    for q in args.quantiles:
+        if not 0.0 <= q <= 1.0:
+            raise UsageError(f"--quantiles must each be in [0, 1], got {q}")
+    cfg = _config(args)
+    try:
+        base = cfg.cat.search_config(None, seed=args.seed, branching="adaptive", uncertainty=args.uncertainty)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    task = get_task(args.task, args.data)
+    problems = task.problems(args.n, seed=args.seed, split="train")
+    out = Path(args.out) if args.out else calibration_path_for(args.model)
+    backend = _backend(args.model)
+    res = calibrate(PromptedProposer(backend, task.prompt), task, problems, base, taus=args.taus, quantiles=args.quantiles,
+                    max_tokens_x=args.max_tokens_x, batch=args.batch, progress=not args.json)
+    res = {**res, "model": args.model, "task": args.task}
+    write_calibration(out, res)
+    if args.json:
+        print(json.dumps({**res, "path": str(out)}, default=str))
+        return 0
+    w = res["warmup"]
+    print_table(res["grid"], ["branch_threshold", "tau", "accuracy", "tokens", "branch_points", "no_answer"])
+    print(f"\nwarm-up: {w['n']} training problems; greedy {w['greedy_accuracy']:.3f} at {w['greedy_tokens']:.1f} tokens")
+    print(f"chosen: branch_threshold {res['branch_threshold']} ({res['uncertainty']}), tau {res['tau']}: {w['accuracy']:.3f} at {w['tokens']:.1f} tokens")
+    print(f"wrote {out}")
     return 0
 
 
@@ -500,12 +558,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search_args(p: argparse.ArgumentParser, method: str = "greedy") -> None:
-    p.add_argument("--method", default=method, help=f"one of {', '.join(METHODS)} (default {method})")
-    p.add_argument("--k", type=int, default=4, help="branch budget / samples (default 4)")
-    p.add_argument("--tau", type=float, default=0.5, help="CaT pruning threshold in [0, 1] (default 0.5)")
-    p.add_argument("--scoring", default="entropy", help=f"step score: {', '.join(SCORINGS)} (default entropy)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for sc/bon/cat (default 0.7)")
-    p.add_argument("--max-steps", type=int, default=12, help="maximum steps per solution (default 12)")
+    cat = "unset: the config's cat section for --method cat"
+    p.add_argument("--method", default=method, help=f"one of {', '.join(METHODS)} (default {method}; wsc: confidence-weighted vote)")
+    p.add_argument("--k", type=int, help=f"branch budget / samples ({cat}, else 4)")
+    p.add_argument("--tau", type=float, help=f"CaT pruning threshold in [0, 1] ({cat} or its calibration, else 0.5)")
+    p.add_argument("--scoring", help=f"path score: {', '.join(SCORINGS)} ({cat}, else entropy)")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature for sc/bon/wsc/cat ({cat}, else 0.7)")
+    p.add_argument("--max-steps", type=int, help=f"maximum steps per solution ({cat}, else 12)")
+    p.add_argument("--branching", help=f"cat: {' | '.join(BRANCHINGS)} (always: Algorithm 2; {cat})")
+    p.add_argument("--branch-threshold", type=float, help="adaptive cat: expand where the greedy step's uncertainty (nats) is above this; inf: never")
+    p.add_argument("--uncertainty", help=f"adaptive cat: {' | '.join(UNCERTAINTIES)}")
+    p.add_argument("--width", type=int, help="cat: live branches kept per step (Algorithm 2: k)")
+    p.add_argument("--prune-scoring", help="the scoring tau prunes on (default: --scoring; the cat section: entropy)")
+    p.add_argument("--window", type=int, help="tokens per window of the group scoring (default 16)")
+    p.add_argument("--calibration", help="calibration.json for cat (default: cat.calibration, else the one next to the policy)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,7 +591,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test", "any"])
     p.add_argument("--batch", type=int, default=16, help="questions per batched model call (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_config_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="pick adaptive CaT's tau and branching threshold on warm-up training problems; write calibration.json")
+    p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
+    p.add_argument("--task", default="arith", help="arith or gsm8k")
+    p.add_argument("--data", help="a JSONL file of problems (as for eval)")
+    p.add_argument("-n", type=int, default=200, help="warm-up problems from the training split (default 200)")
+    p.add_argument("--out", help="where to write it (default: calibration.json next to the policy)")
+    p.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS), help=f"tau grid (default {' '.join(map(str, DEFAULT_TAUS))})")
+    p.add_argument("--quantiles", type=float, nargs="+", default=list(DEFAULT_QUANTILES),
+                   help="threshold grid: these quantiles of the greedy steps' uncertainty, plus inf (default 0.5 0.75 0.9 0.95)")
+    p.add_argument("--uncertainty", choices=list(UNCERTAINTIES), help="the step uncertainty (default: cat.uncertainty)")
+    p.add_argument("--max-tokens-x", type=float, default=2.0, help="token budget per question, x greedy's (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("diagnose", help="which confidence signal works on a model, and why (sibling ranking per scoring)")
     p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
@@ -630,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (UsageError, TaskError, ModelLoadError, ConfigError) as e:
+    except (UsageError, TaskError, ModelLoadError, ConfigError, CalibrationError) as e:
         print(f"caspo: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

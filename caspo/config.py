@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+from caspo.core.calibration import Calibration
+from caspo.core.cat import SearchConfig
+
 
 class ConfigError(ValueError):
     pass
@@ -173,6 +176,41 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class CatConfig:
+    """The project's recommended CaT (issue 16): what ``caspo eval --method cat`` with no other search flags,
+    ``caspo bench`` and Serve's ``cat`` requests run. A calibration file (``caspo calibrate``) replaces
+    ``tau`` and ``branch_threshold`` (and ``uncertainty``) when the branching is adaptive and the request
+    does not set them. ``branching: always`` with ``width``/``prune_scoring`` unset is Algorithm 2."""
+
+    k: int = 4  # candidates at a branch point (the probe + k-1 samples); Algorithm 2: samples per branch
+    tau: float = 0.0  # prune a branch whose cumulative confidence (under prune_scoring) falls below this
+    max_steps: int = 12
+    temperature: float = 0.7
+    scoring: str = "logprob"  # ranks siblings and picks the answer (sibling-discriminative; never critic)
+    prune_scoring: str | None = "entropy"  # the paper's cumulative confidence for τ (null: scoring)
+    branching: str = "adaptive"  # adaptive | always (Algorithm 2)
+    branch_threshold: float = 0.5  # nats; expand where the greedy step's uncertainty is above this
+    uncertainty: str = "max_entropy"  # first_entropy | mean_entropy | max_entropy
+    width: int | None = 1  # live branches kept after each step (null: k, as Algorithm 2)
+    window: int = 16  # tokens per window of the group scoring
+    calibration: str | None = None  # calibration.json; null: the one next to the policy, when there is one
+
+    def search_config(self, calibration: Calibration | None = None, seed: int | None = None, **given) -> SearchConfig:
+        """The SearchConfig of a ``cat`` request: fields in ``given`` (not None) win, then the calibration's
+        τ / threshold / uncertainty (adaptive only), then this section. With ``branching`` always, width and
+        prune_scoring not given are unset (Algorithm 2 exactly). ValueError names a bad field."""
+        given = {k: v for k, v in given.items() if v is not None}
+        fields = {f: getattr(self, f) for f in ("k", "tau", "max_steps", "temperature", "scoring", "prune_scoring", "branching", "branch_threshold", "uncertainty", "width", "window")}
+        branching = given.get("branching", self.branching)
+        if branching == "always":
+            fields["width"] = fields["prune_scoring"] = None
+        elif calibration is not None:
+            fields.update(tau=calibration.tau, branch_threshold=calibration.branch_threshold, uncertainty=calibration.uncertainty)
+        fields.update(given)
+        return SearchConfig(method="cat", seed=seed, **fields)
+
+
+@dataclass(frozen=True)
 class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -185,6 +223,7 @@ class Config:
     dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    cat: CatConfig = field(default_factory=CatConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -282,7 +321,15 @@ def validate(cfg: Config) -> None:
     need(isinstance(cfg.mesh.placement, dict) and set(cfg.mesh.placement) <= set(services), f"mesh.placement keys must be among {', '.join(services)}, got {cfg.mesh.placement!r}")
     for name, res in [*cfg.mesh.placement.items(), ("dpo.resources", cfg.dpo.resources)]:
         need(isinstance(res, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in res.items()), f"{name} must map resource names to amounts > 0, got {res!r}")
+    ct = cfg.cat
+    need(ct.scoring != "critic" and ct.prune_scoring != "critic", "cat.scoring and cat.prune_scoring may not be critic (the verifier-guided yardstick is never a default)")
+    try:
+        ct.search_config()
+    except ValueError as e:
+        raise ConfigError(f"cat.{e}") from None
     sv = cfg.serve
+    need(ct.k <= sv.max_k, f"cat.k must be in [1, serve.max_k={sv.max_k}], got {ct.k}")
+    need(ct.max_steps <= sv.max_max_steps, f"cat.max_steps must be in [1, serve.max_max_steps={sv.max_max_steps}], got {ct.max_steps}")
     need(1 <= sv.min_replicas <= sv.max_replicas, f"serve.min_replicas must be in [1, serve.max_replicas={sv.max_replicas}], got {sv.min_replicas}")
     need(sv.max_ongoing_requests >= 1, f"serve.max_ongoing_requests must be >= 1, got {sv.max_ongoing_requests}")
     need(1 <= sv.k <= sv.max_k, f"serve.k must be in [1, serve.max_k={sv.max_k}], got {sv.k}")
