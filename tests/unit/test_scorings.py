@@ -211,3 +211,28 @@ def test_adaptive_prunes_on_its_own_scoring():
 def test_bad_search_settings_name_field_and_limit(field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         SearchConfig(method="cat", **{field: value})
+
+
+# ---- critic scoring with the real arithmetic critic ------------------------------------------------------
+def test_critic_guided_search_with_the_exact_arith_critic():
+    from caspo.evaluation import JudgedProposer, evaluate_with, task_judge
+    from caspo.tasks import get_task
+
+    task = get_task("arith")
+    problem = task.make_problem("2+3*4")
+    # the policy is surer of a wrong first step; the critic prunes it, and the search follows the right one
+    script = {
+        (): (None, [cand("3*4=13; 2+13", 0.95), cand("3*4=12; 2+12", 0.7)]),
+        ("3*4=12; 2+12",): (None, [cand("2+12=14", 0.9)]),
+        ("3*4=13; 2+13",): (None, [cand("2+13=15", 0.9)]),
+        ("3*4=12; 2+12", "2+12=14"): (None, [cand("#### 14", 0.9)]),
+        ("3*4=13; 2+13", "2+13=15"): (None, [cand("#### 15", 0.9)]),
+    }
+    cfg = SearchConfig(method="cat", k=2, tau=0.5, scoring="critic", seed=0)
+    proposer = JudgedProposer(Scripted(script), task_judge(task, [problem]))
+    rep = evaluate_with(proposer, task, [problem], cfg)
+    assert rep.accuracy == 1.0 and rep.records[0].steps == ["3*4=12; 2+12", "2+12=14", "#### 14"]
+    assert proposer.judged == 6  # k = 2 candidates at each of 3 steps for the one surviving branch (the wrong one is pruned)
+    # evaluate_with gives a critic scoring the task's critic by itself
+    assert evaluate_with(Scripted(script), task, [problem], cfg).accuracy == 1.0
+    assert evaluate_with(Scripted(script), task, [problem], SearchConfig(method="cat", k=2, tau=0.5, scoring="entropy", seed=0)).accuracy == 0.0
