@@ -256,7 +256,8 @@ def cmd_diagnose(args) -> int:
     ]
     print_table(rows, ["scoring", "sibling_ranking", "ties", "all_tied", "step_auroc"])
     h, d = rep["entropy"], rep["divergence"]
-    print(f"\nmean step entropy: right {_fmt(h['correct'])}, wrong {_fmt(h['incorrect'])} nats (gap {_fmt(h['gap'])})")
+    print("\nwhere to branch (AUROC of -uncertainty for step correctness): " + ", ".join(f"{m} {_fmt(v)}" for m, v in rep["uncertainty_auroc"].items()))
+    print(f"mean step entropy: right {_fmt(h['correct'])}, wrong {_fmt(h['incorrect'])} nats (gap {_fmt(h['gap'])})")
     print(f"wrong siblings leave the closest right one at {_fmt(d['median_relative_position'])} of the step (median); "
           f"{d['one_character']} of {d['wrong_siblings']} differ in one character")
     print("wrong siblings:", ", ".join(f"{k} {v}" for k, v in (rep.get("error_kinds") or rep["errors"]).items()) or "-")
