@@ -4,20 +4,68 @@
    interleaved ``repeats`` times; the median of each is compared).
 2. The exact scorer (one teacher-forced pass over prompt + step) per step, against the time to
    generate that step. Paper anchor: 0.03 s/step for entropy vs 2.9 s/step for a PRM.
+3. K samples per prompt with the prompt prefilled once and its KV cache shared, against K prefills.
+4. Forward passes and tokens per question of greedy, SC@K, Algorithm 2 and the recommended adaptive CaT.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 from caspo.bench.common import SuiteResult, Timer, make_backend, median
+from caspo.config import load_config
 from caspo.core.cat import SearchConfig, run_searches
-from caspo.evaluation import make_searches
+from caspo.evaluation import evaluate, make_searches
 from caspo.models.base import PromptedProposer, prefix_text
 from caspo.tasks import get_task
 
 COLUMNS = ["measure", "seconds", "per", "ratio", "note"]
+DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
 
 
-def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats: int = 5, batch: int = 16, progress: bool = True) -> SuiteResult:
+def _sharing_rows(backend, task, problems, k: int, repeats: int) -> list[dict]:
+    """K samples of every first step with the prompt prefilled once (KV cache shared) against K prefills."""
+    if not hasattr(backend, "share_prefill"):
+        return []
+    prompts = [task.prompt(p.question) for p in problems]
+    seeds = list(range(len(prompts)))
+    times = {True: [], False: []}
+    for _ in range(repeats):
+        for share in (True, False):
+            backend.share_prefill = share
+            with Timer() as t:
+                backend.sample_steps(prompts, k, 0.7, seeds)
+            times[share].append(t.seconds)
+    backend.share_prefill = True
+    shared, separate = median(times[True]), median(times[False])
+    return [
+        {"measure": f"sample {k} first steps, one shared prefill", "seconds": shared, "per": f"{len(prompts)} prompts", "ratio": 1.0, "note": "KV cache fanned out to the samples"},
+        {"measure": f"sample {k} first steps, {k} prefills", "seconds": separate, "per": f"{len(prompts)} prompts", "ratio": separate / shared, "note": "ratio: / shared prefill"},
+    ]
+
+
+def _method_rows(backend, task, problems, k: int, seed: int, batch: int) -> list[dict]:
+    """Forward passes and tokens per question of each search (forward passes on backends that count them)."""
+    cat = load_config(DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None).cat
+    methods = [
+        ("greedy", SearchConfig(method="greedy", seed=seed)),
+        (f"SC@{k}", SearchConfig(method="sc", k=k, seed=seed)),
+        (f"CaT@{k} Alg. 2", SearchConfig(method="cat", k=k, tau=0.5, scoring="entropy", seed=seed)),
+        (f"CaT@{k} adaptive", dataclasses.replace(cat.search_config(seed=seed), k=k)),
+    ]
+    rows = []
+    for name, cfg in methods:
+        before = getattr(backend, "forward_passes", None)
+        with Timer() as t:
+            rep = evaluate(backend, task, problems, cfg, batch=batch)
+        passes = None if before is None else (backend.forward_passes - before) / len(problems)
+        rows.append({"measure": f"{name}: forward passes / question", "seconds": t.seconds, "per": f"{len(problems)} problems", "ratio": passes,
+                     "note": f"ratio: forward passes per question (batch {batch}); {rep.tokens:.1f} tokens per question"})
+    return rows
+
+
+def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats: int = 5, batch: int = 16, k: int = 4, progress: bool = True) -> SuiteResult:
     task = get_task("arith")
     problems = task.problems(n, seed=seed, split="test")
     backend = make_backend(model, engine)
@@ -60,11 +108,13 @@ def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats:
                 backend.score_steps(prompts[s : s + batch * 4], texts[s : s + batch * 4])
         score.append(t.seconds)
     score_per_step = median(score) / len(prompts)
+    extra_rows = _sharing_rows(backend, task, problems, k, repeats) + _method_rows(backend, task, problems, k, seed, batch)
     rows = [
         {"measure": "greedy decode, entropy on", "seconds": median(with_h), "per": f"{n} problems", "ratio": median(with_h) / median(without_h) if toggle else None, "note": "ratio: / entropy off" if toggle else "no toggle on this backend"},
         *([{"measure": "greedy decode, entropy off", "seconds": median(without_h), "per": f"{n} problems", "ratio": 1.0, "note": ""}] if toggle else []),
         {"measure": "generate one step", "seconds": gen_per_step, "per": "step", "ratio": 1.0, "note": f"{steps} steps, batch {batch}"},
         {"measure": "exact scorer, one step", "seconds": score_per_step, "per": "step", "ratio": score_per_step / gen_per_step, "note": "ratio: / generating it"},
+        *extra_rows,
     ]
     return SuiteResult(
         suite="overhead",

@@ -25,7 +25,7 @@ def run_suite(name: str, n: int, out: Path, smoke: bool = False, progress: bool 
     mod = _SUITES[name]
     kwargs: dict = {"n": n, "progress": progress, "model": model, "engine": engine, **(options or {})}
     if smoke:  # every code path, minimal sizes
-        kwargs.update({"inference": {"ks": (2,)}, "overhead": {"repeats": 1}, "tau": {"taus": (0.0, 0.5), "warmup": 2, "scorings": ("entropy",)}, "serve": {"clients": (1, 2), "duration": 2.0}, "mesh": {"replicas": (1,)},
+        kwargs.update({"inference": {"ks": (2,)}, "overhead": {"repeats": 1, "k": 2}, "tau": {"taus": (0.0, 0.5), "warmup": 2, "scorings": ("entropy",)}, "serve": {"clients": (1, 2), "duration": 2.0}, "mesh": {"replicas": (1,)},
                        "pareto": {"ks": (2,), "taus": (0.5,), "batch": 4}}[name])
     res = mod.run(**kwargs)
     if smoke:
