@@ -56,6 +56,8 @@ def median(values: list[float]) -> float:
 def _cell(v) -> str:
     if v is None:
         return "–"
+    if isinstance(v, (list, tuple)):  # an interval
+        return "[" + ", ".join(_cell(x) for x in v) + "]"
     if isinstance(v, float):
         if math.isnan(v):
             return "–"

@@ -4,7 +4,7 @@ Greedy; self-consistency@K (majority and confidence-weighted vote); best-of-K; C
 it (Algorithm 2: ``branching always``, entropy confidence) at each τ; adaptive CaT as the config
 recommends (the ``cat`` section, with the policy's calibration file when there is one), and at any
 further branching thresholds asked for; and the verifier-guided ceiling (``scoring critic``: candidate
-steps ranked and pruned by the task's exact critic), at each K. For each row: accuracy with its Wilson
+steps ranked by the task's exact critic, Algorithm 2's beam of K, τ 0), at each K. For each row: accuracy with its Wilson
 95% interval, tokens generated per question, latency per question as a ratio to greedy's (greedy runs
 first and last; its mean is the reference), the paired difference from greedy (bootstrap interval and
 exact McNemar p, ``caspo.evaluation.compare``), and the share of the critic ceiling's gain over greedy
@@ -42,7 +42,9 @@ def configs(cat, calibration, ks, taus, thresholds, temperature: float, seed: in
         out.append((f"CaT@{k} adaptive (recommended)", dataclasses.replace(rec, k=k)))
         out += [(f"CaT@{k} adaptive θ={th:g}", dataclasses.replace(rec, k=k, branch_threshold=th)) for th in thresholds]
         if critic:
-            out.append((f"CaT@{k} critic (ceiling)", SearchConfig(method="cat", k=k, tau=0.5, temperature=temperature, scoring="critic", seed=seed)))
+            # τ 0: the critic ranks (a rejected step sinks below every accepted one) but does not empty the
+            # beam, so a problem whose K candidates are all wrong still gets the search's best guess
+            out.append((f"CaT@{k} critic (ceiling)", SearchConfig(method="cat", k=k, tau=0.0, temperature=temperature, scoring="critic", seed=seed)))
     return out
 
 
