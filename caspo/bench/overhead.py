@@ -5,13 +5,16 @@
 2. The exact scorer (one teacher-forced pass over prompt + step) per step, against the time to
    generate that step. Paper anchor: 0.03 s/step for entropy vs 2.9 s/step for a PRM.
 3. K samples per prompt with the prompt prefilled once and its KV cache shared, against K prefills.
-4. Forward passes and tokens per question of greedy, SC@K, Algorithm 2 and the recommended adaptive CaT.
+4. The backend's greedy tokens/s on first steps against a plain batched ``generate`` of the same model.
+5. Forward passes and tokens per question of greedy, SC@K, Algorithm 2 and the recommended adaptive CaT.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+
+import torch
 
 from caspo.bench.common import SuiteResult, Timer, make_backend, median
 from caspo.config import load_config
@@ -42,6 +45,35 @@ def _sharing_rows(backend, task, problems, k: int, repeats: int) -> list[dict]:
     return [
         {"measure": f"sample {k} first steps, one shared prefill", "seconds": shared, "per": f"{len(prompts)} prompts", "ratio": 1.0, "note": "KV cache fanned out to the samples"},
         {"measure": f"sample {k} first steps, {k} prefills", "seconds": separate, "per": f"{len(prompts)} prompts", "ratio": separate / shared, "note": "ratio: / shared prefill"},
+    ]
+
+
+def _generate_rows(backend, task, problems, repeats: int) -> list[dict]:
+    """The backend's greedy tokens/s on first steps against a plain batched ``generate`` of the same model
+    (left padding, greedy, max_step_tokens new tokens a row, no entropies)."""
+    if not (hasattr(backend, "model") and hasattr(backend, "tokenizer") and hasattr(backend, "max_step_tokens")):
+        return []
+    prompts = [task.prompt(p.question) for p in problems]
+    tok, model = backend.tokenizer, backend.model
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    finally:
+        tok.padding_side = side
+    gen_s, own_s, gen_tokens, own_tokens = [], [], 0, 0
+    for _ in range(repeats):
+        with Timer() as t, torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=backend.max_step_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        gen_s.append(t.seconds)
+        gen_tokens = int(out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1]))
+        with Timer() as t:
+            steps = backend.sample_steps(prompts, 1, 0.0)
+        own_s.append(t.seconds)
+        own_tokens = sum(s.tokens for g in steps for s in g)
+    gen_rate, own_rate = gen_tokens / median(gen_s), own_tokens / median(own_s)
+    return [
+        {"measure": "plain batched generate, tokens/s", "seconds": median(gen_s), "per": f"{len(prompts)} prompts, {gen_tokens} tokens", "ratio": 1.0, "note": f"{gen_rate:.0f} tokens/s"},
+        {"measure": "backend sample_steps (greedy, entropies), tokens/s", "seconds": median(own_s), "per": f"{len(prompts)} prompts, {own_tokens} tokens", "ratio": own_rate / gen_rate, "note": f"{own_rate:.0f} tokens/s; ratio: / generate's"},
     ]
 
 
@@ -108,7 +140,7 @@ def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats:
                 backend.score_steps(prompts[s : s + batch * 4], texts[s : s + batch * 4])
         score.append(t.seconds)
     score_per_step = median(score) / len(prompts)
-    extra_rows = _sharing_rows(backend, task, problems, k, repeats) + _method_rows(backend, task, problems, k, seed, batch)
+    extra_rows = _sharing_rows(backend, task, problems, k, repeats) + _generate_rows(backend, task, problems, repeats) + _method_rows(backend, task, problems, k, seed, batch)
     rows = [
         {"measure": "greedy decode, entropy on", "seconds": median(with_h), "per": f"{n} problems", "ratio": median(with_h) / median(without_h) if toggle else None, "note": "ratio: / entropy off" if toggle else "no toggle on this backend"},
         *([{"measure": "greedy decode, entropy off", "seconds": median(without_h), "per": f"{n} problems", "ratio": 1.0, "note": ""}] if toggle else []),
