@@ -17,8 +17,8 @@ import ray
 from ray import serve
 
 from caspo.bench.run import main as bench_main
-from caspo.config import ConfigError, load_config
-from caspo.core.calibration import DEFAULT_QUANTILES, DEFAULT_TAUS, CalibrationError, read_calibration, write_calibration
+from caspo.config import CalibrationError, ConfigError, load_config, read_calibration, write_calibration
+from caspo.core.calibration import DEFAULT_QUANTILES, DEFAULT_TAUS
 from caspo.core.cat import BRANCHINGS, METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS, UNCERTAINTIES
 from caspo.diagnose import diagnose

@@ -17,8 +17,7 @@ import dataclasses
 import os
 
 from caspo.bench.common import SuiteResult, make_backend
-from caspo.config import load_config
-from caspo.core.calibration import read_calibration
+from caspo.config import load_config, read_calibration
 from caspo.core.cat import SearchConfig
 from caspo.evaluation import JudgedProposer, calibration_path_for, compare, evaluate_with, task_judge
 from caspo.models.base import PromptedProposer

@@ -7,8 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from caspo.config import ConfigError
-from caspo.core.calibration import CalibrationError
+from caspo.config import CalibrationError, ConfigError
 from caspo.models.base import ModelLoadError
 from caspo.tasks.base import TaskError
 

@@ -42,8 +42,7 @@ import grpc
 import torch
 from ray import serve
 
-from caspo.config import Config, config_from_dict, load_config
-from caspo.core.calibration import Calibration, CalibrationError, read_calibration
+from caspo.config import Calibration, CalibrationError, Config, config_from_dict, load_config, read_calibration
 from caspo.core.cat import CommittedStep, Search, SearchResult, stream_search
 from caspo.errors import BadRequest
 from caspo.evaluation import calibration_path_for

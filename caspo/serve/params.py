@@ -7,8 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from caspo.config import CatConfig, ServeConfig
-from caspo.core.calibration import Calibration
+from caspo.config import Calibration, CatConfig, ServeConfig
 from caspo.core.cat import BRANCHINGS, METHODS, SearchConfig
 from caspo.core.confidence import INTRINSIC
 from caspo.serve.proxy import ParamError, UndecodableRequest

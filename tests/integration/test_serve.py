@@ -93,7 +93,7 @@ def test_grpc_solve_equals_the_core_search_for_the_same_seed(served):
 
 
 def test_a_cat_request_without_search_fields_runs_the_recommended_cat(served):
-    from caspo.core.calibration import read_calibration
+    from caspo.config import read_calibration
 
     cfg, _ = served
     with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
