@@ -131,8 +131,9 @@ class SearchConfig:
 
     @property
     def adaptive(self) -> bool:
-        """Adaptive branching with a probe: cat, branching adaptive, threshold > 0 and more than one candidate."""
-        return self.method == "cat" and self.branching == "adaptive" and self.branch_threshold > 0 and self.k > 1
+        """Adaptive branching with a probe: cat, branching adaptive and threshold > 0 (with k = 1 the probe is
+        the only candidate: greedy)."""
+        return self.method == "cat" and self.branching == "adaptive" and self.branch_threshold > 0
 
 
 @dataclass
@@ -275,7 +276,7 @@ class Search:
         if request.phase == "probe":
             self._probes = {nid: cands[0] for nid, cands in zip(request.nodes, proposals)}
             cfg = self.cfg
-            self._expand = [nid for nid in request.nodes if step_uncertainty(cfg.uncertainty, self._probes[nid].token_entropies) > cfg.branch_threshold]
+            self._expand = [nid for nid in request.nodes if cfg.k > 1 and step_uncertainty(cfg.uncertainty, self._probes[nid].token_entropies) > cfg.branch_threshold]
             if self._expand:
                 return  # the step finishes when the siblings arrive
             self._grow([(nid, [self._probes[nid]]) for nid in request.nodes], branched=set())

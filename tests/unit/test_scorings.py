@@ -185,6 +185,14 @@ def test_adaptive_threshold_infinite_is_greedy():
     assert b.branch_points == 0 and all(n == 1 and t == 0.0 for _, n, t in p.calls)
 
 
+def test_adaptive_with_one_candidate_is_greedy():
+    g = search("q", Scripted(ADAPTIVE), SearchConfig(method="greedy"))
+    p = Scripted(ADAPTIVE)
+    b = search("q", p, SearchConfig(method="cat", k=1, tau=0.0, branching="adaptive", branch_threshold=0.5))
+    assert (b.steps, b.tokens_generated, b.branch_points) == (g.steps, g.tokens_generated, 0)
+    assert all(n == 1 and t == 0.0 for _, n, t in p.calls)
+
+
 def test_adaptive_prunes_on_its_own_scoring():
     # ranked by logprob, pruned on entropy: y=2 has the best log-prob but entropy C 0.90*0.30 = 0.27 < 0.4: pruned;
     # the kept path x=1, y=1, #### 1 ends at entropy C exp(-(0.103 + 0.503 + 0.153)) = 0.469
