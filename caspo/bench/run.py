@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="caspo bench", description="benchmarks: ratios measured side by side, JSON + markdown + PNG")
     ap.add_argument("--suite", default="all", choices=("all",) + SUITES)
     ap.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
-    ap.add_argument("-n", type=int, default=None, help="problems per suite (default: 200; mesh 100; serve 50)")
+    ap.add_argument("-n", type=int, default=None, help="problems per suite (default: inference and tau 1000, accuracy needs them; overhead 200; mesh 100; serve 50)")
     ap.add_argument("--smoke", action="store_true", help="every suite on 3 problems with minimal settings (what the tests run)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--model", default="tiny", help="policy: tiny (default), a directory or a hub id")
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     names = SUITES if args.suite == "all" else (args.suite,)
-    defaults = {"mesh": 100, "serve": 50}
+    defaults = {"inference": 1000, "tau": 1000, "mesh": 100, "serve": 50}
     index = []
     for name in names:
         n = 3 if args.smoke else (args.n or defaults.get(name, 200))
