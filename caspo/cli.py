@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ import ray
 from ray import serve
 
 from caspo.bench.run import main as bench_main
+from caspo.bench import sweep
 from caspo.config import CalibrationError, ConfigError, load_config, read_calibration, write_calibration
 from caspo.core.calibration import DEFAULT_QUANTILES, DEFAULT_TAUS
 from caspo.core.cat import BRANCHINGS, METHODS, SearchConfig
@@ -32,6 +34,7 @@ from caspo.models.hf import HFBackend
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
 from caspo.models.factory import make_backend
 from caspo.netutil import redact_url
+from caspo.errors import UsageError
 from caspo.progress import quiet_terminal, say
 from caspo.plots import pyplot
 from caspo.plots import save as save_figure
@@ -48,10 +51,6 @@ from caspo.trainer.collect import collect_round
 from caspo.trainer.loop import RoundController
 
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def _fmt(v) -> str:
@@ -553,6 +552,23 @@ def cmd_solve(args) -> int:
 
 
 # ---- parser ---------------------------------------------------------------------------------------
+def cmd_sweep(args) -> int:
+    if not args.settings:
+        raise UsageError("give at least one setting (a JSON object), e.g. '{\"name\": \"paper DPO\"}'")
+    settings = [sweep.parse_setting(raw, i, args.questions) for i, raw in enumerate(args.settings)]
+    out = Path(args.out)
+    args.set = [*args.set, f"mesh.run_dir={out}/mesh", "mesh.namespace=caspo-sweep"]
+    cfg = _config(args)
+    task = get_task(cfg.task.name, cfg.task.data)
+    n = args.n or cfg.loop.eval_n
+    command = "caspo sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    log = quiet_terminal(out / "logs" / "sweep.log")
+    print(f"sweep: {len(settings)} settings, eval on {n} held-out problems; logs in {log}", flush=True)
+    sweep.run(cfg, task, settings, out, n, progress=True, command=command)
+    print(f"wrote {out}/sweep.json, sweep.md, sweep.png", flush=True)
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG} when present)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
@@ -633,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-base", help="train the built-in tiny reasoner from scratch")
     p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny)")
-    p.add_argument("--steps", type=int, default=1300)
+    p.add_argument("--steps", type=int, default=1600, help="optimizer steps (default 1600: the shipped weights)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_base)
 
@@ -669,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, help="rounds to run (default loop.rounds)")
     g.add_argument("--forever", action="store_true", help="keep going until stopped")
     p.add_argument("--run", help="run name: runs/NAME (default loop.run)")
-    p.add_argument("--pairs", choices=["step", "trajectory"], help="step: CASPO; trajectory: the final-answer control")
+    p.add_argument("--pairs", choices=["step", "trajectory", "crew"], help="step: CASPO; trajectory: the final-answer control; crew: CRew-DPO (answer confidence)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loop)
 
@@ -694,6 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("sweep", help="the CASPO recipe study: one round per setting from the same base and data, judged on held-out problems")
+    _add_config_args(p)
+    p.add_argument("settings", nargs="*", metavar="SETTING", help="JSON objects: name, pairs (step|trajectory|crew), questions, tau_quantile, cases, and dpo fields")
+    p.add_argument("--questions", type=int, default=200, help="training questions of a setting that does not say (default 200)")
+    p.add_argument("-n", type=int, default=None, help="held-out problems (default loop.eval_n)")
+    p.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")
+    p.set_defaults(func=cmd_sweep)
 
     sub.add_parser("bench", help="benchmarks: CaT vs greedy vs SC at equal budget, overheads, mesh and Serve throughput (caspo bench --help)", add_help=False)
 

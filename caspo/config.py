@@ -139,13 +139,19 @@ class LoopConfig:
     runs_dir: str = "runs"
     rounds: int = 3
     questions: int = 200  # fresh questions per round (seeded by round)
-    pairs: str = "step"  # step: CASPO's three-case rule; trajectory: best vs worst full solution (control)
+    # step: CASPO's three-case rule; trajectory: most likely correct vs most likely wrong full solution
+    # (the control); crew: CRew-DPO, the same with each solution scored by its confidence in its answer
+    pairs: str = "step"
     temperatures: list = field(default_factory=lambda: [0.7, 0.7, 0.7, 1.0, 1.0, 1.2])  # per round; last repeats
     eval_n: int = 200  # fixed held-out problems evaluated after every round
     eval_seed: int = 12345
     cat_k: int = 4
     cat_tau: float = 0.5
     eval_batch: int = 16
+    # after each round's DPO, measure on the driver what it did (chosen/rejected log-prob change, weight
+    # change, KL on held-out gold solutions; caspo.trainer.shift): cheap for the tiny model, two model
+    # loads on the driver for a real one
+    drift: bool = False
 
 
 @dataclass(frozen=True)
@@ -366,7 +372,7 @@ def validate(cfg: Config) -> None:
     need(cfg.dpo.loss_type != "dpop" or cfg.dpo.precompute_ref_log_probs, "dpo.loss_type dpop needs dpo.precompute_ref_log_probs: true")
     need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")
     need(cfg.critic.kind != "llm" or bool(cfg.critic.model), "critic.kind llm needs critic.model")
-    need(cfg.loop.pairs in ("step", "trajectory"), f"loop.pairs must be step or trajectory, got {cfg.loop.pairs!r}")
+    need(cfg.loop.pairs in ("step", "trajectory", "crew"), f"loop.pairs must be step, trajectory or crew, got {cfg.loop.pairs!r}")
     need(cfg.loop.rounds >= 0, f"loop.rounds must be >= 0, got {cfg.loop.rounds}")
     need(cfg.loop.questions >= 1 and cfg.loop.eval_n >= 1, "loop.questions and loop.eval_n must be >= 1")
     need(

@@ -7,11 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from caspo.bench import common, inference, mesh_throughput, overhead, pareto, serve_load, tau
 from caspo.config import CalibrationError, ConfigError
 from caspo.models.base import ModelLoadError
 from caspo.tasks.base import TaskError
-
-from caspo.bench import common, inference, mesh_throughput, overhead, pareto, serve_load, tau
 
 # suite name -> its module (each has run() and plot())
 _SUITES = {"inference": inference, "overhead": overhead, "tau": tau, "serve": serve_load, "mesh": mesh_throughput, "pareto": pareto}
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="caspo bench", description="benchmarks: ratios measured side by side, JSON + markdown + PNG")
     ap.add_argument("--suite", default="all", choices=("all",) + SUITES)
     ap.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
-    ap.add_argument("-n", type=int, default=None, help="problems per suite (default: 200; mesh 100; serve 50)")
+    ap.add_argument("-n", type=int, default=None, help="problems per suite (default: inference and tau 1000, accuracy needs them; overhead and pareto 200; mesh 100; serve 50)")
     ap.add_argument("--smoke", action="store_true", help="every suite on 3 problems with minimal settings (what the tests run)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--model", default="tiny", help="policy: tiny (default), a directory or a hub id")
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"pareto": {"ks": tuple(args.ks), "taus": tuple(args.taus), "thresholds": tuple(args.thresholds), "temperature": args.temperature,
                           "critic": not args.no_critic, "task": args.task, "data": args.data, "calibration": args.calibration,
                           "config": args.config, "seed": args.seed, "batch": args.batch}}
-    defaults = {"mesh": 100, "serve": 50}
+    defaults = {"inference": 1000, "tau": 1000, "mesh": 100, "serve": 50}
     index = []
     for name in names:
         n = 3 if args.smoke else (args.n or defaults.get(name, 200))

@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from caspo.core.steps import answer_span
+
 __all__ = [
     "CASE_UNSURE_CORRECT",
     "CASE_INCORRECT",
@@ -36,6 +38,11 @@ __all__ = [
     "Pair",
     "Skip",
     "build_pair",
+    "Solution",
+    "solution_pair",
+    "answer_confidence",
+    "SKIP_ALL_CORRECT",
+    "SKIP_ALL_WRONG",
     "tau_from_quantile",
     "resolve_tau",
     "pair_key",
@@ -44,7 +51,8 @@ __all__ = [
 CASE_UNSURE_CORRECT = "correct_unsure"
 CASE_INCORRECT = "incorrect"
 CASE_TRAJECTORY = "trajectory"  # the control run's pairs: best vs worst full solution of a question
-CASES = (CASE_UNSURE_CORRECT, CASE_INCORRECT, CASE_TRAJECTORY)
+CASE_CREW = "crew"  # CRew-DPO: the most answer-confident correct vs the most answer-confident wrong solution
+CASES = (CASE_UNSURE_CORRECT, CASE_INCORRECT, CASE_TRAJECTORY, CASE_CREW)
 
 SKIP_CONFIDENT = "skip_confident_correct"
 SKIP_NO_COMPETITOR = "skip_no_incorrect_competitor"
@@ -154,6 +162,53 @@ def build_pair(
         confidence=confidence,
         tau=tau,
     )
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A sampled full solution of a question: its text, whether its final answer is right, a score."""
+
+    text: str
+    correct: bool
+    score: float
+
+
+SKIP_ALL_CORRECT = "all_correct"
+SKIP_ALL_WRONG = "all_wrong"
+
+
+def solution_pair(solutions: Sequence[Solution]) -> tuple[Solution, Solution] | Skip:
+    """(chosen, rejected) among one question's sampled solutions: the highest-scored correct one and
+    the highest-scored wrong one (ties to the first). The trajectory control scores a solution by its
+    mean token log-prob; CRew-DPO by its confidence in the final answer (:func:`answer_confidence`),
+    so its rejected solution is the one the model was surest of while wrong."""
+    best: dict[bool, Solution] = {}
+    for sol in solutions:
+        if not sol.text.strip():
+            continue
+        _check_number(sol.score, "solution score")
+        if sol.correct not in best or sol.score > best[sol.correct].score:
+            best[sol.correct] = sol
+    if True not in best:
+        return Skip(reason=SKIP_ALL_WRONG)
+    if False not in best:
+        return Skip(reason=SKIP_ALL_CORRECT)
+    return best[True], best[False]
+
+
+def answer_confidence(final_step: str, token_logprobs: Sequence[float]) -> float:
+    """CRew's training-free reward ("Confidence as a Reward", 2025): the mean probability of the tokens
+    that write the final answer of ``final_step``. The tokens are located by the answer's share of the
+    step's characters (exact for a character-level tokenizer such as the built-in model's, close for
+    BPE); 0 when the step states no answer or has no tokens."""
+    lps = [float(x) for x in token_logprobs]
+    span = answer_span(final_step)
+    if span is None or not lps or not final_step:
+        return 0.0
+    n = len(lps)
+    lo = min(n - 1, int(n * span[0] / len(final_step)))
+    hi = max(lo + 1, min(n, round(n * span[1] / len(final_step))))
+    return sum(math.exp(x) for x in lps[lo:hi]) / (hi - lo)
 
 
 def tau_from_quantile(confidences: Sequence[float], q: float) -> float:
