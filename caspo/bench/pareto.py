@@ -23,7 +23,8 @@ from caspo.evaluation import JudgedProposer, calibration_path_for, compare, eval
 from caspo.models.base import PromptedProposer
 from caspo.tasks import get_task
 
-COLUMNS = ["name", "k", "accuracy", "accuracy_ci", "tokens", "tokens_x_greedy", "latency_x_greedy", "diff_vs_greedy", "diff_ci", "mcnemar_p", "ceiling_share", "branch_points", "no_answer"]
+# a column's 95% interval, ``<column>_ci`` in each row, is printed beside it (bench.common.markdown)
+COLUMNS = ["name", "k", "accuracy", "tokens", "tokens_x_greedy", "latency_x_greedy", "diff_vs_greedy", "mcnemar_p", "ceiling_share", "branch_points", "no_answer"]
 DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
 
 
@@ -123,7 +124,7 @@ def _row(name: str, k: int, rep, greedy, g_latency: float, ceiling: float | None
         "latency_s": rep.latency_s,
         "latency_x_greedy": rep.latency_s / g_latency if g_latency else None,
         "diff_vs_greedy": diff["accuracy"],
-        "diff_ci": diff["accuracy_ci"],
+        "diff_vs_greedy_ci": diff["accuracy_ci"],
         "mcnemar_p": diff["accuracy_mcnemar_p"],
         "ceiling_share": gain,
         "branch_points": rep.branch_points,
