@@ -12,6 +12,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -48,7 +49,7 @@ from caspo.tasks import get_task
 from caspo.tasks.base import TaskError
 from caspo.tasks.gsm8k import check_data
 from caspo.trainer.collect import collect_round
-from caspo.trainer.loop import RoundController
+from caspo.trainer.loop import RoundController, drift_line
 
 EXIT_USAGE = 2
 
@@ -176,50 +177,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def demo_methods(cfg) -> list[tuple[str, SearchConfig]]:
-    """What the demo compares on the base policy: greedy, self-consistency, and CaT as the paper writes it
-    (Algorithm 2, entropy confidence) at the loop's K and tau."""
-    lc, seed = cfg.loop, cfg.loop.eval_seed
-    return [
-        ("greedy", SearchConfig(method="greedy", seed=seed)),
-        (f"SC@{lc.cat_k}", SearchConfig(method="sc", k=lc.cat_k, temperature=0.7, seed=seed)),
-        (f"CaT@{lc.cat_k} entropy (Alg. 2)", SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, temperature=0.7, scoring="entropy", seed=seed)),
-        (f"CaT@{lc.cat_k} logprob", SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, temperature=0.7, scoring="logprob", seed=seed)),
-    ]
-
-
-DEMO_COLUMNS = ["method", "accuracy", "ece", "auroc", "tokens", "latency_x_greedy"]
-
-
 def cmd_demo(args) -> int:
-    """The main job on the built-in model, in one screen: inference methods side by side on the held-out
-    set, then CASPO rounds through the mesh; library logs go to a file."""
+    """The main job on the built-in model, in one screen: CASPO rounds through the mesh with the config's
+    recipe, each round's policy judged on the held-out set greedily and with CaT (Algorithm 2 and the
+    recommended search); library logs go to a file."""
     args.set = [f"loop.run={args.run}", f"loop.rounds={args.rounds}", *args.set]
     cfg = _config(args)
     run_dir = Path(cfg.loop.runs_dir) / cfg.loop.run
     log = quiet_terminal(run_dir / "logs" / "demo.log")
-    task = get_task(cfg.task.name, cfg.task.data)
-    problems = task.problems(cfg.loop.eval_n, seed=cfg.loop.eval_seed, split="test")
-    say(f"caspo demo: policy {cfg.model.policy!r}, {len(problems)} held-out {task.name} problems, then {cfg.loop.rounds} CASPO rounds")
+    t0 = time.time()
+    say(f"caspo demo: policy {cfg.model.policy!r}; {cfg.loop.rounds} CASPO round(s) of {cfg.loop.questions} questions "
+        f"({cfg.loop.pairs} pairs, {cfg.dpo.loss_type} lr {cfg.dpo.learning_rate:g}); each policy judged on {cfg.loop.eval_n} held-out problems")
     say(f"library logs: {log}\n")
-    backend = make_backend(cfg)
-    rows = []
-    for name, scfg in demo_methods(cfg):
-        rep = evaluate(backend, task, problems, scfg, batch=cfg.loop.eval_batch, progress=True, desc=name)
-        rows.append({"method": name, **rep.summary()})
-    for r in rows:
-        r["latency_x_greedy"] = r["latency_s"] / rows[0]["latency_s"] if rows[0]["latency_s"] else None
-    say(f"inference on the base policy ({len(problems)} problems; [95% intervals]):")
-    print_table(rows, DEMO_COLUMNS)
-    say()
     with ensure_mesh(cfg, join_ray=True, progress=False, on_start=lambda: say("starting the mesh ...")) as st:
         controller = RoundController(cfg.to_dict(), st["registry"], st["redis_url"])
         round_rows = asyncio.run(controller.run(cfg.loop.rounds, progress=True))
-    say(f"\nCASPO rounds (round 0 is the base policy; greedy on the same {len(problems)} problems):")
+    say(f"\nCASPO rounds (round 0 is the base policy; the same {cfg.loop.eval_n} problems each round; [95% intervals]):")
     print_table(_round_rows(round_rows), ROUND_COLUMNS)
+    drift = [r for r in round_rows if r.get("drift")]
+    for r in drift:
+        say(f"round {r['round']}" + drift_line(r["drift"]))
     out = run_dir / "demo.json"
-    out.write_text(json.dumps({"inference": rows, "rounds": round_rows}, indent=2) + "\n")
-    say(f"\nwrote {out}; `caspo report {run_dir}` draws the rounds")
+    out.write_text(json.dumps({"rounds": round_rows, "seconds": round(time.time() - t0, 1)}, indent=2) + "\n")
+    say(f"\nwrote {out} ({time.time() - t0:.0f} s); `caspo report {run_dir}` draws the rounds")
     return 0
 
 
@@ -418,7 +398,7 @@ def cmd_generate_pairs(args) -> int:
     return 0
 
 
-ROUND_COLUMNS = ["round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_accuracy_logprob", "pairs"]
+ROUND_COLUMNS = ["round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_recommended_accuracy", "pairs"]
 
 
 def _round_rows(rows: list[dict]) -> list[dict]:
@@ -644,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the built-in model: inference methods side by side, then CASPO rounds")
     _add_config_args(p)
     p.add_argument("--run", default="demo", help="run name: runs/NAME (default demo)")
-    p.add_argument("--rounds", type=int, default=2, help="CASPO rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=1, help="CASPO rounds (default 1: about 15 minutes on 2 cores)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-base", help="train the built-in tiny reasoner from scratch")

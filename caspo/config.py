@@ -143,7 +143,7 @@ class LoopConfig:
     # (the control); crew: CRew-DPO, the same with each solution scored by its confidence in its answer
     pairs: str = "step"
     temperatures: list = field(default_factory=lambda: [0.7, 0.7, 0.7, 1.0, 1.0, 1.2])  # per round; last repeats
-    eval_n: int = 200  # fixed held-out problems evaluated after every round
+    eval_n: int = 1000  # fixed held-out problems evaluated after every round (95% interval of accuracy about ±0.03)
     eval_seed: int = 12345
     cat_k: int = 4
     cat_tau: float = 0.5

@@ -39,7 +39,7 @@ SUMMARY_COLUMNS = [
     ("auroc", "AUROC"),
     ("entropy_gap", "entropy gap"),
     ("cat_accuracy", "CaT entropy"),
-    ("cat_accuracy_logprob", "CaT logprob"),
+    ("cat_recommended_accuracy", "CaT recommended"),
     ("pairs", "pairs"),
 ]
 
@@ -50,7 +50,7 @@ CHANGE_METRICS = [
     ("brier", "Brier", "lower"),
     ("entropy_gap", "entropy gap", "higher"),
     ("cat_accuracy", "CaT entropy", "higher"),
-    ("cat_accuracy_logprob", "CaT logprob", "higher"),
+    ("cat_recommended_accuracy", "CaT recommended", "higher"),
 ]
 
 
@@ -253,7 +253,7 @@ CURVE_PANELS = [
     ("ECE (lower is better)", [("ece", "-", None)], "ECE"),
     ("Brier score (lower is better)", [("brier", "-", None)], "Brier"),
     ("Entropy gap (wrong − right steps)", [("entropy_gap", "-", None)], "entropy gap"),
-    ("CaT accuracy", [("cat_accuracy", "-", "entropy scoring"), ("cat_accuracy_logprob", "--", "logprob scoring")], "accuracy"),
+    ("CaT accuracy", [("cat_accuracy", "-", "Algorithm 2 (entropy)"), ("cat_recommended_accuracy", "--", "recommended (config cat)")], "accuracy"),
 ]
 
 

@@ -344,7 +344,7 @@ class Search:
                 self.active = []
 
     def _add(self, parent: Node, cand: ProposedStep, text: str) -> Node:
-        sig = StepSignal(tuple(cand.token_entropies), tuple(cand.token_logprobs), final_answer(text) is not None, cand.verdict)
+        sig = StepSignal(tuple(cand.token_entropies), tuple(cand.token_logprobs), final_answer(text) is not None, cand.verdict, text)
         path = [n.signal for n in self.path(parent.id)] + [sig]
         w = self.cfg.window
         log_C = log_path_score(self.cfg.scoring, path, w)

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from caspo.core.steps import answer_span
+
 
 def token_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Full-vocabulary Shannon entropy in nats, H = -sum p log p, over the last dimension.
@@ -111,6 +113,22 @@ def mean_probability(logprobs: Sequence[float]) -> float:
     return float(sum(math.exp(lp) for lp in logprobs) / len(logprobs)) if len(logprobs) else 1.0
 
 
+def answer_confidence(step: str, token_logprobs: Sequence[float]) -> float:
+    """CRew's training-free reward ("Confidence as a Reward", 2025): the mean probability of the tokens
+    that write the final answer of ``step``, located by the answer's share of the step's characters
+    (exact for a character-level tokenizer such as the built-in model's, close for BPE). A step that
+    states no answer (a path still unfinished) gets the mean probability of all its tokens; no
+    tokens, 1."""
+    lps = [float(x) for x in token_logprobs]
+    span = answer_span(step)
+    if span is None or not lps or not step:
+        return mean_probability(lps)
+    n = len(lps)
+    lo = min(n - 1, int(n * span[0] / len(step)))
+    hi = max(lo + 1, min(n, round(n * span[1] / len(step))))
+    return mean_probability(lps[lo:hi])
+
+
 # ---- scorings: how a path (a sequence of steps) is scored; one registry, one code path -------------------
 @dataclass(frozen=True)
 class StepSignal:
@@ -121,6 +139,7 @@ class StepSignal:
     token_logprobs: tuple[float, ...]
     final: bool = False
     verdict: float | None = None
+    text: str = ""  # the step's text: ``crew`` reads where its final answer is written
 
 
 GROUP_WINDOW = 16  # tokens per sliding window of ``group`` (DeepConf uses 2,048 for long chains; a tiny step is ~8)
@@ -139,7 +158,7 @@ SCORING_DOC = {
     "entropy": "paper eq. 2/4: C = prod_j exp(-mean_l H_jl)",
     "logprob": "C = prod_j exp(mean_l log p_jl) (per-step geometric-mean token probability)",
     "product": "entropy x logprob",
-    "crew": "token confidence in the final answer: mean p over the final-answer step's tokens (the latest step's while unfinished)",
+    "crew": "token confidence in the final answer: mean p over the tokens that write it (the latest step's tokens while unfinished)",
     "gmean": "length-normalised entropy confidence: geometric mean of the steps' exp(-mean H)",
     "group": "DeepConf: lowest sliding-window mean of -H over the path's tokens, as exp (window GROUP_WINDOW)",
     "critic": "verifier-guided: prod_j critic verdict_j (a rejected step counts CRITIC_FLOOR); not intrinsic",
@@ -176,7 +195,7 @@ def log_path_score(scoring: str, steps: Sequence[StepSignal], window: int = GROU
     if scoring == "product":
         return sum(-mean_entropy(s.token_entropies) + log_likelihood_multiplier(s.token_logprobs) for s in steps)
     if scoring == "crew":
-        return math.log(mean_probability(steps[-1].token_logprobs))
+        return math.log(answer_confidence(steps[-1].text, steps[-1].token_logprobs))
     if scoring == "gmean":
         return sum(-mean_entropy(s.token_entropies) for s in steps) / len(steps)
     if scoring == "group":
@@ -204,10 +223,10 @@ def log_path_score(scoring: str, steps: Sequence[StepSignal], window: int = GROU
     raise AssertionError(scoring)
 
 
-def log_step_score(scoring: str, entropies: Sequence[float], logprobs: Sequence[float], final: bool = False, verdict: float | None = None) -> float:
+def log_step_score(scoring: str, entropies: Sequence[float], logprobs: Sequence[float], final: bool = False, verdict: float | None = None, text: str = "") -> float:
     """A single step scored as a one-step path (sibling ranking): for ``entropy``, ``logprob`` and
     ``product`` exactly the step's multiplier log c."""
-    return log_path_score(scoring, [StepSignal(tuple(entropies), tuple(logprobs), final, verdict)])
+    return log_path_score(scoring, [StepSignal(tuple(entropies), tuple(logprobs), final, verdict, text)])
 
 
 # ---- step uncertainty: where adaptive CaT branches ------------------------------------------------------

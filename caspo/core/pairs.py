@@ -25,7 +25,6 @@ from typing import Sequence
 
 import numpy as np
 
-from caspo.core.steps import answer_span
 
 __all__ = [
     "CASE_UNSURE_CORRECT",
@@ -40,7 +39,6 @@ __all__ = [
     "build_pair",
     "Solution",
     "solution_pair",
-    "answer_confidence",
     "SKIP_ALL_CORRECT",
     "SKIP_ALL_WRONG",
     "tau_from_quantile",
@@ -180,7 +178,7 @@ SKIP_ALL_WRONG = "all_wrong"
 def solution_pair(solutions: Sequence[Solution]) -> tuple[Solution, Solution] | Skip:
     """(chosen, rejected) among one question's sampled solutions: the highest-scored correct one and
     the highest-scored wrong one (ties to the first). The trajectory control scores a solution by its
-    mean token log-prob; CRew-DPO by its confidence in the final answer (:func:`answer_confidence`),
+    mean token log-prob; CRew-DPO by its confidence in the final answer (``confidence.answer_confidence``),
     so its rejected solution is the one the model was surest of while wrong."""
     best: dict[bool, Solution] = {}
     for sol in solutions:
@@ -194,21 +192,6 @@ def solution_pair(solutions: Sequence[Solution]) -> tuple[Solution, Solution] | 
     if False not in best:
         return Skip(reason=SKIP_ALL_CORRECT)
     return best[True], best[False]
-
-
-def answer_confidence(final_step: str, token_logprobs: Sequence[float]) -> float:
-    """CRew's training-free reward ("Confidence as a Reward", 2025): the mean probability of the tokens
-    that write the final answer of ``final_step``. The tokens are located by the answer's share of the
-    step's characters (exact for a character-level tokenizer such as the built-in model's, close for
-    BPE); 0 when the step states no answer or has no tokens."""
-    lps = [float(x) for x in token_logprobs]
-    span = answer_span(final_step)
-    if span is None or not lps or not final_step:
-        return 0.0
-    n = len(lps)
-    lo = min(n - 1, int(n * span[0] / len(final_step)))
-    hi = max(lo + 1, min(n, round(n * span[1] / len(final_step))))
-    return sum(math.exp(x) for x in lps[lo:hi]) / (hi - lo)
 
 
 def tau_from_quantile(confidences: Sequence[float], q: float) -> float:

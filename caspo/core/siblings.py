@@ -46,7 +46,7 @@ def is_mixed(siblings: Sequence[Sibling]) -> bool:
 
 
 def score(sibling: Sibling, scoring: str) -> float:
-    return log_step_score(scoring, sibling.token_entropies, sibling.token_logprobs, final=final_answer(sibling.text) is not None)
+    return log_step_score(scoring, sibling.token_entropies, sibling.token_logprobs, final=final_answer(sibling.text) is not None, text=sibling.text)
 
 
 def top_choice(siblings: Sequence[Sibling], scoring: str, tol: float = TIE_TOLERANCE) -> tuple[float, bool, bool]:

@@ -27,11 +27,11 @@ from caspo.core.pairs import (
     Pair,
     Skip,
     Solution,
-    answer_confidence,
     build_pair,
     resolve_tau,
     solution_pair,
 )
+from caspo.core.confidence import answer_confidence
 from caspo.core.steps import final_answer, is_final
 from caspo.models.base import prefix_text
 from caspo.tasks.base import Problem, Task

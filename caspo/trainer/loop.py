@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("pairs", "train", "publish", "eval")
 TRAINER_GROUP = "trainer"
-ROW_KEYS = ("round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_accuracy_logprob", "pairs", "policy_version")
+ROW_KEYS = ("round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_recommended_accuracy", "pairs", "policy_version")
 
 
 def store_round(run: str, k: int) -> int:
@@ -249,10 +249,11 @@ class RoundController:
         lc = self.cfg.loop
         proposer = MeshProposer(self.client, self.task.prompt)
         greedy = await evaluate_async(proposer, self.task, self.eval_problems, SearchConfig(method="greedy", seed=lc.eval_seed), batch=lc.eval_batch, progress=progress, desc=f"round {k} eval greedy")
-        cats = {}
-        for scoring in ("entropy", "logprob"):
-            cfg = SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, scoring=scoring, temperature=0.7, seed=lc.eval_seed)
-            cats[scoring] = await evaluate_async(proposer, self.task, self.eval_problems, cfg, batch=lc.eval_batch, progress=progress, desc=f"round {k} eval cat/{scoring}")
+        # CaT as the paper writes it (Algorithm 2, entropy confidence) and the project's recommended CaT
+        alg2 = SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, scoring="entropy", temperature=0.7, seed=lc.eval_seed)
+        cats = {"entropy": alg2, "recommended": self.cfg.cat.search_config(seed=lc.eval_seed)}
+        for name, cfg in cats.items():
+            cats[name] = await evaluate_async(proposer, self.task, self.eval_problems, cfg, batch=lc.eval_batch, progress=progress, desc=f"round {k} eval cat/{name}")
         pairs_info = self.state.info(k, "pairs") or {}
         g = greedy.summary()
         row = {
@@ -263,8 +264,8 @@ class RoundController:
             **{f"{m}_ci": g[f"{m}_ci"] for m in ROUND_METRICS},
             "cat_accuracy": cats["entropy"].accuracy,
             "cat_accuracy_ci": cats["entropy"].summary()["accuracy_ci"],
-            "cat_accuracy_logprob": cats["logprob"].accuracy,
-            "cat_accuracy_logprob_ci": cats["logprob"].summary()["accuracy_ci"],
+            "cat_recommended_accuracy": cats["recommended"].accuracy,
+            "cat_recommended_accuracy_ci": cats["recommended"].summary()["accuracy_ci"],
             "cat_k": lc.cat_k,
             "cat_tau": lc.cat_tau,
             "pairs": pairs_info.get("pairs", {}),
@@ -297,7 +298,7 @@ def summary_line(row: dict) -> str:
     return (
         f"round {row['round']}: accuracy {ci('accuracy')}  step {f(row['step_accuracy'])}  ECE {ci('ece')}  "
         f"Brier {f(row['brier'])}  AUROC {f(row['auroc'])}  gap {f(row['entropy_gap'])}  "
-        f"CaT@{row['cat_k']} entropy {f(row['cat_accuracy'])} logprob {f(row['cat_accuracy_logprob'])}  pairs: {pairs}"
+        f"CaT@{row['cat_k']} Alg. 2 {f(row['cat_accuracy'])} recommended {f(row.get('cat_recommended_accuracy'))}  pairs: {pairs}"
         + (drift_line(row["drift"]) if row.get("drift") else "")
     )
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from caspo.core.drift import logprob_change, mean_token_kl, relative_change
-from caspo.core.pairs import SKIP_ALL_CORRECT, SKIP_ALL_WRONG, Skip, Solution, answer_confidence, solution_pair
+from caspo.core.confidence import answer_confidence
+from caspo.core.pairs import SKIP_ALL_CORRECT, SKIP_ALL_WRONG, Skip, Solution, solution_pair
 from caspo.core.steps import answer_span
 
 
@@ -43,8 +44,9 @@ def test_answer_confidence_is_the_mean_probability_of_the_answer_tokens():
     assert answer_confidence("#### 28", lps) == pytest.approx(0.375)
     # a confident marker does not dilute it: the same answer tokens after a longer preamble
     assert answer_confidence("so #### 28", [0.0] * 8 + lps[-2:]) == pytest.approx(0.375)
-    assert answer_confidence("12+7=19", [0.0] * 7) == 0.0  # no final answer
-    assert answer_confidence("#### 28", []) == 0.0
+    # a step that states no answer yet (an unfinished path): all its tokens
+    assert answer_confidence("12+7=19", [0.0] * 6 + [math.log(0.3)]) == pytest.approx(0.9)
+    assert answer_confidence("#### 28", []) == 1.0
 
 
 def test_relative_weight_change_and_token_kl_against_hand_values():
