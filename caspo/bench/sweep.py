@@ -280,6 +280,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         if m in ("accuracy", "ece"):
             ax.set_xlim(0, 1)
+        else:  # from zero, so that a change is read against the size of the gap, not the noise
+            top = max([(r.get(f"{m}_ci") or [None, None])[1] or r.get(m) or 0 for r in rows] + [0])
+            ax.set_xlim(min(0, *(r.get(m) or 0 for r in rows)), max(top * 1.3, 1e-3))
     axes[0].set_yticks(range(len(rows)), names, fontsize=8)
     axes[0].invert_yaxis()
     fig.suptitle(f"one CASPO round per setting, greedy on {result['eval_n']} held-out problems (95% intervals)", fontsize=10)
