@@ -147,7 +147,7 @@ class LoopConfig:
     eval_seed: int = 12345
     cat_k: int = 4
     cat_tau: float = 0.5
-    eval_batch: int = 16
+    eval_batch: int = 64
     # after each round's DPO, measure on the driver what it did (chosen/rejected log-prob change, weight
     # change, KL on held-out gold solutions; caspo.trainer.shift): cheap for the tiny model, two model
     # loads on the driver for a real one
