@@ -58,7 +58,7 @@ def plot(plt, res: SuiteResult):
     for r in res.rows:
         label = f"{r['method']}@{r['k']}" + (f"/{r['scoring']}" if r["scoring"] != "–" else "")
         lo, hi = r["accuracy_ci"]
-        err = [[r["accuracy"] - lo], [hi - r["accuracy"]]]
+        err = [[max(0.0, r["accuracy"] - lo)], [max(0.0, hi - r["accuracy"])]]  # float rounding at 0 and 1
         for a, x in ((ax[0], r["latency_x_greedy"]), (ax[1], r["tokens_x_greedy"])):
             a.errorbar([x], [r["accuracy"]], yerr=err, fmt="o", capsize=3)
             a.annotate(label, (x, r["accuracy"]), fontsize=7)

@@ -51,7 +51,7 @@ def plot(plt, res: SuiteResult):
     for scoring in sorted({r["scoring"] for r in res.rows}):
         fixed = [r for r in res.rows if r["scoring"] == scoring and r["how"] == "fixed"]
         cal = [r for r in res.rows if r["scoring"] == scoring and r["how"] != "fixed"]
-        ax[0].errorbar([r["tau"] for r in fixed], [r["accuracy"] for r in fixed], yerr=[[r["accuracy"] - r["accuracy_ci"][0] for r in fixed], [r["accuracy_ci"][1] - r["accuracy"] for r in fixed]], marker="o", capsize=3, label=f"{scoring} (fixed τ)")
+        ax[0].errorbar([r["tau"] for r in fixed], [r["accuracy"] for r in fixed], yerr=[[max(0.0, r["accuracy"] - r["accuracy_ci"][0]) for r in fixed], [max(0.0, r["accuracy_ci"][1] - r["accuracy"]) for r in fixed]], marker="o", capsize=3, label=f"{scoring} (fixed τ)")
         ax[1].plot([r["tau"] for r in fixed], [r["tokens"] for r in fixed], marker="o", label=f"{scoring} (fixed τ)")
         for r in cal:
             ax[0].scatter([r["tau"]], [r["accuracy"]], marker="*", s=150, label=f"{scoring} (warmup τ)")
