@@ -89,6 +89,8 @@ def system(tmp_path_factory):
             f"serve.policy_file={root}/policy.json",
             "serve.max_k=3",
             "serve.k=2",
+            "cat.k=2",
+            "cat.max_steps=3",
             "serve.max_steps=3",
             "serve.max_max_steps=4",
             "serve.request_timeout_s=60",
