@@ -17,7 +17,7 @@ import ray
 from ray import serve
 
 from caspo.bench.run import main as bench_main
-from caspo.config import ConfigError, load_config
+from caspo.config import PROMPT_FORMATS, ConfigError, load_config, model_defaults
 from caspo.core.cat import METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS
 from caspo.diagnose import diagnose
@@ -30,6 +30,7 @@ from caspo.models.base import ModelLoadError, PromptedProposer
 from caspo.models.hf import HFBackend
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
 from caspo.models.factory import make_backend
+from caspo.models.prompting import load_prompter, prompter_for_backend
 from caspo.netutil import redact_url
 from caspo.progress import quiet_terminal, say
 from caspo.plots import pyplot
@@ -98,8 +99,11 @@ def _search_config(args) -> SearchConfig:
         raise UsageError(str(e)) from e
 
 
-def _backend(model: str, max_step_tokens: int = 32):
-    return HFBackend(model, max_step_tokens=max_step_tokens)
+def _backend(model: str, max_step_tokens: int | None = None, prompt_format: str | None = None):
+    """The HF backend for ``model`` in its prompt format and step delimiter (``config.model_defaults``:
+    plain and one step a line for ``tiny``, the chat template and blank-line steps for any other)."""
+    fmt, delim = model_defaults(model, prompt_format)
+    return HFBackend(model, max_step_tokens=max_step_tokens or (32 if model == "tiny" else 256), prompt_format=fmt, delimiter=delim)
 
 
 DEFAULT_EVAL_N = 1000  # generated problems: one standard error of accuracy is ~0.015 at this size
@@ -128,7 +132,7 @@ def cmd_eval(args) -> int:
     task, problems = _eval_problems(args)
     if not args.compare:
         cfg = _search_config(args)
-        rep = evaluate(_backend(args.model), task, problems, cfg, batch=args.batch, progress=not args.json)
+        rep = evaluate(_backend(args.model, prompt_format=args.prompt_format), task, problems, cfg, batch=args.batch, progress=not args.json)
         out = {**rep.summary(), "model": args.model, "task": args.task}
         if args.json:
             print(json.dumps(out))
@@ -140,7 +144,7 @@ def cmd_eval(args) -> int:
     reports = []
     for name, model, cfg in sides:
         if model not in backends:
-            backends[model] = _backend(model)
+            backends[model] = _backend(model, prompt_format=args.prompt_format)
         reports.append(evaluate(backends[model], task, problems, cfg, batch=args.batch, progress=not args.json, desc=name))
     diff = compare(reports[0], reports[1])
     rows = [{"run": name, **rep.summary()} for (name, _, _), rep in zip(sides, reports)]
@@ -212,8 +216,8 @@ def cmd_diagnose(args) -> int:
         raise UsageError(f"--temperature must be > 0 to sample siblings, got {args.temperature}")
     task = get_task(args.task, args.data)
     problems = task.problems(args.n if args.n is not None or args.data else 500, seed=args.seed, split=args.split)
-    backend = _backend(args.model)
-    rep = diagnose(PromptedProposer(backend, task.prompt), task, problems, k=args.k, temperature=args.temperature, seed=args.seed, progress=not args.json)
+    backend = _backend(args.model, prompt_format=args.prompt_format)
+    rep = diagnose(PromptedProposer(backend, prompter_for_backend(backend, task)), task, problems, k=args.k, temperature=args.temperature, seed=args.seed, progress=not args.json)
     rep = {"model": args.model, "task": args.task, **rep}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,6 +336,7 @@ def cmd_generate_pairs(args) -> int:
         raise UsageError(f"--round must be >= 0, got {args.round}")
     task = get_task(cfg.task.name, cfg.task.data)
     problems = task.problems(args.n, seed=cfg.pairs.seed + 1000 * args.round, split="train")
+    prompter = load_prompter(cfg.model, task)
 
     def announce():
         if not args.json:
@@ -342,7 +347,7 @@ def cmd_generate_pairs(args) -> int:
 
         async def go():
             try:
-                return await collect_round(client, task, problems, cfg.pairs, args.round, progress=not args.json)
+                return await collect_round(client, task, problems, cfg.pairs, args.round, progress=not args.json, prompter=prompter)
             finally:
                 await client.close()
 
@@ -514,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="evaluate a policy with a search method")
-    p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: plain for tiny, else chat)")
     p.add_argument("--task", default="arith", help="arith or gsm8k")
     p.add_argument("--data", help='a JSONL file of problems: arith {"question", "answer"} lines, or GSM8K format')
     _add_search_args(p)
@@ -528,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("diagnose", help="which confidence signal works on a model, and why (sibling ranking per scoring)")
-    p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: plain for tiny, else chat)")
     p.add_argument("--task", default="arith", help="arith or gsm8k")
     p.add_argument("--data", help="a JSONL file of problems (as for eval)")
     p.add_argument("-n", type=int, default=None, help="problems (default: all of --data, else 500 generated)")

@@ -31,6 +31,7 @@ import numpy as np
 from caspo.core import metrics, stats
 from caspo.core.cat import Search, SearchConfig, SearchResult, derive_seed, run_searches, run_searches_async
 from caspo.models.base import PromptedProposer
+from caspo.models.prompting import prompter_for_backend
 from caspo.progress import bar as progress_bar
 from caspo.tasks.base import Problem, Task
 
@@ -254,7 +255,7 @@ def evaluate(
     desc: str | None = None,
 ) -> EvalReport:
     """Run ``cfg`` on every problem (``batch`` questions per model call) and score the results."""
-    proposer = PromptedProposer(backend, task.prompt)
+    proposer = PromptedProposer(backend, prompter_for_backend(backend, task))
     records: list[ProblemRecord] = []
     t0 = time.perf_counter()
     with progress_bar(len(problems), desc or f"eval {cfg.method}", "q", progress) as bar:

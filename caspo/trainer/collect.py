@@ -74,8 +74,11 @@ async def _score(client, prompts, steps) -> list:
     return list((await client.score(prompts, steps)).scores) if steps else []
 
 
-async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfig, round_: int, on_done=None):
-    """Corrected trajectories for a chunk of problems; returns step records, critic name, version."""
+async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfig, round_: int, on_done=None, prompt=None):
+    """Corrected trajectories for a chunk of problems; returns step records, critic name, version.
+    ``prompt``: what builds model input (a Prompter: model.prompt_format and model.step_delimiter);
+    default the task's plain prompt with one step a line."""
+    prompt = prompt or task.prompt
     prefixes: list[list[str]] = [[] for _ in problems]
     active = list(range(len(problems)))
     records: list[StepRecord] = []
@@ -83,7 +86,7 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
     for t in range(cfg.max_steps):
         if not active:
             break
-        prompts = [prefix_text(task.prompt, problems[i].question, prefixes[i]) for i in active]
+        prompts = [prefix_text(prompt, problems[i].question, prefixes[i]) for i in active]
         seeds = [derive_seed(cfg.seed, round_, problems[i].id, t) for i in active]
         gen = await client.propose(prompts, cfg.candidates, cfg.temperature, seeds)
         version = gen.policy_version
@@ -165,7 +168,9 @@ async def collect_round(
     progress: bool = True,
     store: bool = True,
     desc: str | None = None,
+    prompter=None,
 ) -> RoundReport:
+    """One data round over ``problems``; ``prompter`` builds model input (default: the task's plain prompt)."""
     bar = progress_bar(len(problems), desc or f"round {round_} pairs", "q", progress)
     records: list[StepRecord] = []
     critic, version = "", 0
@@ -173,7 +178,7 @@ async def collect_round(
 
     async def run(chunk):
         async with sem:
-            return await _walk(client, task, chunk, cfg, round_, on_done=bar.update)
+            return await _walk(client, task, chunk, cfg, round_, on_done=bar.update, prompt=prompter)
 
     chunks = [problems[i : i + cfg.batch] for i in range(0, len(problems), cfg.batch)]
     for recs, c, v in await asyncio.gather(*(run(ch) for ch in chunks)):

@@ -43,6 +43,7 @@ from caspo.evaluation import METRICS as ROUND_METRICS
 from caspo.evaluation import evaluate_async, write_records
 from caspo.mesh.client import MeshClient, MeshProposer
 from caspo.models.hf import resolve_model_path
+from caspo.models.prompting import load_prompter
 from caspo.netutil import redact_url
 from caspo.progress import bar as progress_bar
 from caspo.progress import say
@@ -127,6 +128,8 @@ class RoundController:
         if self.state.policy(0) is None:
             self.state.set_policy(0, resolve_model_path(self.cfg.model.policy))
         self.task = get_task(self.cfg.task.name, self.cfg.task.data)
+        # model input in the policy's format (model.prompt_format, model.step_delimiter); only its tokenizer is read
+        self.prompter = load_prompter(self.cfg.model, self.task)
         self.eval_problems = self.task.problems(self.cfg.loop.eval_n, seed=self.cfg.loop.eval_seed, split="test")
         self.rows_path = self.run_dir / "rounds.jsonl"
 
@@ -182,7 +185,7 @@ class RoundController:
         if self.cfg.loop.pairs == "trajectory":
             summary = await self._trajectory_pairs(k, problems, pcfg, progress)
         else:
-            rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress, desc=f"round {k} pairs")
+            rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress, desc=f"round {k} pairs", prompter=self.prompter)
             summary = rep.summary()
         summary["seconds"] = round(time.time() - t0, 1)
         summary["store_round"] = self._sr(k)
@@ -199,7 +202,7 @@ class RoundController:
         bar = progress_bar(len(problems), f"round {k} trajectories", "q", progress)
         for s in range(0, len(problems), pcfg.batch):
             chunk = problems[s : s + pcfg.batch]
-            prompts = [self.task.prompt(p.question) for p in chunk for _ in range(kk)]
+            prompts = [self.prompter(p.question) for p in chunk for _ in range(kk)]
             seeds = [derive_seed(pcfg.seed, k, p.id, j) for p in chunk for j in range(kk)]
             resp = await self.client.rollout(prompts, pcfg.temperature, pcfg.max_steps, seeds)
             version = resp.policy_version
@@ -212,11 +215,11 @@ class RoundController:
                     lps = [lp for st in tr.steps for lp in st.token_logprobs]
                     score = sum(lps) / max(1, len(lps))
                     answer = final_answer(steps[-1])
-                    (good if self.task.answer_correct(p, answer) else bad).append((score, "\n".join(steps)))
+                    (good if self.task.answer_correct(p, answer) else bad).append((score, self.prompter.delimiter.join(steps)))
                 if good and bad:
                     rows.append(
                         Pair(
-                            prompt=self.task.prompt(p.question),
+                            prompt=self.prompter(p.question),
                             chosen=max(good)[1],
                             rejected=max(bad)[1],
                             case=CASE_TRAJECTORY,
@@ -284,7 +287,7 @@ class RoundController:
 
     async def _eval(self, k: int, progress: bool) -> dict:
         lc = self.cfg.loop
-        proposer = MeshProposer(self.client, self.task.prompt)
+        proposer = MeshProposer(self.client, self.prompter, self.prompter.delimiter)
         greedy = await evaluate_async(proposer, self.task, self.eval_problems, SearchConfig(method="greedy", seed=lc.eval_seed), batch=lc.eval_batch, progress=progress, desc=f"round {k} eval greedy")
         cats = {}
         for scoring in ("entropy", "logprob"):
