@@ -42,6 +42,7 @@ from caspo.serve.deployment import build_app, serve_options
 from caspo.services.security import auth_token
 from caspo.services.server import limit_proxy_messages
 from caspo.tasks import get_task
+from caspo.tasks.answers import DEFAULT_TIMEOUT_S, AnswerChecker, read_answer_pairs
 from caspo.tasks.base import TaskError
 from caspo.tasks.gsm8k import check_data
 from caspo.trainer.collect import collect_round
@@ -181,7 +182,7 @@ def cmd_demo(args) -> int:
     cfg = _config(args)
     run_dir = Path(cfg.loop.runs_dir) / cfg.loop.run
     log = quiet_terminal(run_dir / "logs" / "demo.log")
-    task = get_task(cfg.task.name, cfg.task.data)
+    task = get_task(cfg.task.name, cfg.task.data, cfg.task)
     problems = task.problems(cfg.loop.eval_n, seed=cfg.loop.eval_seed, split="test")
     say(f"caspo demo: policy {cfg.model.policy!r}, {len(problems)} held-out {task.name} problems, then {cfg.loop.rounds} CASPO rounds")
     say(f"library logs: {log}\n")
@@ -252,6 +253,28 @@ def cmd_train_base(args) -> int:
     cfg = TinyTrainConfig(seed=args.seed, steps=args.steps)
     path = train_tiny(cfg, out, progress=True)
     print(f"saved the tiny reasoner to {path}")
+    return 0
+
+
+def cmd_check_answers(args) -> int:
+    """Is each candidate final answer equivalent to its gold answer (math-verify, as task math judges)?"""
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    pairs = read_answer_pairs(args.data)
+    checker = AnswerChecker(args.timeout)
+    try:
+        verdicts = checker.check_many(pairs)
+    finally:
+        checker.close()
+    results = [
+        {"gold": g, "candidate": c, "equivalent": v.equivalent, **({"error": v.error} if v.error else {})}
+        for (g, c), v in zip(pairs, verdicts)
+    ]
+    if args.json:
+        print(json.dumps({"results": results, "count": len(results), "equivalent": sum(r["equivalent"] for r in results)}))
+        return 0
+    print_table([{**r, "equivalent": "yes" if r["equivalent"] else "no", "note": r.get("error", "")} for r in results], ["gold", "candidate", "equivalent", "note"])
+    print(f"\n{sum(r['equivalent'] for r in results)} of {len(results)} equivalent")
     return 0
 
 
@@ -334,7 +357,7 @@ def cmd_generate_pairs(args) -> int:
         raise UsageError(f"-n must be >= 1, got {args.n}")
     if args.round < 0:
         raise UsageError(f"--round must be >= 0, got {args.round}")
-    task = get_task(cfg.task.name, cfg.task.data)
+    task = get_task(cfg.task.name, cfg.task.data, cfg.task)
     problems = task.problems(args.n, seed=cfg.pairs.seed + 1000 * args.round, split="train")
     prompter = load_prompter(cfg.model, task)
 
@@ -521,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a policy with a search method")
     p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: plain for tiny, else chat)")
-    p.add_argument("--task", default="arith", help="arith or gsm8k")
-    p.add_argument("--data", help='a JSONL file of problems: arith {"question", "answer"} lines, or GSM8K format')
+    p.add_argument("--task", default="arith", help="arith, gsm8k or math")
+    p.add_argument("--data", help='problems: arith {"question", "answer"} JSONL, GSM8K JSONL, or for math {"problem", "answer"} JSONL, Parquet or a save_to_disk directory')
     _add_search_args(p)
     p.add_argument("-n", type=int, default=None, help=f"number of problems (default: all of --data, else {DEFAULT_EVAL_N} generated)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two methods (greedy, sc, bon, cat) on --model, or two models with --method, "
@@ -536,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("diagnose", help="which confidence signal works on a model, and why (sibling ranking per scoring)")
     p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: plain for tiny, else chat)")
-    p.add_argument("--task", default="arith", help="arith or gsm8k")
+    p.add_argument("--task", default="arith", help="arith, gsm8k or math")
     p.add_argument("--data", help="a JSONL file of problems (as for eval)")
     p.add_argument("-n", type=int, default=None, help="problems (default: all of --data, else 500 generated)")
     p.add_argument("--k", type=int, default=4, help="siblings sampled after each gold prefix (default 4)")
@@ -566,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("check-answers", help="are candidate final answers equivalent to gold ones? (math-verify, as task math judges)")
+    p.add_argument("--data", required=True, help='JSONL of {"gold", "candidate"} lines')
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds per comparison (default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--json", action="store_true", help='print {"results": [{"gold", "candidate", "equivalent"}], "count"}')
+    p.set_defaults(func=cmd_check_answers)
+
     p = sub.add_parser("up", help="start Ray, Redis and every mesh service; stay up until stopped")
     _add_config_args(p)
     p.set_defaults(func=cmd_up)

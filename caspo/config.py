@@ -95,7 +95,14 @@ class CriticConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "arith"
-    data: str | None = None  # JSONL for file-backed tasks
+    data: str | None = None  # JSONL for file-backed tasks (math: also Parquet or a save_to_disk directory)
+    # task math: the record fields, a DatasetDict's split (null: all, train/test kept), and how long one
+    # math-verify comparison of final answers may take
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    solution_field: str = "solution"
+    split: str | None = None
+    answer_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -305,6 +312,8 @@ def validate(cfg: Config) -> None:
     need(cfg.dpo.loss_type != "dpop" or cfg.dpo.precompute_ref_log_probs, "dpo.loss_type dpop needs dpo.precompute_ref_log_probs: true")
     need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")
     need(cfg.critic.kind != "llm" or bool(cfg.critic.model), "critic.kind llm needs critic.model")
+    need(cfg.task.name != "math" or cfg.critic.kind != "exact", "task math has no exact step verifier: set critic.kind judge (or llm)")
+    need(cfg.task.answer_timeout_s > 0, f"task.answer_timeout_s must be > 0, got {cfg.task.answer_timeout_s}")
     need(cfg.loop.pairs in ("step", "trajectory"), f"loop.pairs must be step or trajectory, got {cfg.loop.pairs!r}")
     need(cfg.loop.rounds >= 0, f"loop.rounds must be >= 0, got {cfg.loop.rounds}")
     need(cfg.loop.questions >= 1 and cfg.loop.eval_n >= 1, "loop.questions and loop.eval_n must be >= 1")

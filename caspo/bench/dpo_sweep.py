@@ -70,7 +70,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config, [f"mesh.run_dir={out.parent}/dpo_sweep_mesh", "mesh.namespace=caspo-dpo-sweep"])
-    task = get_task(cfg.task.name, cfg.task.data)
+    task = get_task(cfg.task.name, cfg.task.data, cfg.task)
     pairs = make_pairs(cfg, task, args.n, out.parent / f"pairs_q{args.n}.json")
     problems = task.problems(cfg.loop.eval_n, seed=cfg.loop.eval_seed, split="test")
     base_path = resolve_model_path(cfg.model.policy)

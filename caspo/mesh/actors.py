@@ -223,7 +223,7 @@ class CriticActor(ServiceActor):
     service = "critic"
 
     async def build(self, server):
-        task = await asyncio.to_thread(get_task, self.cfg.task.name, self.cfg.task.data)
+        task = await asyncio.to_thread(get_task, self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         if self.cfg.critic.kind == "llm":
             backend = await asyncio.to_thread(make_backend, self.cfg, self.cfg.critic.model)
             critic = LLMCritic(ModelWorker(backend), prompter_for_backend(backend, task))

@@ -92,7 +92,7 @@ class CaTServer:
         if published is not None:
             version, path = published
         self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms)
-        self.task = get_task(self.cfg.task.name, self.cfg.task.data)
+        self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         self.prompter = prompter_for_backend(self.worker.backend, self.task)  # model.prompt_format, step_delimiter
         self.model_id = f"caspo-{self.cfg.task.name}"
         self._watcher: asyncio.Task | None = None

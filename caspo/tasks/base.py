@@ -20,6 +20,7 @@ class Judgement:
     correct: bool
     reference: str  # the critic's reference (correct) step for this prefix
     reason: str = ""
+    checked: bool = True  # False: the task cannot verify this step (task math's intermediate steps); not counted
 
 
 class Task(Protocol):

@@ -127,7 +127,7 @@ class RoundController:
         self.state = RunState(self.run_dir, redis_url, self.cfg.loop.run)
         if self.state.policy(0) is None:
             self.state.set_policy(0, resolve_model_path(self.cfg.model.policy))
-        self.task = get_task(self.cfg.task.name, self.cfg.task.data)
+        self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         # model input in the policy's format (model.prompt_format, model.step_delimiter); only its tokenizer is read
         self.prompter = load_prompter(self.cfg.model, self.task)
         self.eval_problems = self.task.problems(self.cfg.loop.eval_n, seed=self.cfg.loop.eval_seed, split="test")
