@@ -87,8 +87,9 @@ class ScorerConfig:
 
 @dataclass(frozen=True)
 class CriticConfig:
-    kind: str = "exact"  # exact: the task's verifier; llm: a model writes the reference step
-    model: str | None = None  # for kind=llm
+    kind: str = "exact"  # exact: the task's verifier; llm: a model writes the reference step; judge: a model verifies
+    model: str | None = None  # for kind llm and judge
+    threshold: float = 0.5  # kind judge: a step is correct when the judge's P(yes) is at least this
     max_items: int = 1024
 
 
@@ -307,11 +308,12 @@ def validate(cfg: Config) -> None:
     need(1 <= cfg.pairs.candidates <= cfg.generator.max_k, f"pairs.candidates must be in [1, generator.max_k={cfg.generator.max_k}], got {cfg.pairs.candidates}")
     need(0.0 <= cfg.pairs.tau_quantile <= 1.0, f"pairs.tau_quantile must be in [0, 1], got {cfg.pairs.tau_quantile}")
     need(cfg.pairs.temperature > 0, f"pairs.temperature must be > 0, got {cfg.pairs.temperature}")
-    need(cfg.critic.kind in ("exact", "llm"), f"critic.kind must be exact or llm, got {cfg.critic.kind!r}")
+    need(cfg.critic.kind in ("exact", "llm", "judge"), f"critic.kind must be exact, llm or judge, got {cfg.critic.kind!r}")
+    need(cfg.critic.kind not in ("llm", "judge") or bool(cfg.critic.model), f"critic.kind {cfg.critic.kind} needs critic.model")
+    need(0.0 <= cfg.critic.threshold <= 1.0, f"critic.threshold must be in [0, 1], got {cfg.critic.threshold}")
     need(cfg.dpo.loss_type in ("sigmoid", "ipo", "dpop"), f"dpo.loss_type must be sigmoid, ipo or dpop, got {cfg.dpo.loss_type!r}")
     need(cfg.dpo.loss_type != "dpop" or cfg.dpo.precompute_ref_log_probs, "dpo.loss_type dpop needs dpo.precompute_ref_log_probs: true")
     need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")
-    need(cfg.critic.kind != "llm" or bool(cfg.critic.model), "critic.kind llm needs critic.model")
     need(cfg.task.name != "math" or cfg.critic.kind != "exact", "task math has no exact step verifier: set critic.kind judge (or llm)")
     need(cfg.task.answer_timeout_s > 0, f"task.answer_timeout_s must be > 0, got {cfg.task.answer_timeout_s}")
     need(cfg.loop.pairs in ("step", "trajectory"), f"loop.pairs must be step or trajectory, got {cfg.loop.pairs!r}")

@@ -34,7 +34,7 @@ from caspo.services import critic_servicer, generator_servicer, mesh_servicer, p
 from caspo.services.server import add_port, new_server
 from caspo.store.pair_store import PairStore
 from caspo.tasks import get_task
-from caspo.tasks.critic import ExactCritic, LLMCritic
+from caspo.tasks.critic import ExactCritic, JudgeCritic, LLMCritic
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +224,15 @@ class CriticActor(ServiceActor):
 
     async def build(self, server):
         task = await asyncio.to_thread(get_task, self.cfg.task.name, self.cfg.task.data, self.cfg.task)
-        if self.cfg.critic.kind == "llm":
+        if self.cfg.critic.kind in ("llm", "judge"):
+            _torch_threads(0.5)
             backend = await asyncio.to_thread(make_backend, self.cfg, self.cfg.critic.model)
-            critic = LLMCritic(ModelWorker(backend), prompter_for_backend(backend, task))
+            prompter = prompter_for_backend(backend, task)
+            worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
+            if self.cfg.critic.kind == "judge":
+                critic = JudgeCritic(worker, prompter.chat, prompter, self.cfg.critic.threshold)
+            else:
+                critic = LLMCritic(worker, prompter)
         else:
             critic = ExactCritic(task)
         critic_servicer.add_to_server(server, critic_servicer.CriticServicer(critic, self.cfg.critic))

@@ -58,6 +58,14 @@ class Prompter:
 
     __call__ = prompt
 
+    def chat(self, system: str, user: str) -> str:
+        """A one-turn conversation opened for the reply (a judge's question): the chat template, or under
+        the plain format the two messages as text followed by ``Answer:``."""
+        if self.prompt_format == "plain":
+            return f"{system}\n\n{user}\nAnswer:"
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def text(self, question: str, steps: Sequence[str]) -> str:
         return self.prompt(question) + join_steps(list(steps), self.delimiter)
 

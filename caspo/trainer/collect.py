@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Sequence
 
 from caspo.progress import bar as progress_bar
@@ -70,6 +71,9 @@ class RoundReport:
         }
 
 
+_NO_STEP = SimpleNamespace(correct=False, reference="", reason="empty step", p_correct=0.0)
+
+
 async def _score(client, prompts, steps) -> list:
     return list((await client.score(prompts, steps)).scores) if steps else []
 
@@ -98,10 +102,14 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
         scored, verdicts = await asyncio.gather(
             _score(client, [flat_prompts[j] for j in keep], [flat_steps[j] for j in keep]),
             client.judge(
-                [(problems[i].id, problems[i].question, prefixes[i], s) for i, cs in zip(active, cands) for s in cs]
+                [(problems[i].id, problems[i].question, prefixes[i], s) for i, cs in zip(active, cands) for s in cs if s.strip()],
+                scope=f"round:{round_}",
             ),
         )
         critic_name = verdicts.critic
+        # the critic refuses empty steps as the scorer does: they are wrong, with no reference
+        judged = iter(verdicts.verdicts)
+        flat_verdicts = [next(judged) if s.strip() else _NO_STEP for s in flat_steps]
         scores = [None] * len(flat_steps)
         for j, score in zip(keep, scored):
             scores[j] = score
@@ -109,7 +117,7 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
         still = []
         for i, cs in zip(active, cands):
             sc = scores[k : k + len(cs)]
-            vd = verdicts.verdicts[k : k + len(cs)]
+            vd = flat_verdicts[k : k + len(cs)]
             k += len(cs)
             own, own_v = cs[0], vd[0]
             competitors = [
@@ -130,7 +138,7 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
             )
             nxt = own if (own_v.correct and own.strip()) else own_v.reference
             prefixes[i].append(nxt)
-            if is_final(nxt):
+            if is_final(nxt) or not nxt.strip():  # an answer, or nothing to go on with
                 if on_done:
                     on_done(1)
             else:
