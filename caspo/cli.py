@@ -29,6 +29,8 @@ from caspo.mesh.state import MeshError, running_mesh
 from caspo.models.base import ModelLoadError, PromptedProposer
 from caspo.models.hf import HFBackend
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
+from caspo.models.tiny_chat import DEFAULT_DATA as CHAT_DATA
+from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
 from caspo.models.factory import make_backend
 from caspo.models.prompting import load_prompter, prompter_for_backend
 from caspo.netutil import redact_url
@@ -253,6 +255,18 @@ def cmd_train_base(args) -> int:
     cfg = TinyTrainConfig(seed=args.seed, steps=args.steps)
     path = train_tiny(cfg, out, progress=True)
     print(f"saved the tiny reasoner to {path}")
+    return 0
+
+
+def cmd_train_chat(args) -> int:
+    """Train the built-in tiny-chat model (a BPE tokenizer and a small Qwen2 on GSM8K in chat form)."""
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if not Path(args.data).is_file():
+        raise UsageError(f"data file not found: {args.data} (GSM8K-format JSONL; --data)")
+    out = args.out or str(caspo_home() / "tiny-chat")
+    path = train_tiny_chat(TinyChatTrainConfig(seed=args.seed, steps=args.steps), out, data=args.data, progress=True)
+    print(f"saved tiny-chat to {path}")
     return 0
 
 
@@ -581,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1300)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_base)
+
+    p = sub.add_parser("train-chat", help="train the built-in tiny-chat model (chat template, blank-line steps, boxed answers) in about a minute")
+    p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny-chat)")
+    p.add_argument("--data", default=CHAT_DATA, help=f"GSM8K-format JSONL to train on (default {CHAT_DATA})")
+    p.add_argument("--steps", type=int, default=TinyChatTrainConfig.steps)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_chat)
 
     p = sub.add_parser("check-data", help="verify the calculator annotations of a GSM8K-format file")
     p.add_argument("--task", default="gsm8k")

@@ -23,15 +23,18 @@ from caspo.core.confidence import token_entropy, token_logprobs
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import ModelLoadError, StepScore
 from caspo.models.tiny import resolve_tiny
+from caspo.models.tiny_chat import resolve_tiny_chat
 
 log = logging.getLogger(__name__)
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``tiny`` → the built-in tiny reasoner; an existing directory → itself; anything else is passed
+    """``tiny`` → the built-in tiny reasoner, ``tiny-chat`` → the built-in chat model; an existing directory → itself; anything else is passed
     to ``from_pretrained`` as a hub id (which needs a reachable hub or a local cache)."""
     if name_or_path == "tiny":
         return str(resolve_tiny())
+    if name_or_path == "tiny-chat":
+        return str(resolve_tiny_chat())
     p = Path(name_or_path).expanduser()
     try:
         exists = p.exists()
