@@ -24,7 +24,7 @@ from caspo.diagnose import diagnose
 from caspo.diagnose import plot as plot_diagnosis
 from caspo.evaluation import METRICS, compare, evaluate
 from caspo.mesh.client import MeshClient
-from caspo.mesh.runner import MeshRunner, ensure_mesh, stop_running_mesh
+from caspo.mesh.runner import ON_HEAD, MeshRunner, ensure_mesh, stop_running_mesh
 from caspo.mesh.state import MeshError, running_mesh
 from caspo.models.base import ModelLoadError, PromptedProposer
 from caspo.models.hf import HFBackend
@@ -426,7 +426,7 @@ def cmd_loop(args) -> int:
         print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
 
     with ensure_mesh(cfg, join_ray=True, progress=True, on_start=announce) as st:
-        actor = ray.remote(num_cpus=0)(RoundController).options(name=f"caspo-loop-{cfg.loop.run}", namespace=cfg.mesh.namespace).remote(
+        actor = ray.remote(num_cpus=0, resources=dict(ON_HEAD))(RoundController).options(name=f"caspo-loop-{cfg.loop.run}", namespace=cfg.mesh.namespace).remote(
             cfg.to_dict(), st["registry"], st["redis_url"]
         )
         what = "forever" if rounds is None else f"{rounds} rounds"
