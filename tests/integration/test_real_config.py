@@ -52,3 +52,51 @@ def test_one_round_of_the_qwen_math_config_with_tiny_chat_and_the_judge(tmp_path
     assert pairs["critic"].startswith("judge:")  # the judge critic judged the round's steps
     greedy = [json.loads(line) for line in (run / "eval" / "round1_greedy.jsonl").read_text().splitlines()]
     assert len(greedy) == 2 and all("\n\n" not in s for r in greedy for s in r["steps"])
+
+
+def test_serve_the_real_config_with_tiny_chat_and_stream_with_openai(tmp_path):
+    """CaT on a real Ray Serve from the real config (chat prompts, blank-line steps, task math), with
+    tiny-chat as the policy; the openai client streams the answer."""
+    import openai
+    import ray
+    from ray import serve
+
+    from caspo.config import load_config
+    from caspo.core.cat import SearchConfig, search
+    from caspo.models.base import PromptedProposer
+    from caspo.models.hf import HFBackend
+    from caspo.models.prompting import prompter_for_backend
+    from caspo.netutil import free_port
+    from caspo.serve.deployment import build_app, serve_options
+    from caspo.tasks import get_task
+
+    cfg = load_config(
+        ROOT / "configs" / "qwen2.5-math-7b-instruct.yaml",
+        [
+            "model.policy=tiny-chat", "model.backend=hf", "critic.model=tiny-chat", f"task.data={MATH}", "model.max_step_tokens=24",
+            "serve.host=127.0.0.1", f"serve.http_port={free_port()}", f"serve.grpc_port={free_port()}", f"serve.policy_file={tmp_path}/policy.json",
+            "serve.num_cpus=0.5", "serve.num_gpus=0", "serve.max_replicas=1",
+        ],
+    )
+    question = "Tom has 3 apples and buys 5 more. How many apples does he have?"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        serve.start(**serve_options(cfg))
+        serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serve.http_port}/v1", api_key="unused")
+        assert client.models.list().data[0].id == "caspo-math"
+        search_fields = {"method": "cat", "k": 3, "tau": 0.2, "max_steps": 4, "seed": 5}
+        chunks = list(client.chat.completions.create(model="caspo-math", messages=[{"role": "user", "content": question}], stream=True, extra_body=search_fields))
+        whole = client.chat.completions.create(model="caspo-math", messages=[{"role": "user", "content": question}], extra_body=search_fields)
+        greedy = client.chat.completions.create(model="caspo-math", messages=[{"role": "user", "content": question}], extra_body={"method": "greedy", "max_steps": 4})
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    assert chunks[-1].choices[0].finish_reason == "stop" and "caspo" in chunks[-1].model_extra
+    steps = [c.choices[0].delta.content for c in chunks[1:-1]]
+    assert steps and all(s.startswith("\n\n") for s in steps[1:])  # the model's step delimiter
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    # the replica prompts with the chat template: the same search here gives the same steps
+    backend = HFBackend("tiny-chat", prompt_format="chat", delimiter="\n\n", max_step_tokens=24)
+    local = search(question, PromptedProposer(backend, prompter_for_backend(backend, get_task("math", str(MATH)))), SearchConfig(method="greedy", max_steps=4))
+    assert [s["text"] for s in greedy.model_extra["caspo"]["steps"]] == list(local.steps)
