@@ -32,7 +32,7 @@ from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
 from caspo.models.tiny_chat import DEFAULT_DATA as CHAT_DATA
 from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
 from caspo.models.factory import make_backend
-from caspo.models.prompting import load_prompter, prompter_for_backend
+from caspo.models.prompting import detect_format, load_prompter, prompter_for_backend
 from caspo.netutil import redact_url
 from caspo.progress import quiet_terminal, say
 from caspo.plots import pyplot
@@ -103,9 +103,12 @@ def _search_config(args) -> SearchConfig:
 
 
 def _backend(model: str, max_step_tokens: int | None = None, prompt_format: str | None = None):
-    """The HF backend for ``model`` in its prompt format and step delimiter (``config.model_defaults``:
-    plain and one step a line for ``tiny``, the chat template and blank-line steps for any other)."""
-    fmt, delim = model_defaults(model, prompt_format)
+    """The HF backend for ``model`` in its prompt format and step delimiter: as given, else what the model
+    was made for (``detect_format``: chat and blank-line steps when its tokenizer has a chat template)."""
+    if prompt_format is None:
+        fmt, delim = detect_format(model)
+    else:
+        fmt, delim = model_defaults(model, prompt_format)
     return HFBackend(model, max_step_tokens=max_step_tokens or (32 if model == "tiny" else 256), prompt_format=fmt, delimiter=delim)
 
 
@@ -557,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a policy with a search method")
     p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
-    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: plain for tiny, else chat)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: chat when the model's tokenizer has one)")
     p.add_argument("--task", default="arith", help="arith, gsm8k or math")
     p.add_argument("--data", help='problems: arith {"question", "answer"} JSONL, GSM8K JSONL, or for math {"problem", "answer"} JSONL, Parquet or a save_to_disk directory')
     _add_search_args(p)
@@ -572,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diagnose", help="which confidence signal works on a model, and why (sibling ranking per scoring)")
     p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
-    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: plain for tiny, else chat)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: chat when the model's tokenizer has one)")
     p.add_argument("--task", default="arith", help="arith, gsm8k or math")
     p.add_argument("--data", help="a JSONL file of problems (as for eval)")
     p.add_argument("-n", type=int, default=None, help="problems (default: all of --data, else 500 generated)")

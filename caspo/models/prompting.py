@@ -12,6 +12,8 @@ with one line naming the model and the key to change.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 from transformers import AutoTokenizer
@@ -68,6 +70,24 @@ class Prompter:
 
     def text(self, question: str, steps: Sequence[str]) -> str:
         return self.prompt(question) + join_steps(list(steps), self.delimiter)
+
+
+def detect_format(name_or_path: str) -> tuple[str, str]:
+    """``(prompt_format, step_delimiter)`` a model was made for, when nobody said: a local model whose
+    tokenizer has a chat template is a chat model (blank-line steps), one without is a plain one (a
+    step a line, as the tiny reasoner and checkpoints trained from it); the built-in ``tiny`` is plain
+    and a hub id is taken for a chat model."""
+    if name_or_path == "tiny":
+        return "plain", "\n"
+    p = Path(resolve_model_path(name_or_path))
+    if not p.is_dir():
+        return "chat", "\n\n"
+    cfg_file = p / "tokenizer_config.json"
+    try:
+        has = (p / "chat_template.jinja").exists() or bool(json.loads(cfg_file.read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        has = False
+    return ("chat", "\n\n") if has else ("plain", "\n")
 
 
 def prompter_for_backend(backend, task, system_prompt: str | None = None) -> Prompter:

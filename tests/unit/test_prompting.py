@@ -91,3 +91,12 @@ def test_proposer_joins_steps_with_the_backends_delimiter():
     b = _Backend()
     PromptedProposer(b, lambda q: f"Q:{q}\n").propose([Prefix("1+2", ("s1", "s2"), 0)], 1, 0.0)
     assert b.seen == ["Q:1+2\ns1\n\ns2\n\n"]
+
+
+def test_detect_format_follows_the_tokenizer(tmp_path):
+    from caspo.models.prompting import detect_format
+
+    assert detect_format("tiny") == ("plain", "\n")
+    assert detect_format(str(SHIPPED_DIR)) == ("plain", "\n")  # a tiny checkpoint: no chat template
+    assert detect_format("tiny-chat") == ("chat", "\n\n")
+    assert detect_format("Qwen/Qwen2.5-Math-7B-Instruct") == ("chat", "\n\n")  # a hub id is not read here
