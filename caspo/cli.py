@@ -140,6 +140,8 @@ def cmd_eval(args) -> int:
         cfg = _search_config(args)
         rep = evaluate(_backend(args.model, prompt_format=args.prompt_format), task, problems, cfg, batch=args.batch, progress=not args.json)
         out = {**rep.summary(), "model": args.model, "task": args.task}
+        if getattr(task, "answer_errors", None):  # task math: answers math-verify could not compare (counted as wrong)
+            out["answer_errors"] = dict(task.answer_errors)
         if args.json:
             print(json.dumps(out))
         else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -116,6 +117,8 @@ class MathTask:
         self.path = Path(path)
         self._problems = load_math(path, (problem_field, answer_field, solution_field), split)
         self.checker = AnswerChecker(timeout_s)
+        # final answers that were not compared, by why (unparsable, timed out): marked wrong and counted here
+        self.answer_errors: Counter = Counter()
 
     # ---- problems ---------------------------------------------------------------------------
     def split_of(self, p: Problem) -> str:
@@ -159,13 +162,19 @@ class MathTask:
             return Judgement(True, ref, "not checked: task math verifies final answers only (critic.kind judge verifies steps)", checked=False)
         v = self.checker.check(problem.answer, ans)
         if v.error:
+            self.answer_errors[v.error] += 1
             return Judgement(False, ref, f"final answer {ans!r} not compared: {v.error}")
         if v.equivalent:
             return Judgement(True, ref, "final answer correct")
         return Judgement(False, ref, f"final answer {ans!r}, expected {problem.answer!r}")
 
     def answer_correct(self, problem: Problem, answer: str | None) -> bool:
-        return self.checker.equivalent(problem.answer, answer)
+        if answer is None:
+            return False
+        v = self.checker.check(problem.answer, answer)
+        if v.error:
+            self.answer_errors[v.error] += 1
+        return v.equivalent
 
     def error_kind(self, reason: str) -> str:
         if "not compared" in reason:

@@ -114,6 +114,8 @@ def test_judge_checks_final_answers_and_leaves_other_steps_unchecked(tmp_path):
     mid = task.judge(p, [], "First add the fractions.")
     assert not mid.checked
     assert task.answer_correct(p, "\\dfrac{3}{4}") and not task.answer_correct(p, None)
+    assert not task.answer_correct(p, "\\frac{") and not task.judge(p, [], "So $\\boxed{@@}$.").correct
+    assert sum(task.answer_errors.values()) >= 1 and all("cannot parse" in e for e in task.answer_errors)
     task.checker.close()
 
 
