@@ -8,21 +8,25 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import ray
 from ray import serve
 
 from caspo.bench.run import main as bench_main
-from caspo.config import PROMPT_FORMATS, ConfigError, load_config, model_defaults
-from caspo.core.cat import METHODS, SearchConfig
-from caspo.core.confidence import SCORINGS
+from caspo.bench import sweep
+from caspo.config import PROMPT_FORMATS, CalibrationError, ConfigError, load_config, model_defaults, read_calibration, write_calibration
+from caspo.core.calibration import DEFAULT_QUANTILES, DEFAULT_TAUS
+from caspo.core.cat import BRANCHINGS, METHODS, SearchConfig
+from caspo.core.confidence import SCORINGS, UNCERTAINTIES
 from caspo.diagnose import diagnose
 from caspo.diagnose import plot as plot_diagnosis
-from caspo.evaluation import METRICS, compare, evaluate
+from caspo.evaluation import METRICS, calibrate, calibration_path_for, compare, evaluate
 from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import ON_HEAD, MeshRunner, ensure_mesh, stop_running_mesh
 from caspo.mesh.state import MeshError, running_mesh
@@ -34,6 +38,7 @@ from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
 from caspo.models.factory import make_backend
 from caspo.models.prompting import detect_format, load_prompter, prompter_for_backend
 from caspo.netutil import redact_url
+from caspo.errors import UsageError
 from caspo.progress import quiet_terminal, say
 from caspo.plots import pyplot
 from caspo.plots import save as save_figure
@@ -48,13 +53,9 @@ from caspo.tasks.answers import DEFAULT_TIMEOUT_S, AnswerChecker, read_answer_pa
 from caspo.tasks.base import TaskError
 from caspo.tasks.gsm8k import check_data
 from caspo.trainer.collect import collect_round
-from caspo.trainer.loop import RoundController
+from caspo.trainer.loop import RoundController, drift_line
 
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def _fmt(v) -> str:
@@ -87,17 +88,37 @@ EVAL_COLUMNS = ["method", "scoring", "k", "accuracy", "step_accuracy", "ece", "b
 
 
 # ---- commands -------------------------------------------------------------------------------------
-def _search_config(args) -> SearchConfig:
+# what a search flag left unset means for methods other than cat (cat takes the config's cat section)
+SEARCH_DEFAULTS = {"k": 4, "tau": 0.5, "max_steps": 12, "scoring": "entropy", "temperature": 0.7}
+ADAPTIVE_FLAGS = ("branching", "branch_threshold", "uncertainty", "width", "prune_scoring", "window")
+
+
+def _calibration(args, cat, model: str):
+    """The calibration a cat search uses: --calibration, else cat.calibration, else the one next to the
+    policy when there is one (None otherwise). A named file that is missing or malformed is an error."""
     try:
-        return SearchConfig(
-            method=args.method,
-            k=args.k,
-            tau=args.tau,
-            max_steps=args.max_steps,
-            scoring=args.scoring,
-            temperature=args.temperature,
-            seed=args.seed,
-        )
+        if getattr(args, "calibration", None):
+            return read_calibration(args.calibration)
+        if cat.calibration:
+            return read_calibration(cat.calibration)
+        path = calibration_path_for(model)
+        return read_calibration(path) if path.is_file() else None
+    except CalibrationError as e:
+        raise UsageError(str(e)) from e
+
+
+def _search_config(args, cfg=None, model: str | None = None) -> SearchConfig:
+    """Flags given win; ``--method cat`` fills the rest from the config's cat section (and a calibration
+    file), other methods from SEARCH_DEFAULTS."""
+    given = {f: getattr(args, f, None) for f in (*SEARCH_DEFAULTS, *ADAPTIVE_FLAGS)}
+    try:
+        if args.method == "cat":
+            cat = (cfg or _config(args)).cat
+            cal = _calibration(args, cat, model or args.model)
+            return cat.search_config(cal, seed=args.seed, **given)
+        fields = {k: (SEARCH_DEFAULTS[k] if given[k] is None else given[k]) for k in SEARCH_DEFAULTS}
+        fields.update({k: given[k] for k in ADAPTIVE_FLAGS if given[k] is not None})
+        return SearchConfig(method=args.method, seed=args.seed, **fields)
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -125,19 +146,20 @@ def _eval_problems(args):
 
 def _compare_sides(args) -> list[tuple[str, str, SearchConfig]]:
     """``--compare A B``: each side a method (run on --model) or a model (run with --method)."""
+    cfg = _config(args)
     sides = []
     for spec in args.compare:
         if spec in METHODS:
-            sides.append((f"{args.model} {spec}", args.model, _search_config(argparse.Namespace(**{**vars(args), "method": spec}))))
+            sides.append((f"{args.model} {spec}", args.model, _search_config(argparse.Namespace(**{**vars(args), "method": spec}), cfg)))
         else:
-            sides.append((f"{spec} {args.method}", spec, _search_config(args)))
+            sides.append((f"{spec} {args.method}", spec, _search_config(args, cfg, model=spec)))
     return sides
 
 
 def cmd_eval(args) -> int:
     task, problems = _eval_problems(args)
     if not args.compare:
-        cfg = _search_config(args)
+        cfg = _search_config(args, _config(args))
         rep = evaluate(_backend(args.model, prompt_format=args.prompt_format), task, problems, cfg, batch=args.batch, progress=not args.json)
         out = {**rep.summary(), "model": args.model, "task": args.task}
         if getattr(task, "answer_errors", None):  # task math: answers math-verify could not compare (counted as wrong)
@@ -167,50 +189,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def demo_methods(cfg) -> list[tuple[str, SearchConfig]]:
-    """What the demo compares on the base policy: greedy, self-consistency, and CaT as the paper writes it
-    (Algorithm 2, entropy confidence) at the loop's K and tau."""
-    lc, seed = cfg.loop, cfg.loop.eval_seed
-    return [
-        ("greedy", SearchConfig(method="greedy", seed=seed)),
-        (f"SC@{lc.cat_k}", SearchConfig(method="sc", k=lc.cat_k, temperature=0.7, seed=seed)),
-        (f"CaT@{lc.cat_k} entropy (Alg. 2)", SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, temperature=0.7, scoring="entropy", seed=seed)),
-        (f"CaT@{lc.cat_k} logprob", SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, temperature=0.7, scoring="logprob", seed=seed)),
-    ]
-
-
-DEMO_COLUMNS = ["method", "accuracy", "ece", "auroc", "tokens", "latency_x_greedy"]
-
-
 def cmd_demo(args) -> int:
-    """The main job on the built-in model, in one screen: inference methods side by side on the held-out
-    set, then CASPO rounds through the mesh; library logs go to a file."""
+    """The main job on the built-in model, in one screen: CASPO rounds through the mesh with the config's
+    recipe, each round's policy judged on the held-out set greedily and with CaT (Algorithm 2 and the
+    recommended search); library logs go to a file."""
     args.set = [f"loop.run={args.run}", f"loop.rounds={args.rounds}", *args.set]
     cfg = _config(args)
     run_dir = Path(cfg.loop.runs_dir) / cfg.loop.run
     log = quiet_terminal(run_dir / "logs" / "demo.log")
-    task = get_task(cfg.task.name, cfg.task.data, cfg.task)
-    problems = task.problems(cfg.loop.eval_n, seed=cfg.loop.eval_seed, split="test")
-    say(f"caspo demo: policy {cfg.model.policy!r}, {len(problems)} held-out {task.name} problems, then {cfg.loop.rounds} CASPO rounds")
+    t0 = time.time()
+    say(f"caspo demo: policy {cfg.model.policy!r}; {cfg.loop.rounds} CASPO round(s) of {cfg.loop.questions} questions "
+        f"({cfg.loop.pairs} pairs, {cfg.dpo.loss_type} lr {cfg.dpo.learning_rate:g}); each policy judged on {cfg.loop.eval_n} held-out problems")
     say(f"library logs: {log}\n")
-    backend = make_backend(cfg)
-    rows = []
-    for name, scfg in demo_methods(cfg):
-        rep = evaluate(backend, task, problems, scfg, batch=cfg.loop.eval_batch, progress=True, desc=name)
-        rows.append({"method": name, **rep.summary()})
-    for r in rows:
-        r["latency_x_greedy"] = r["latency_s"] / rows[0]["latency_s"] if rows[0]["latency_s"] else None
-    say(f"inference on the base policy ({len(problems)} problems; [95% intervals]):")
-    print_table(rows, DEMO_COLUMNS)
-    say()
     with ensure_mesh(cfg, join_ray=True, progress=False, on_start=lambda: say("starting the mesh ...")) as st:
         controller = RoundController(cfg.to_dict(), st["registry"], st["redis_url"])
         round_rows = asyncio.run(controller.run(cfg.loop.rounds, progress=True))
-    say(f"\nCASPO rounds (round 0 is the base policy; greedy on the same {len(problems)} problems):")
+    say(f"\nCASPO rounds (round 0 is the base policy; the same {cfg.loop.eval_n} problems each round; [95% intervals]):")
     print_table(_round_rows(round_rows), ROUND_COLUMNS)
+    drift = [r for r in round_rows if r.get("drift")]
+    for r in drift:
+        say(f"round {r['round']}" + drift_line(r["drift"]))
     out = run_dir / "demo.json"
-    out.write_text(json.dumps({"inference": rows, "rounds": round_rows}, indent=2) + "\n")
-    say(f"\nwrote {out}; `caspo report {run_dir}` draws the rounds")
+    out.write_text(json.dumps({"rounds": round_rows, "seconds": round(time.time() - t0, 1)}, indent=2) + "\n")
+    say(f"\nwrote {out} ({time.time() - t0:.0f} s); `caspo report {run_dir}` draws the rounds")
     return 0
 
 
@@ -246,12 +247,49 @@ def cmd_diagnose(args) -> int:
     ]
     print_table(rows, ["scoring", "sibling_ranking", "ties", "all_tied", "step_auroc"])
     h, d = rep["entropy"], rep["divergence"]
-    print(f"\nmean step entropy: right {_fmt(h['correct'])}, wrong {_fmt(h['incorrect'])} nats (gap {_fmt(h['gap'])})")
+    print("\nwhere to branch (AUROC of -uncertainty for step correctness): " + ", ".join(f"{m} {_fmt(v)}" for m, v in rep["uncertainty_auroc"].items()))
+    print(f"mean step entropy: right {_fmt(h['correct'])}, wrong {_fmt(h['incorrect'])} nats (gap {_fmt(h['gap'])})")
     print(f"wrong siblings leave the closest right one at {_fmt(d['median_relative_position'])} of the step (median); "
           f"{d['one_character']} of {d['wrong_siblings']} differ in one character")
     print("wrong siblings:", ", ".join(f"{k} {v}" for k, v in (rep.get("error_kinds") or rep["errors"]).items()) or "-")
     print("first error of wrong greedy solutions:", ", ".join(f"{k} {v}" for k, v in (g.get("first_error_kinds") or g["first_errors"]).items()) or "-")
     print(f"\nwrote {out / 'diagnose.json'} and {out / 'diagnose.png'}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Pick adaptive CaT's τ and branching threshold on warm-up training problems; write calibration.json."""
+    if args.n < 1:
+        raise UsageError(f"-n must be >= 1, got {args.n}")
+    if not args.max_tokens_x > 0:
+        raise UsageError(f"--max-tokens-x must be > 0, got {args.max_tokens_x}")
+    for t in args.taus:
+        if not 0.0 <= t <= 1.0:
+            raise UsageError(f"--taus must each be in [0, 1], got {t}")
+    for q in args.quantiles:
+        if not 0.0 <= q <= 1.0:
+            raise UsageError(f"--quantiles must each be in [0, 1], got {q}")
+    cfg = _config(args)
+    try:
+        base = cfg.cat.search_config(None, seed=args.seed, branching="adaptive", uncertainty=args.uncertainty)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    task = get_task(args.task, args.data)
+    problems = task.problems(args.n, seed=args.seed, split="train")
+    out = Path(args.out) if args.out else calibration_path_for(args.model)
+    backend = _backend(args.model, prompt_format=args.prompt_format)
+    res = calibrate(PromptedProposer(backend, prompter_for_backend(backend, task)), task, problems, base, taus=args.taus, quantiles=args.quantiles,
+                    max_tokens_x=args.max_tokens_x, batch=args.batch, progress=not args.json)
+    res = {**res, "model": args.model, "task": args.task}
+    write_calibration(out, res)
+    if args.json:
+        print(json.dumps({**res, "path": str(out)}, default=str))
+        return 0
+    w = res["warmup"]
+    print_table(res["grid"], ["branch_threshold", "tau", "accuracy", "tokens", "branch_points", "no_answer"])
+    print(f"\nwarm-up: {w['n']} training problems; greedy {w['greedy_accuracy']:.3f} at {w['greedy_tokens']:.1f} tokens")
+    print(f"chosen: branch_threshold {res['branch_threshold']} ({res['uncertainty']}), tau {res['tau']}: {w['accuracy']:.3f} at {w['tokens']:.1f} tokens")
+    print(f"wrote {out}")
     return 0
 
 
@@ -407,7 +445,7 @@ def cmd_generate_pairs(args) -> int:
     return 0
 
 
-ROUND_COLUMNS = ["round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_accuracy_logprob", "pairs"]
+ROUND_COLUMNS = ["round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_recommended_accuracy", "pairs"]
 
 
 def _round_rows(rows: list[dict]) -> list[dict]:
@@ -541,18 +579,43 @@ def cmd_solve(args) -> int:
 
 
 # ---- parser ---------------------------------------------------------------------------------------
+def cmd_sweep(args) -> int:
+    if not args.settings:
+        raise UsageError("give at least one setting (a JSON object), e.g. '{\"name\": \"paper DPO\"}'")
+    settings = [sweep.parse_setting(raw, i, args.questions) for i, raw in enumerate(args.settings)]
+    out = Path(args.out)
+    args.set = [*args.set, f"mesh.run_dir={out}/mesh", "mesh.namespace=caspo-sweep"]
+    cfg = _config(args)
+    task = get_task(cfg.task.name, cfg.task.data, cfg.task)
+    n = args.n or cfg.loop.eval_n
+    command = "caspo sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    log = quiet_terminal(out / "logs" / "sweep.log")
+    print(f"sweep: {len(settings)} settings, eval on {n} held-out problems; logs in {log}", flush=True)
+    sweep.run(cfg, task, settings, out, n, progress=True, command=command)
+    print(f"wrote {out}/sweep.json, sweep.md, sweep.png", flush=True)
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG} when present)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
 
 
 def _add_search_args(p: argparse.ArgumentParser, method: str = "greedy") -> None:
-    p.add_argument("--method", default=method, help=f"one of {', '.join(METHODS)} (default {method})")
-    p.add_argument("--k", type=int, default=4, help="branch budget / samples (default 4)")
-    p.add_argument("--tau", type=float, default=0.5, help="CaT pruning threshold in [0, 1] (default 0.5)")
-    p.add_argument("--scoring", default="entropy", help=f"step score: {', '.join(SCORINGS)} (default entropy)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for sc/bon/cat (default 0.7)")
-    p.add_argument("--max-steps", type=int, default=12, help="maximum steps per solution (default 12)")
+    cat = "unset: the config's cat section for --method cat"
+    p.add_argument("--method", default=method, help=f"one of {', '.join(METHODS)} (default {method}; wsc: confidence-weighted vote)")
+    p.add_argument("--k", type=int, help=f"branch budget / samples ({cat}, else 4)")
+    p.add_argument("--tau", type=float, help=f"CaT pruning threshold in [0, 1] ({cat} or its calibration, else 0.5)")
+    p.add_argument("--scoring", help=f"path score: {', '.join(SCORINGS)} ({cat}, else entropy)")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature for sc/bon/wsc/cat ({cat}, else 0.7)")
+    p.add_argument("--max-steps", type=int, help=f"maximum steps per solution ({cat}, else 12)")
+    p.add_argument("--branching", help=f"cat: {' | '.join(BRANCHINGS)} (always: Algorithm 2; {cat})")
+    p.add_argument("--branch-threshold", type=float, help="adaptive cat: expand where the greedy step's uncertainty (nats) is above this; inf: never")
+    p.add_argument("--uncertainty", help=f"adaptive cat: {' | '.join(UNCERTAINTIES)}")
+    p.add_argument("--width", type=int, help="cat: live branches kept per step (Algorithm 2: k)")
+    p.add_argument("--prune-scoring", help="the scoring tau prunes on (default: --scoring; the cat section: entropy)")
+    p.add_argument("--window", type=int, help="tokens per window of the group scoring (default 16)")
+    p.add_argument("--calibration", help="calibration.json for cat (default: cat.calibration, else the one next to the policy)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -573,7 +636,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test", "any"])
     p.add_argument("--batch", type=int, default=16, help="questions per batched model call (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_config_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="pick adaptive CaT's tau and branching threshold on warm-up training problems; write calibration.json")
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: chat when the model's tokenizer has one)")
+    p.add_argument("--task", default="arith", help="arith, gsm8k or math")
+    p.add_argument("--data", help="a JSONL file of problems (as for eval)")
+    p.add_argument("-n", type=int, default=200, help="warm-up problems from the training split (default 200)")
+    p.add_argument("--out", help="where to write it (default: calibration.json next to the policy)")
+    p.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS), help=f"tau grid (default {' '.join(map(str, DEFAULT_TAUS))})")
+    p.add_argument("--quantiles", type=float, nargs="+", default=list(DEFAULT_QUANTILES),
+                   help="threshold grid: these quantiles of the greedy steps' uncertainty, plus inf (default 0.5 0.75 0.9 0.95)")
+    p.add_argument("--uncertainty", choices=list(UNCERTAINTIES), help="the step uncertainty (default: cat.uncertainty)")
+    p.add_argument("--max-tokens-x", type=float, default=2.0, help="token budget per question, x greedy's (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("diagnose", help="which confidence signal works on a model, and why (sibling ranking per scoring)")
     p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
@@ -592,12 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the built-in model: inference methods side by side, then CASPO rounds")
     _add_config_args(p)
     p.add_argument("--run", default="demo", help="run name: runs/NAME (default demo)")
-    p.add_argument("--rounds", type=int, default=2, help="CASPO rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=1, help="CASPO rounds (default 1: about 15 minutes on 2 cores)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-base", help="train the built-in tiny reasoner from scratch")
     p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny)")
-    p.add_argument("--steps", type=int, default=1300)
+    p.add_argument("--steps", type=int, default=1600, help="optimizer steps (default 1600: the shipped weights)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_base)
 
@@ -647,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, help="rounds to run (default loop.rounds)")
     g.add_argument("--forever", action="store_true", help="keep going until stopped")
     p.add_argument("--run", help="run name: runs/NAME (default loop.run)")
-    p.add_argument("--pairs", choices=["step", "trajectory"], help="step: CASPO; trajectory: the final-answer control")
+    p.add_argument("--pairs", choices=["step", "trajectory", "crew"], help="step: CASPO; trajectory: the final-answer control; crew: CRew-DPO (answer confidence)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loop)
 
@@ -665,11 +747,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float)
     p.add_argument("--max-steps", dest="max_steps", type=int)
     p.add_argument("--temperature", type=float)
-    p.add_argument("--scoring", choices=list(SCORINGS))
+    p.add_argument("--scoring", choices=[x for x in SCORINGS if x != "critic"])
     p.add_argument("--seed", type=int)
+    p.add_argument("--branching", choices=list(BRANCHINGS), help="cat: adaptive | always (default: the server's cat section)")
+    p.add_argument("--branch-threshold", type=float, help="adaptive cat: nats (default: the server's calibration)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("sweep", help="the CASPO recipe study: one round per setting from the same base and data, judged on held-out problems")
+    _add_config_args(p)
+    p.add_argument("settings", nargs="*", metavar="SETTING", help="JSON objects: name, pairs (step|trajectory|crew), questions, tau_quantile, cases, and dpo fields")
+    p.add_argument("--questions", type=int, default=200, help="training questions of a setting that does not say (default 200)")
+    p.add_argument("-n", type=int, default=None, help="held-out problems (default loop.eval_n)")
+    p.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")
+    p.set_defaults(func=cmd_sweep)
 
     sub.add_parser("bench", help="benchmarks: CaT vs greedy vs SC at equal budget, overheads, mesh and Serve throughput (caspo bench --help)", add_help=False)
 
@@ -693,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (UsageError, TaskError, ModelLoadError, ConfigError) as e:
+    except (UsageError, TaskError, ModelLoadError, ConfigError, CalibrationError) as e:
         print(f"caspo: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -11,12 +11,17 @@ service enforces is a key here. A loaded config is frozen: code that needs a var
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from caspo.core.cat import SearchConfig
+from caspo.core.confidence import UNCERTAINTIES
 
 
 class ConfigError(ValueError):
@@ -166,13 +171,19 @@ class LoopConfig:
     runs_dir: str = "runs"
     rounds: int = 3
     questions: int = 200  # fresh questions per round (seeded by round)
-    pairs: str = "step"  # step: CASPO's three-case rule; trajectory: best vs worst full solution (control)
+    # step: CASPO's three-case rule; trajectory: most likely correct vs most likely wrong full solution
+    # (the control); crew: CRew-DPO, the same with each solution scored by its confidence in its answer
+    pairs: str = "step"
     temperatures: list = field(default_factory=lambda: [0.7, 0.7, 0.7, 1.0, 1.0, 1.2])  # per round; last repeats
-    eval_n: int = 200  # fixed held-out problems evaluated after every round
+    eval_n: int = 1000  # fixed held-out problems evaluated after every round (95% interval of accuracy about ±0.03)
     eval_seed: int = 12345
     cat_k: int = 4
     cat_tau: float = 0.5
     eval_batch: int = 16
+    # after each round's DPO, measure on the driver what it did (chosen/rejected log-prob change, weight
+    # change, KL on held-out gold solutions; caspo.trainer.shift): cheap for the tiny model, two model
+    # loads on the driver for a real one
+    drift: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,96 @@ class ServeConfig:
     max_temperature: float = 2.0
 
 
+# ---- calibration files (``caspo calibrate``; the rule that fills them is caspo.core.calibration) --------
+class CalibrationError(ConfigError):
+    """A calibration file that is missing or malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    tau: float
+    branch_threshold: float
+    uncertainty: str
+    path: str = ""  # where it was read from
+
+
+def _threshold_value(v) -> float:
+    return math.inf if v == "inf" else v
+
+
+def read_calibration(path: str | os.PathLike) -> Calibration:
+    """A calibration file (JSON with at least ``tau`` in [0, 1], ``branch_threshold`` >= 0 or the string
+    "inf", and ``uncertainty``; the rest is the warm-up's record). CalibrationError names file and field."""
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"calibration file {p} does not exist (write one with `caspo calibrate`)")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CalibrationError(f"calibration file {p} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CalibrationError(f"calibration file {p} must hold a JSON object, got {type(data).__name__}")
+    for key in ("tau", "branch_threshold", "uncertainty"):
+        if key not in data:
+            raise CalibrationError(f"calibration file {p}: {key} is missing")
+    tau, th, unc = data["tau"], _threshold_value(data["branch_threshold"]), data["uncertainty"]
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
+        raise CalibrationError(f"calibration file {p}: tau must be a number in [0, 1], got {tau!r}")
+    if isinstance(th, bool) or not isinstance(th, (int, float)) or math.isnan(th) or th < 0:
+        raise CalibrationError(f"calibration file {p}: branch_threshold must be a number >= 0 or \"inf\", got {data['branch_threshold']!r}")
+    if unc not in UNCERTAINTIES:
+        raise CalibrationError(f"calibration file {p}: uncertainty must be one of {', '.join(UNCERTAINTIES)}, got {unc!r}")
+    return Calibration(float(tau), float(th), unc, str(p))
+
+
+def write_calibration(path: str | os.PathLike, data: dict) -> Path:
+    """Write ``data`` (with tau, branch_threshold, uncertainty) atomically; inf is written as "inf"."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    out = {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in data.items()}
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2, default=lambda v: "inf" if v == math.inf else str(v)) + "\n")
+    tmp.replace(p)
+    read_calibration(p)  # what is written must read back
+    return p
+
+
+
+@dataclass(frozen=True)
+class CatConfig:
+    """The project's recommended CaT (issue 16): what ``caspo eval --method cat`` with no other search flags,
+    ``caspo bench`` and Serve's ``cat`` requests run. A calibration file (``caspo calibrate``) replaces
+    ``tau`` and ``branch_threshold`` (and ``uncertainty``) when the branching is adaptive and the request
+    does not set them. ``branching: always`` with ``width``/``prune_scoring`` unset is Algorithm 2."""
+
+    k: int = 4  # candidates at a branch point (the probe + k-1 samples); Algorithm 2: samples per branch
+    tau: float = 0.0  # prune a branch whose cumulative confidence (under prune_scoring) falls below this
+    max_steps: int = 12
+    temperature: float = 0.7
+    scoring: str = "logprob"  # ranks siblings and picks the answer (sibling-discriminative; never critic)
+    prune_scoring: str | None = "entropy"  # the paper's cumulative confidence for τ (null: scoring)
+    branching: str = "adaptive"  # adaptive | always (Algorithm 2)
+    branch_threshold: float = 0.5  # nats; expand where the greedy step's uncertainty is above this
+    uncertainty: str = "max_entropy"  # first_entropy | mean_entropy | max_entropy
+    width: int | None = 1  # live branches kept after each step (null: k, as Algorithm 2)
+    window: int = 16  # tokens per window of the group scoring
+    calibration: str | None = None  # calibration.json; null: the one next to the policy, when there is one
+
+    def search_config(self, calibration: Calibration | None = None, seed: int | None = None, **given) -> SearchConfig:
+        """The SearchConfig of a ``cat`` request: fields in ``given`` (not None) win, then the calibration's
+        τ / threshold / uncertainty (adaptive only), then this section. With ``branching`` always, width and
+        prune_scoring not given are unset (Algorithm 2 exactly). ValueError names a bad field."""
+        given = {k: v for k, v in given.items() if v is not None}
+        fields = {f: getattr(self, f) for f in ("k", "tau", "max_steps", "temperature", "scoring", "prune_scoring", "branching", "branch_threshold", "uncertainty", "width", "window")}
+        branching = given.get("branching", self.branching)
+        if branching == "always":
+            fields["width"] = fields["prune_scoring"] = None
+        elif calibration is not None:
+            fields.update(tau=calibration.tau, branch_threshold=calibration.branch_threshold, uncertainty=calibration.uncertainty)
+        fields.update(given)
+        return SearchConfig(method="cat", seed=seed, **fields)
+
+
 @dataclass(frozen=True)
 class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -217,6 +318,7 @@ class Config:
     dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    cat: CatConfig = field(default_factory=CatConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -316,7 +418,7 @@ def validate(cfg: Config) -> None:
     need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")
     need(cfg.task.name != "math" or cfg.critic.kind != "exact", "task math has no exact step verifier: set critic.kind judge (or llm)")
     need(cfg.task.answer_timeout_s > 0, f"task.answer_timeout_s must be > 0, got {cfg.task.answer_timeout_s}")
-    need(cfg.loop.pairs in ("step", "trajectory"), f"loop.pairs must be step or trajectory, got {cfg.loop.pairs!r}")
+    need(cfg.loop.pairs in ("step", "trajectory", "crew"), f"loop.pairs must be step, trajectory or crew, got {cfg.loop.pairs!r}")
     need(cfg.loop.rounds >= 0, f"loop.rounds must be >= 0, got {cfg.loop.rounds}")
     need(cfg.loop.questions >= 1 and cfg.loop.eval_n >= 1, "loop.questions and loop.eval_n must be >= 1")
     need(
@@ -328,7 +430,15 @@ def validate(cfg: Config) -> None:
     need(isinstance(cfg.mesh.placement, dict) and set(cfg.mesh.placement) <= set(services), f"mesh.placement keys must be among {', '.join(services)}, got {cfg.mesh.placement!r}")
     for name, res in [*cfg.mesh.placement.items(), ("dpo.resources", cfg.dpo.resources)]:
         need(isinstance(res, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in res.items()), f"{name} must map resource names to amounts > 0, got {res!r}")
+    ct = cfg.cat
+    need(ct.scoring != "critic" and ct.prune_scoring != "critic", "cat.scoring and cat.prune_scoring may not be critic (the verifier-guided yardstick is never a default)")
+    try:
+        ct.search_config()
+    except ValueError as e:
+        raise ConfigError(f"cat.{e}") from None
     sv = cfg.serve
+    need(ct.k <= sv.max_k, f"cat.k must be in [1, serve.max_k={sv.max_k}], got {ct.k}")
+    need(ct.max_steps <= sv.max_max_steps, f"cat.max_steps must be in [1, serve.max_max_steps={sv.max_max_steps}], got {ct.max_steps}")
     need(1 <= sv.min_replicas <= sv.max_replicas, f"serve.min_replicas must be in [1, serve.max_replicas={sv.max_replicas}], got {sv.min_replicas}")
     need(sv.max_ongoing_requests >= 1, f"serve.max_ongoing_requests must be >= 1, got {sv.max_ongoing_requests}")
     need(1 <= sv.k <= sv.max_k, f"serve.k must be in [1, serve.max_k={sv.max_k}], got {sv.k}")

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from caspo.core import stats
 from caspo.core.cat import Prefix, SearchConfig, StepProposer, derive_seed, run_searches
-from caspo.core.confidence import SCORINGS
+from caspo.core.confidence import STEP_SCORINGS
 from caspo.core.siblings import Sibling, sibling_report
 from caspo.evaluation import make_searches
 from caspo.progress import bar as progress_bar
@@ -85,7 +85,7 @@ def diagnose(
     k: int = 4,
     temperature: float = 0.7,
     seed: int = 0,
-    scorings: Sequence[str] = SCORINGS,
+    scorings: Sequence[str] = STEP_SCORINGS,
     progress: bool = False,
 ) -> dict:
     sets = sample_sibling_sets(proposer, task, problems, k, temperature, seed, progress=progress)

@@ -8,6 +8,10 @@ UNAVAILABLE. Messages name the field and the limit, so a caller can fix the requ
 from __future__ import annotations
 
 
+class UsageError(Exception):
+    """Bad input on the command line (an argument, a setting): the CLI prints it as one line, exit code 2."""
+
+
 class BadRequest(ValueError):
     """INVALID_ARGUMENT: the message names the field and the limit."""
 

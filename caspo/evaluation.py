@@ -19,6 +19,7 @@ McNemar test for accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -29,9 +30,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from caspo.core import metrics, stats
-from caspo.core.cat import Search, SearchConfig, SearchResult, derive_seed, run_searches, run_searches_async
+from caspo.core.calibration import CALIBRATION_FILE, DEFAULT_QUANTILES, DEFAULT_TAUS, choose_point, threshold_grid
+from caspo.core.cat import Prefix, ProposedStep, Search, SearchConfig, SearchResult, derive_seed, run_searches, run_searches_async
+from caspo.core.confidence import step_uncertainty
 from caspo.models.base import PromptedProposer
+from caspo.models.hf import resolve_model_path
 from caspo.models.prompting import prompter_for_backend
+from caspo.models.tiny import SHIPPED_DIR, caspo_home
 from caspo.progress import bar as progress_bar
 from caspo.tasks.base import Problem, Task
 
@@ -50,6 +55,7 @@ class ProblemRecord:
     step_mean_entropy: list[float]
     tokens: int
     reason: str
+    branch_points: int = 0
 
 
 @dataclass
@@ -74,6 +80,9 @@ class EvalReport:
     brier_ci: list[float | None] = field(default_factory=lambda: [None, None])
     auroc_ci: list[float | None] = field(default_factory=lambda: [None, None])
     entropy_gap_ci: list[float | None] = field(default_factory=lambda: [None, None])
+    branching: str = "always"
+    branch_threshold: float = 0.0
+    branch_points: float = 0.0  # steps per question at which a branch expanded
     records: list[ProblemRecord] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -216,6 +225,7 @@ def record_of(task: Task, problem: Problem, res: SearchResult) -> ProblemRecord:
         step_mean_entropy=step_h,
         tokens=res.tokens_generated,
         reason=res.reason,
+        branch_points=res.branch_points,
     )
 
 
@@ -239,6 +249,9 @@ def report_of(cfg: SearchConfig, records: list[ProblemRecord], seconds: float, n
         latency_s=seconds / max(1, len(records)),
         tokens=sum(r.tokens for r in records) / max(1, len(records)),
         no_answer=sum(r.answer is None for r in records),
+        branching=cfg.branching if cfg.method == "cat" else "always",
+        branch_threshold=cfg.branch_threshold,
+        branch_points=sum(r.branch_points for r in records) / max(1, len(records)),
         records=records,
         **intervals(records),
     )
@@ -264,7 +277,25 @@ def evaluate(
     desc: str | None = None,
 ) -> EvalReport:
     """Run ``cfg`` on every problem (``batch`` questions per model call) and score the results."""
-    proposer = PromptedProposer(backend, prompter_for_backend(backend, task))
+    return evaluate_with(PromptedProposer(backend, prompter_for_backend(backend, task)), task, problems, cfg, batch, progress, desc)
+
+
+def needs_critic(cfg: SearchConfig) -> bool:
+    return "critic" in (cfg.scoring, cfg.prune_scoring)
+
+
+def evaluate_with(
+    proposer,
+    task: Task,
+    problems: Sequence[Problem],
+    cfg: SearchConfig,
+    batch: int = 16,
+    progress: bool = False,
+    desc: str | None = None,
+) -> EvalReport:
+    """``evaluate`` with any (blocking) StepProposer; a ``critic`` scoring gets the task's exact critic."""
+    if needs_critic(cfg) and not isinstance(proposer, JudgedProposer):
+        proposer = JudgedProposer(proposer, task_judge(task, problems))
     records: list[ProblemRecord] = []
     t0 = time.perf_counter()
     with progress_bar(len(problems), desc or f"eval {cfg.method}", "q", progress) as bar:
@@ -285,7 +316,8 @@ async def evaluate_async(
     progress: bool = False,
     desc: str | None = None,
 ) -> EvalReport:
-    """``evaluate`` with an async proposer (e.g. the generator service over gRPC)."""
+    """``evaluate`` with an async proposer (e.g. the generator service over gRPC). A ``critic`` scoring
+    needs a proposer that sets verdicts (``caspo.mesh.client.MeshCriticProposer`` in the mesh)."""
     records: list[ProblemRecord] = []
     t0 = time.perf_counter()
     with progress_bar(len(problems), desc or f"eval {cfg.method}", "q", progress) as bar:
@@ -295,3 +327,96 @@ async def evaluate_async(
                 records.append(record_of(task, p, res))
             bar.update(len(chunk))
     return report_of(cfg, records, time.perf_counter() - t0)
+
+
+# ---- the verifier-guided yardstick: candidates judged by a critic -------------------------------------
+Judge = Callable[[str, Sequence[str], str], float]  # (question, prefix steps, step) -> P(step is right)
+
+
+def task_judge(task: Task, problems: Sequence[Problem]) -> Judge:
+    """The task's exact critic over ``problems`` (looked up by question): 1.0 for a right step, else 0.0."""
+    by_question = {p.question: p for p in problems}
+
+    def judge(question: str, prefix: Sequence[str], step: str) -> float:
+        if not step.strip():
+            return 0.0
+        return 1.0 if task.judge(by_question[question], list(prefix), step).correct else 0.0
+
+    return judge
+
+
+class JudgedProposer:
+    """A StepProposer whose candidates carry a critic's verdict (what ``scoring: critic`` reads)."""
+
+    def __init__(self, proposer, judge: Judge):
+        self.proposer = proposer
+        self.judge = judge
+        self.judged = 0  # critic calls so far (what the verifier costs)
+        self.seconds = 0.0
+
+    def propose(self, prefixes: Sequence[Prefix], n: int, temperature: float) -> list[list[ProposedStep]]:
+        out = self.proposer.propose(prefixes, n, temperature)
+        t0 = time.perf_counter()
+        judged = [[dataclasses.replace(c, verdict=self.judge(p.question, p.steps, c.text)) for c in cands] for p, cands in zip(prefixes, out)]
+        self.seconds += time.perf_counter() - t0
+        self.judged += sum(len(c) for c in out)
+        return judged
+
+
+# ---- warm-up calibration (``caspo calibrate``); the rule is caspo.core.calibration's --------------------
+def calibration_path_for(model: str) -> Path:
+    """Where a policy's calibration file lives: next to the policy (``<dir>/calibration.json``); for the
+    shipped tiny weights and hub ids, under ``$CASPO_HOME/calibration/`` (the package stays read-only)."""
+    path = Path(resolve_model_path(model))
+    if path.is_dir() and path.resolve() != SHIPPED_DIR.resolve():
+        return path / CALIBRATION_FILE
+    name = "tiny-shipped" if path.is_dir() else str(path).replace("/", "--")
+    return caspo_home() / "calibration" / f"{name}.json"
+
+
+class _RecordingProposer:
+    """Passes proposals through, recording each greedy step's uncertainty under ``measure``."""
+
+    def __init__(self, proposer, measure: str):
+        self.proposer, self.measure, self.values = proposer, measure, []
+
+    def propose(self, prefixes, n, temperature):
+        out = self.proposer.propose(prefixes, n, temperature)
+        if temperature == 0:
+            self.values += [step_uncertainty(self.measure, c.token_entropies) for cands in out for c in cands if c.text.strip()]
+        return out
+
+
+def calibrate(
+    proposer,
+    task: Task,
+    problems: Sequence[Problem],
+    base: SearchConfig,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    max_tokens_x: float = 2.0,
+    batch: int = 16,
+    progress: bool = False,
+) -> dict:
+    """Pick ``branch_threshold`` and ``tau`` of adaptive CaT (``base`` gives everything else) on warm-up
+    ``problems`` by the rule in ``caspo.core.calibration``: greedy first (its steps' uncertainties give the
+    candidate thresholds, its tokens the budget ``max_tokens_x`` × greedy), then every (threshold, τ)."""
+    rec = _RecordingProposer(proposer, base.uncertainty)
+    greedy = evaluate_with(rec, task, problems, SearchConfig(method="greedy", seed=base.seed), batch, progress, "warm-up greedy")
+    points = []
+    for th in threshold_grid(rec.values, quantiles):
+        for tau in taus:
+            cfg = dataclasses.replace(base, method="cat", branching="adaptive", branch_threshold=th, tau=tau)
+            rep = evaluate_with(proposer, task, problems, cfg, batch, progress, f"warm-up θ={th:.3g} τ={tau:g}")
+            points.append({"branch_threshold": th, "tau": tau, "accuracy": rep.accuracy, "tokens": rep.tokens, "branch_points": rep.branch_points, "no_answer": rep.no_answer})
+    best = choose_point(points, max_tokens_x * greedy.tokens)
+    return {
+        "tau": best["tau"],
+        "branch_threshold": best["branch_threshold"],
+        "uncertainty": base.uncertainty,
+        "rule": f"highest warm-up accuracy within {max_tokens_x:g} x greedy's tokens per question; ties: fewer tokens, larger threshold, smaller tau",
+        "search": {k: v for k, v in asdict(base).items() if k not in ("tau", "branch_threshold", "uncertainty", "seed", "method")},
+        "warmup": {"n": len(problems), "split": "train", "seed": base.seed, "greedy_accuracy": greedy.accuracy, "greedy_tokens": greedy.tokens,
+                   "accuracy": best["accuracy"], "tokens": best["tokens"], "steps": len(rec.values)},
+        "grid": points,
+    }

@@ -39,7 +39,7 @@ SUMMARY_COLUMNS = [
     ("auroc", "AUROC"),
     ("entropy_gap", "entropy gap"),
     ("cat_accuracy", "CaT entropy"),
-    ("cat_accuracy_logprob", "CaT logprob"),
+    ("cat_recommended_accuracy", "CaT recommended"),
     ("pairs", "pairs"),
 ]
 
@@ -50,7 +50,7 @@ CHANGE_METRICS = [
     ("brier", "Brier", "lower"),
     ("entropy_gap", "entropy gap", "higher"),
     ("cat_accuracy", "CaT entropy", "higher"),
-    ("cat_accuracy_logprob", "CaT logprob", "higher"),
+    ("cat_recommended_accuracy", "CaT recommended", "higher"),
 ]
 
 
@@ -134,8 +134,16 @@ def format_markdown_table(rows: list[dict], columns: list | None = None) -> str:
     text = {k for k, _ in cols if any(isinstance(r.get(k), (str, dict)) for r in rows) or k == "pairs"}
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" if k in text else "---:" for k, _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(k)) for k, _ in cols) + " |")
+        lines.append("| " + " | ".join(_cell_ci(r, k) for k, _ in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell_ci(row: dict, key: str) -> str:
+    """A cell and, when the row carries ``<key>_ci``, its 95% interval."""
+    ci = row.get(f"{key}_ci")
+    if ci and _num(ci[0]) is not None and _num(row.get(key)) is not None:
+        return f"{_cell(row.get(key))} [{_cell(ci[0])}, {_cell(ci[1])}]"
+    return _cell(row.get(key))
 
 
 def _signed(x: float) -> str:
@@ -245,7 +253,7 @@ CURVE_PANELS = [
     ("ECE (lower is better)", [("ece", "-", None)], "ECE"),
     ("Brier score (lower is better)", [("brier", "-", None)], "Brier"),
     ("Entropy gap (wrong − right steps)", [("entropy_gap", "-", None)], "entropy gap"),
-    ("CaT accuracy", [("cat_accuracy", "-", "entropy scoring"), ("cat_accuracy_logprob", "--", "logprob scoring")], "accuracy"),
+    ("CaT accuracy", [("cat_accuracy", "-", "Algorithm 2 (entropy)"), ("cat_recommended_accuracy", "--", "recommended (config cat)")], "accuracy"),
 ]
 
 
@@ -261,6 +269,11 @@ def _plot_curves(runs: list[tuple[str, list[dict]]], path: Path) -> None:
                 ys = [_num(r.get(key)) for r in rows]
                 ys = [math.nan if y is None else y for y in ys]
                 ax.plot(xs, ys, ls=ls, marker="o", ms=4, color=color, lw=1.6)
+                cis = [r.get(f"{key}_ci") or (None, None) for r in rows]
+                if any(_num(c[0]) is not None for c in cis):  # the 95% interval as a band
+                    lo = [math.nan if _num(c[0]) is None else c[0] for c in cis]
+                    hi = [math.nan if _num(c[1]) is None else c[1] for c in cis]
+                    ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
         if len(series) > 1:
             ax.legend(handles=[Line2D([], [], color="0.2", ls=ls, marker="o", ms=4, label=lab) for _, ls, lab in series], fontsize=8, loc="best")
         ax.set_title(title, fontsize=10)
@@ -338,7 +351,8 @@ def write_report(run_dir, out_dir=None, compare: list[str] | None = None) -> dic
     doc = [
         f"# CASPO report: {title}\n",
         "Greedy metrics and CaT accuracy on the fixed held-out set after each round (round 0: the base policy). "
-        "ECE and Brier: lower is better; entropy gap: mean entropy of wrong steps minus right steps, higher separates them better.\n",
+        "ECE and Brier: lower is better; entropy gap: mean entropy of wrong steps minus right steps, higher separates them better. "
+        "Brackets and bands: 95% intervals (Wilson for accuracy, bootstrap over problems otherwise).\n",
         "- [reliability diagrams](reliability.png)\n- [per-round curves](curves.png)\n",
         "![per-round curves](curves.png)\n",
     ]

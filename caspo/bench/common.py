@@ -56,6 +56,8 @@ def median(values: list[float]) -> float:
 def _cell(v) -> str:
     if v is None:
         return "–"
+    if isinstance(v, (list, tuple)):  # an interval
+        return "[" + ", ".join(_cell(x) for x in v) + "]"
     if isinstance(v, float):
         if math.isnan(v):
             return "–"
@@ -63,12 +65,20 @@ def _cell(v) -> str:
     return str(v)
 
 
+def _with_ci(row: dict, col: str) -> str:
+    """A cell, followed by its 95% interval when the row carries ``<col>_ci``."""
+    ci = row.get(f"{col}_ci")
+    if ci and ci[0] is not None and row.get(col) is not None:
+        return f"{_cell(row[col])} [{_cell(ci[0])}, {_cell(ci[1])}]"
+    return _cell(row.get(col))
+
+
 def markdown(res: SuiteResult) -> str:
     lines = [f"### {res.title}", "", f"`{res.command}`", ""]
     lines.append("| " + " | ".join(res.columns) + " |")
     lines.append("|" + "|".join("---" for _ in res.columns) + "|")
     for r in res.rows:
-        lines.append("| " + " | ".join(_cell(r.get(c)) for c in res.columns) + " |")
+        lines.append("| " + " | ".join(_with_ci(r, c) for c in res.columns) + " |")
     for n in res.notes:
         lines += ["", n]
     return "\n".join(lines) + "\n"

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from caspo.bench.common import SuiteResult, make_backend
 from caspo.core.cat import SearchConfig
-from caspo.evaluation import evaluate
+from caspo.evaluation import compare, evaluate
 from caspo.tasks import get_task
 
-COLUMNS = ["method", "k", "scoring", "accuracy", "ece", "latency_s", "latency_x_greedy", "tokens", "tokens_x_greedy", "no_answer"]
+COLUMNS = ["method", "k", "scoring", "accuracy", "vs_greedy", "p_mcnemar", "ece", "latency_s", "latency_x_greedy", "tokens", "tokens_x_greedy", "no_answer"]
 
 
 def run(n: int, ks=(4, 10), model: str = "tiny", engine: str = "hf", seed: int = 0, batch: int = 16, tau: float = 0.5, temperature: float = 0.7, progress: bool = True) -> SuiteResult:
@@ -29,11 +29,16 @@ def run(n: int, ks=(4, 10), model: str = "tiny", engine: str = "hf", seed: int =
             SearchConfig(method="cat", k=k, tau=tau, temperature=temperature, scoring="logprob", seed=seed),
         ]
     evaluate(backend, task, problems[:batch], configs[0], batch=batch)  # warm up: first calls pay one-off costs
-    rows = []
+    rows, greedy = [], None
     for cfg in configs:
         rep = evaluate(backend, task, problems, cfg, batch=batch, progress=progress, desc=f"{cfg.method}@{cfg.k}/{cfg.scoring}")
-        s = rep.summary()
-        rows.append({"method": cfg.method, "k": 1 if cfg.method == "greedy" else cfg.k, "scoring": cfg.scoring if cfg.method in ("cat", "bon") else "–", **{c: s[c] for c in ("accuracy", "ece", "latency_s", "tokens", "no_answer")}})
+        greedy = greedy or rep
+        s, d = rep.summary(), compare(greedy, rep)
+        rows.append({
+            "method": cfg.method, "k": 1 if cfg.method == "greedy" else cfg.k, "scoring": cfg.scoring if cfg.method in ("cat", "bon") else "–",
+            **{c: s[c] for c in ("accuracy", "accuracy_ci", "ece", "ece_ci", "latency_s", "tokens", "no_answer")},
+            "vs_greedy": d["accuracy"], "vs_greedy_ci": d["accuracy_ci"], "p_mcnemar": d["accuracy_mcnemar_p"],
+        })
     g = rows[0]
     for r in rows:
         r["latency_x_greedy"] = r["latency_s"] / g["latency_s"]
@@ -52,11 +57,12 @@ def plot(plt, res: SuiteResult):
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for r in res.rows:
         label = f"{r['method']}@{r['k']}" + (f"/{r['scoring']}" if r["scoring"] != "–" else "")
-        ax[0].scatter(r["latency_x_greedy"], r["accuracy"])
-        ax[0].annotate(label, (r["latency_x_greedy"], r["accuracy"]), fontsize=7)
-        ax[1].scatter(r["tokens_x_greedy"], r["accuracy"])
-        ax[1].annotate(label, (r["tokens_x_greedy"], r["accuracy"]), fontsize=7)
-    ax[0].set(xlabel="latency / greedy latency", ylabel="accuracy", xscale="log")
-    ax[1].set(xlabel="tokens / greedy tokens", ylabel="accuracy", xscale="log")
+        lo, hi = r["accuracy_ci"]
+        err = [[r["accuracy"] - lo], [hi - r["accuracy"]]]
+        for a, x in ((ax[0], r["latency_x_greedy"]), (ax[1], r["tokens_x_greedy"])):
+            a.errorbar([x], [r["accuracy"]], yerr=err, fmt="o", capsize=3)
+            a.annotate(label, (x, r["accuracy"]), fontsize=7)
+    ax[0].set(xlabel="latency / greedy latency", ylabel="accuracy (95% Wilson interval)", xscale="log", ylim=(0, 1))
+    ax[1].set(xlabel="tokens / greedy tokens", ylabel="accuracy (95% Wilson interval)", xscale="log", ylim=(0, 1))
     fig.suptitle(res.title, fontsize=9)
     return fig

@@ -13,10 +13,19 @@ Methods (all through the same Search):
   * ``greedy`` — one branch, temperature 0.
   * ``sc``     — K independent samples (self-consistency), majority vote on final answers.
   * ``bon``    — the same K samples, answer = completed sample with the highest C (best-of-K).
+  * ``wsc``    — the same K samples, confidence-weighted vote: each answer gets the sum of its chains' C.
 
-How a step is scored is pluggable (``entropy``: c = exp(-mean H), the paper's; ``logprob``: exp of
-the mean token log-probability; ``product``: both) and reported. Cumulative confidence is kept in log
-space. Whatever the scoring, each result also carries the entropy-based C of its answer branch, so
+Branching (``cat`` only): ``always`` is Algorithm 2 as written (every live branch expands into K samples
+at every step). ``adaptive`` first takes each live branch's greedy step (a probe); only where that step's
+uncertainty (``step_uncertainty``: first-token, mean or largest token entropy) is above
+``branch_threshold`` does the branch expand, into K candidates: the probe plus K−1 samples; elsewhere it
+continues with the probe alone. ``branch_threshold`` 0 needs no probe and is Algorithm 2 exactly;
+``inf`` never branches and is greedy (with τ pruning). ``width`` caps the live branches (default K),
+``prune_scoring`` is the scoring τ prunes on (default: ``scoring``, as in Algorithm 2).
+
+How a path is scored is pluggable (``caspo.core.confidence.log_path_score``: ``entropy``, the paper's
+c = exp(-mean H) multiplied along the path; ``logprob``; ``product``; ``crew``; ``gmean``; ``group``;
+``critic``) and reported. Scores are kept in log space. Whatever the scoring, each result also carries the entropy-based C of its answer branch, so
 calibration is measured on the same quantity for every method.
 """
 
@@ -28,10 +37,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from caspo.core.confidence import SCORINGS, log_step_multiplier, log_step_score, mean_entropy
+from caspo.core.confidence import (
+    CUMULATIVE,
+    GROUP_WINDOW,
+    SCORINGS,
+    UNCERTAINTIES,
+    StepSignal,
+    log_path_score,
+    log_step_multiplier,
+    mean_entropy,
+    step_uncertainty,
+)
 from caspo.core.steps import final_answer, number_text, parse_number
 
-METHODS = ("greedy", "sc", "bon", "cat")
+METHODS = ("greedy", "sc", "bon", "cat", "wsc")
+BRANCHINGS = ("always", "adaptive")
 NO_CONFIDENT_ANSWER = "no confident answer"
 
 
@@ -52,6 +72,7 @@ class ProposedStep:
     token_logprobs: tuple[float, ...]
     ended: bool = False  # the model ended its output (EOS / length) instead of a delimiter
     entropy_estimate: bool = False  # entropies are a top-k estimate, not the full vocabulary
+    verdict: float | None = None  # a critic's probability that the step is right (``critic`` scoring only)
 
     @property
     def tokens(self) -> int:
@@ -72,6 +93,12 @@ class SearchConfig:
     scoring: str = "entropy"
     temperature: float = 0.7
     seed: int | None = None
+    branching: str = "always"  # cat: always (Algorithm 2) | adaptive
+    branch_threshold: float = 0.0  # adaptive: expand where the probe's uncertainty (nats) is above this
+    uncertainty: str = "first_entropy"  # adaptive: first_entropy | mean_entropy | max_entropy
+    width: int | None = None  # cat: live branches kept after each step (None: k)
+    prune_scoring: str | None = None  # the scoring τ prunes on (None: scoring)
+    window: int = GROUP_WINDOW  # tokens per window of the ``group`` scoring
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -88,6 +115,25 @@ class SearchConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if self.method != "greedy" and self.k > 1 and self.temperature == 0:
             raise ValueError(f"temperature must be > 0 for method {self.method} with k > 1 (the k samples would be identical)")
+        if self.branching not in BRANCHINGS:
+            raise ValueError(f"branching must be one of {', '.join(BRANCHINGS)}, got {self.branching!r}")
+        t = self.branch_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
+            raise ValueError(f"branch_threshold must be a number >= 0 (nats; inf: never branch), got {t!r}")
+        if self.uncertainty not in UNCERTAINTIES:
+            raise ValueError(f"uncertainty must be one of {', '.join(UNCERTAINTIES)}, got {self.uncertainty!r}")
+        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1):
+            raise ValueError(f"width must be an integer >= 1 (or unset: k), got {self.width!r}")
+        if self.prune_scoring is not None and self.prune_scoring not in SCORINGS:
+            raise ValueError(f"prune_scoring must be one of {', '.join(SCORINGS)}, got {self.prune_scoring!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        """Adaptive branching with a probe: cat, branching adaptive and threshold > 0 (with k = 1 the probe is
+        the only candidate: greedy)."""
+        return self.method == "cat" and self.branching == "adaptive" and self.branch_threshold > 0
 
 
 @dataclass
@@ -99,6 +145,9 @@ class Node:
     log_c: float = 0.0  # log of this step's multiplier under the search's scoring
     log_C: float = 0.0  # log cumulative confidence of the path ending here
     log_C_entropy: float = 0.0  # the same under entropy scoring (for calibration)
+    log_P: float = 0.0  # log score of the path ending here under the scoring τ prunes on
+    signal: StepSignal | None = None  # what the scorings read about this step
+    branched: bool = False  # the step was chosen among siblings at a branch point
     mean_entropy: float = 0.0
     mean_logprob: float = 0.0
     tokens: int = 0
@@ -116,6 +165,7 @@ class Node:
             "mean_logprob": self.mean_logprob,
             "tokens": self.tokens,
             "status": self.status,
+            "branched": self.branched,
         }
 
 
@@ -136,6 +186,7 @@ class SearchResult:
     branches_pruned: int = 0  # cumulative confidence fell below τ
     branches_dropped: int = 0  # survived τ but outside the top K
     branches_completed: int = 0
+    branch_points: int = 0  # steps at which a branch expanded into several candidates
     votes: dict[str, int] = field(default_factory=dict)
     tree: list[dict] = field(default_factory=list)
 
@@ -160,6 +211,7 @@ class Request:
     nodes: list[int]
     n: int
     temperature: float
+    phase: str = "sample"  # sample: children of the step | probe: adaptive's greedy probe | expand: its siblings
 
 
 class Search:
@@ -174,11 +226,14 @@ class Search:
         self.t = 0
         self.counters = Counter()
         c = config
+        self._prune_scoring = c.prune_scoring or c.scoring
+        self._probes: dict[int, ProposedStep] = {}  # adaptive: this step's greedy probe per live branch
+        self._expand: list[int] = []  # adaptive: live branches whose probe was unsure
         if c.method == "greedy":
             self._n_first, self._n_rest, self._tau, self._keep, self._temp = 1, 1, 0.0, 1, 0.0
         elif c.method == "cat":
-            self._n_first, self._n_rest, self._tau, self._keep, self._temp = c.k, c.k, c.tau, c.k, c.temperature
-        else:  # sc, bon: K independent chains that split at the first step and never branch again
+            self._n_first, self._n_rest, self._tau, self._keep, self._temp = c.k, c.k, c.tau, c.width or c.k, c.temperature
+        else:  # sc, bon, wsc: K independent chains that split at the first step and never branch again
             self._n_first, self._n_rest, self._tau, self._keep, self._temp = c.k, 1, 0.0, c.k, c.temperature
 
     # ---- protocol with the driver ----------------------------------------------------------
@@ -194,28 +249,57 @@ class Search:
             node_id = node.parent
         return out[::-1]
 
+    def _prefixes(self, nids: Sequence[int]) -> list[Prefix]:
+        out = []
+        for nid in nids:
+            seed = None if self.cfg.seed is None else derive_seed(self.cfg.seed, nid)
+            out.append(Prefix(self.question, tuple(n.step for n in self.path(nid)), seed))
+        return out
+
     def pending(self) -> Request | None:
         if self.done:
             return None
-        prefixes = []
-        for nid in self.active:
-            seed = None if self.cfg.seed is None else derive_seed(self.cfg.seed, nid)
-            prefixes.append(Prefix(self.question, tuple(n.step for n in self.path(nid)), seed))
+        if self.cfg.adaptive:
+            if self._expand:  # the unsure branches' siblings: K−1 samples beside the probe
+                return Request(self, self._prefixes(self._expand), list(self._expand), self.cfg.k - 1, self._temp, "expand")
+            return Request(self, self._prefixes(self.active), list(self.active), 1, 0.0, "probe")
         n = self._n_first if self.t == 0 else self._n_rest
-        return Request(self, prefixes, list(self.active), n, self._temp)
+        return Request(self, self._prefixes(self.active), list(self.active), n, self._temp)
 
     def feed(self, request: Request, proposals: Sequence[Sequence[ProposedStep]]) -> None:
         if len(proposals) != len(request.nodes):
             raise ValueError(f"expected proposals for {len(request.nodes)} prefixes, got {len(proposals)}")
+        for cands in proposals:
+            for cand in cands:
+                self.counters["steps_proposed"] += 1
+                self.counters["tokens_generated"] += cand.tokens
+        if request.phase == "probe":
+            self._probes = {nid: cands[0] for nid, cands in zip(request.nodes, proposals)}
+            cfg = self.cfg
+            self._expand = [nid for nid in request.nodes if cfg.k > 1 and step_uncertainty(cfg.uncertainty, self._probes[nid].token_entropies) > cfg.branch_threshold]
+            if self._expand:
+                return  # the step finishes when the siblings arrive
+            self._grow([(nid, [self._probes[nid]]) for nid in request.nodes], branched=set())
+        elif request.phase == "expand":
+            extra = dict(zip(request.nodes, proposals))
+            self._expand = []
+            self.counters["branch_points"] += len(extra)
+            self._grow([(nid, [self._probes[nid], *extra.get(nid, [])]) for nid in self._probes], branched=set(extra))
+        else:
+            branched = set(request.nodes) if request.n > 1 else set()
+            self.counters["branch_points"] += len(branched)
+            self._grow(list(zip(request.nodes, proposals)), branched)
+
+    def _grow(self, children: Sequence[tuple[int, Sequence[ProposedStep]]], branched: set[int]) -> None:
+        """One step of the tree: each parent's candidates become nodes; prune, complete, keep the best."""
         self.t += 1
+        self._probes = {}
         survivors: list[Node] = []
-        for parent_id, cands in zip(request.nodes, proposals):
+        for parent_id, cands in children:
             parent = self.nodes[parent_id]
             parent.status = "expanded"
             seen: set[str] = set()
             for cand in cands:
-                self.counters["steps_proposed"] += 1
-                self.counters["tokens_generated"] += cand.tokens
                 text = cand.text.strip()
                 # CaT merges identical siblings: K copies of one step would spend the whole budget on it
                 if self.cfg.method == "cat":
@@ -223,10 +307,11 @@ class Search:
                         continue
                     seen.add(text)
                 node = self._add(parent, cand, text)
+                node.branched = parent_id in branched
                 if not text:
                     node.status = "dead"  # the model ended without a step
                     continue
-                if node.log_C < _log(self._tau):
+                if node.log_P < _log(self._tau):
                     node.status = "pruned"
                     self.counters["branches_pruned"] += 1
                     continue
@@ -247,9 +332,10 @@ class Search:
             for nid in self.active:
                 self.nodes[nid].status = "truncated"
             self.active = []
-        elif self.cfg.method in ("cat", "bon") and self.completed and self.active:
-            # C never grows (every multiplier is <= 1), so once the best completed branch is at least as
-            # confident as every active one, no active branch can win: stop early, answer unchanged.
+        elif self.cfg.method in ("cat", "bon") and self.cfg.scoring in CUMULATIVE and self.completed and self.active:
+            # C never grows under a cumulative scoring (every multiplier is <= 1), so once the best
+            # completed branch is at least as confident as every active one, no active branch can win:
+            # stop early, answer unchanged.
             best = max(self.nodes[i].log_C for i in self.completed)
             if all(self.nodes[i].log_C <= best for i in self.active):
                 for nid in self.active:
@@ -258,14 +344,19 @@ class Search:
                 self.active = []
 
     def _add(self, parent: Node, cand: ProposedStep, text: str) -> Node:
-        log_c = log_step_score(self.cfg.scoring, cand.token_entropies, cand.token_logprobs)
+        sig = StepSignal(tuple(cand.token_entropies), tuple(cand.token_logprobs), final_answer(text) is not None, cand.verdict, text)
+        path = [n.signal for n in self.path(parent.id)] + [sig]
+        w = self.cfg.window
+        log_C = log_path_score(self.cfg.scoring, path, w)
         node = Node(
             id=len(self.nodes),
             parent=parent.id,
             step=text,
             depth=parent.depth + 1,
-            log_c=log_c,
-            log_C=parent.log_C + log_c,
+            log_c=log_path_score(self.cfg.scoring, [sig], w),
+            log_C=log_C,
+            log_P=log_C if self._prune_scoring == self.cfg.scoring else log_path_score(self._prune_scoring, path, w),
+            signal=sig,
             log_C_entropy=parent.log_C_entropy + log_step_multiplier(cand.token_entropies),
             mean_entropy=mean_entropy(cand.token_entropies),
             mean_logprob=(sum(cand.token_logprobs) / len(cand.token_logprobs)) if cand.token_logprobs else 0.0,
@@ -309,6 +400,19 @@ class Search:
                 order = {key: i for i, key in reversed(list(enumerate(answer_key(final_answer(n.step)) for n in done)))}
                 win = max(counts, key=lambda a: (counts[a], best_for[a].log_C, -order[a]))
                 chosen = best_for[win]
+            elif self.cfg.method == "wsc":
+                # confidence-weighted vote: an answer's weight is the sum of its chains' C; ties as sc's
+                weight: dict[str, float] = {}
+                best_for = {}
+                for n in done:
+                    key = answer_key(final_answer(n.step))
+                    weight[key] = weight.get(key, 0.0) + math.exp(n.log_C)
+                    if key not in best_for or n.log_C > best_for[key].log_C:
+                        best_for[key] = n
+                votes = dict(Counter(answer_key(final_answer(n.step)) for n in done))
+                order = {key: i for i, key in reversed(list(enumerate(answer_key(final_answer(n.step)) for n in done)))}
+                win = max(weight, key=lambda a: (weight[a], best_for[a].log_C, -order[a]))
+                chosen = best_for[win]
             else:
                 chosen = max(done, key=lambda n: n.log_C)  # max keeps the first of equals
         if chosen is not None:
@@ -337,6 +441,7 @@ class Search:
             branches_pruned=self.counters["branches_pruned"],
             branches_dropped=self.counters["branches_dropped"],
             branches_completed=len(self.completed),
+            branch_points=self.counters["branch_points"],
             votes=votes,
             tree=[n.to_dict() for n in self.nodes[1:]] if with_tree else [],
         )

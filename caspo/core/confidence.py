@@ -6,9 +6,12 @@ Every entropy and confidence in the project is computed here and nowhere else.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from caspo.core.steps import answer_span
 
 
 def token_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,18 +118,143 @@ def log_likelihood_multiplier(logprobs: Sequence[float]) -> float:
     return float(sum(logprobs) / len(logprobs)) if len(logprobs) else 0.0
 
 
-SCORINGS = ("entropy", "logprob", "product")
+def mean_probability(logprobs: Sequence[float]) -> float:
+    """Arithmetic mean of the token probabilities exp(log p) (1 for no tokens)."""
+    return float(sum(math.exp(lp) for lp in logprobs) / len(logprobs)) if len(logprobs) else 1.0
 
 
-def log_step_score(scoring: str, entropies: Sequence[float], logprobs: Sequence[float]) -> float:
-    """log of a step's multiplier under a scoring: ``entropy`` (paper), ``logprob`` or their ``product``."""
+def answer_confidence(step: str, token_logprobs: Sequence[float]) -> float:
+    """CRew's training-free reward ("Confidence as a Reward", 2025): the mean probability of the tokens
+    that write the final answer of ``step``, located by the answer's share of the step's characters
+    (exact for a character-level tokenizer such as the built-in model's, close for BPE). A step that
+    states no answer (a path still unfinished) gets the mean probability of all its tokens; no
+    tokens, 1."""
+    lps = [float(x) for x in token_logprobs]
+    span = answer_span(step)
+    if span is None or not lps or not step:
+        return mean_probability(lps)
+    n = len(lps)
+    lo = min(n - 1, int(n * span[0] / len(step)))
+    hi = max(lo + 1, min(n, round(n * span[1] / len(step))))
+    return mean_probability(lps[lo:hi])
+
+
+# ---- scorings: how a path (a sequence of steps) is scored; one registry, one code path -------------------
+@dataclass(frozen=True)
+class StepSignal:
+    """What a scoring may read about one step: its token entropies and log-probs, whether it states the
+    final answer, and (only for ``critic``) the critic's probability that it is a correct next step."""
+
+    token_entropies: tuple[float, ...]
+    token_logprobs: tuple[float, ...]
+    final: bool = False
+    verdict: float | None = None
+    text: str = ""  # the step's text: ``crew`` reads where its final answer is written
+
+
+GROUP_WINDOW = 16  # tokens per sliding window of ``group`` (DeepConf uses 2,048 for long chains; a tiny step is ~8)
+CRITIC_FLOOR = 1e-6  # a step the critic rejects multiplies C by this (log: -13.8), so any τ > 1e-6 prunes it
+
+SCORINGS = ("entropy", "logprob", "product", "crew", "gmean", "group", "critic")
+# scorings whose path score is a product of per-step multipliers <= 1: it never grows as a path gets
+# longer (what CaT's early stop relies on)
+CUMULATIVE = ("entropy", "logprob", "product", "critic")
+# scorings that read nothing but the policy's own probabilities (``critic`` needs a verifier)
+INTRINSIC = tuple(s for s in SCORINGS if s != "critic")
+# scorings that tell apart siblings of one step (``caspo diagnose``): ``gmean`` of one step is ``entropy``
+STEP_SCORINGS = ("entropy", "logprob", "product", "crew", "group")
+# what each scoring is, one line each (the CLI's help and the docs quote these)
+SCORING_DOC = {
+    "entropy": "paper eq. 2/4: C = prod_j exp(-mean_l H_jl)",
+    "logprob": "C = prod_j exp(mean_l log p_jl) (per-step geometric-mean token probability)",
+    "product": "entropy x logprob",
+    "crew": "token confidence in the final answer: mean p over the tokens that write it (the latest step's tokens while unfinished)",
+    "gmean": "length-normalised entropy confidence: geometric mean of the steps' exp(-mean H)",
+    "group": "DeepConf: lowest sliding-window mean of -H over the path's tokens, as exp (window GROUP_WINDOW)",
+    "critic": "verifier-guided: prod_j critic verdict_j (a rejected step counts CRITIC_FLOOR); not intrinsic",
+}
+
+
+def check_scoring(scoring: str, field: str = "scoring") -> str:
+    if scoring not in SCORINGS:
+        raise ValueError(f"{field} must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    return scoring
+
+
+def log_path_score(scoring: str, steps: Sequence[StepSignal], window: int = GROUP_WINDOW) -> float:
+    """log of a path's confidence in (0, 1] under ``scoring`` (0 for an empty path). Every scoring of a
+    path, a step (a one-step path) or a finished solution in the project is this function.
+
+    * ``entropy``  sum_j -mean_l H_jl                          (log of the paper's C = prod exp(-mean H))
+    * ``logprob``  sum_j mean_l log p_jl
+    * ``product``  entropy + logprob
+    * ``crew``     log mean_l p_l over the tokens of the last step: the final-answer step once the path
+                   has one ("Confidence as a Reward": the model's token confidence in its answer)
+    * ``gmean``    (1/J) sum_j -mean_l H_jl                    (geometric mean of the entropy multipliers)
+    * ``group``    min over windows w of mean_{l in w} -H_l, windows of ``window`` consecutive tokens of
+                   the whole path (one window when the path is shorter); DeepConf's lowest group
+                   confidence with the full-vocabulary -H in place of its top-k mean log-prob
+    * ``critic``   sum_j log max(verdict_j, CRITIC_FLOOR)
+    """
+    if not steps:
+        return 0.0
     if scoring == "entropy":
-        return log_step_multiplier(entropies)
+        return sum(-mean_entropy(s.token_entropies) for s in steps)
     if scoring == "logprob":
-        return log_likelihood_multiplier(logprobs)
+        return sum(log_likelihood_multiplier(s.token_logprobs) for s in steps)
     if scoring == "product":
-        return log_step_multiplier(entropies) + log_likelihood_multiplier(logprobs)
-    raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        return sum(-mean_entropy(s.token_entropies) + log_likelihood_multiplier(s.token_logprobs) for s in steps)
+    if scoring == "crew":
+        return math.log(answer_confidence(steps[-1].text, steps[-1].token_logprobs))
+    if scoring == "gmean":
+        return sum(-mean_entropy(s.token_entropies) for s in steps) / len(steps)
+    if scoring == "group":
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        h = [x for s in steps for x in s.token_entropies]
+        if not h:
+            return 0.0
+        if len(h) <= window:
+            return -sum(h) / len(h)
+        run = sum(h[:window])
+        worst = run
+        for i in range(window, len(h)):
+            run += h[i] - h[i - window]
+            worst = max(worst, run)
+        return -worst / window
+    if scoring == "critic":
+        out = 0.0
+        for s in steps:
+            if s.verdict is None:
+                raise ValueError("scoring critic needs a critic's verdict on every step (run the search through a judged proposer)")
+            out += math.log(max(float(s.verdict), CRITIC_FLOOR))
+        return out
+    check_scoring(scoring)
+    raise AssertionError(scoring)
+
+
+def log_step_score(scoring: str, entropies: Sequence[float], logprobs: Sequence[float], final: bool = False, verdict: float | None = None, text: str = "") -> float:
+    """A single step scored as a one-step path (sibling ranking): for ``entropy``, ``logprob`` and
+    ``product`` exactly the step's multiplier log c."""
+    return log_path_score(scoring, [StepSignal(tuple(entropies), tuple(logprobs), final, verdict, text)])
+
+
+# ---- step uncertainty: where adaptive CaT branches ------------------------------------------------------
+UNCERTAINTIES = ("first_entropy", "mean_entropy", "max_entropy")
+
+
+def step_uncertainty(measure: str, entropies: Sequence[float]) -> float:
+    """How unsure the policy was while writing a step, in nats: the entropy of its first token (a property
+    of the prefix alone: every sibling shares it), the mean, or the largest token entropy. 0 for no tokens."""
+    if measure not in UNCERTAINTIES:
+        raise ValueError(f"uncertainty must be one of {', '.join(UNCERTAINTIES)}, got {measure!r}")
+    if not len(entropies):
+        return 0.0
+    if measure == "first_entropy":
+        return float(entropies[0])
+    if measure == "mean_entropy":
+        return mean_entropy(entropies)
+    return float(max(entropies))
 
 
 def cumulative_confidence(log_multipliers: Sequence[float]) -> float:

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+
 __all__ = [
     "CASE_UNSURE_CORRECT",
     "CASE_INCORRECT",
@@ -36,6 +37,10 @@ __all__ = [
     "Pair",
     "Skip",
     "build_pair",
+    "Solution",
+    "solution_pair",
+    "SKIP_ALL_CORRECT",
+    "SKIP_ALL_WRONG",
     "tau_from_quantile",
     "resolve_tau",
     "pair_key",
@@ -44,7 +49,8 @@ __all__ = [
 CASE_UNSURE_CORRECT = "correct_unsure"
 CASE_INCORRECT = "incorrect"
 CASE_TRAJECTORY = "trajectory"  # the control run's pairs: best vs worst full solution of a question
-CASES = (CASE_UNSURE_CORRECT, CASE_INCORRECT, CASE_TRAJECTORY)
+CASE_CREW = "crew"  # CRew-DPO: the most answer-confident correct vs the most answer-confident wrong solution
+CASES = (CASE_UNSURE_CORRECT, CASE_INCORRECT, CASE_TRAJECTORY, CASE_CREW)
 
 SKIP_CONFIDENT = "skip_confident_correct"
 SKIP_NO_COMPETITOR = "skip_no_incorrect_competitor"
@@ -154,6 +160,38 @@ def build_pair(
         confidence=confidence,
         tau=tau,
     )
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A sampled full solution of a question: its text, whether its final answer is right, a score."""
+
+    text: str
+    correct: bool
+    score: float
+
+
+SKIP_ALL_CORRECT = "all_correct"
+SKIP_ALL_WRONG = "all_wrong"
+
+
+def solution_pair(solutions: Sequence[Solution]) -> tuple[Solution, Solution] | Skip:
+    """(chosen, rejected) among one question's sampled solutions: the highest-scored correct one and
+    the highest-scored wrong one (ties to the first). The trajectory control scores a solution by its
+    mean token log-prob; CRew-DPO by its confidence in the final answer (``confidence.answer_confidence``),
+    so its rejected solution is the one the model was surest of while wrong."""
+    best: dict[bool, Solution] = {}
+    for sol in solutions:
+        if not sol.text.strip():
+            continue
+        _check_number(sol.score, "solution score")
+        if sol.correct not in best or sol.score > best[sol.correct].score:
+            best[sol.correct] = sol
+    if True not in best:
+        return Skip(reason=SKIP_ALL_WRONG)
+    if False not in best:
+        return Skip(reason=SKIP_ALL_CORRECT)
+    return best[True], best[False]
 
 
 def tau_from_quantile(confidences: Sequence[float], q: float) -> float:

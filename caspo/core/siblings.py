@@ -1,7 +1,7 @@
 """Which confidence signal works on a model, and why: statistics of sibling steps (``caspo diagnose``).
 
 A *sibling set* is the group of distinct next steps a policy samples after one correct prefix, each
-judged by the critic and carrying its token entropies and log-probs. A scoring (``SCORINGS``) is
+judged by the critic and carrying its token entropies and log-probs. A scoring (``STEP_SCORINGS``) is
 useful for CaT only if it (a) separates right from wrong steps in general (step AUROC) and (b) ranks
 siblings — among steps that share a context up to their point of divergence, puts a right one on top.
 Eq. 2 entropy is a property of the context *before* a token is chosen, so siblings that diverge late
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from caspo.core import metrics, stats
-from caspo.core.confidence import SCORINGS, log_step_score, mean_entropy
+from caspo.core.confidence import STEP_SCORINGS, UNCERTAINTIES, log_step_score, mean_entropy, step_uncertainty
+from caspo.core.steps import final_answer
 
 TIE_TOLERANCE = 1e-3  # two scores closer than this count as equal (float noise from batching is ~1e-6)
 
@@ -45,7 +46,7 @@ def is_mixed(siblings: Sequence[Sibling]) -> bool:
 
 
 def score(sibling: Sibling, scoring: str) -> float:
-    return log_step_score(scoring, sibling.token_entropies, sibling.token_logprobs)
+    return log_step_score(scoring, sibling.token_entropies, sibling.token_logprobs, final=final_answer(sibling.text) is not None, text=sibling.text)
 
 
 def top_choice(siblings: Sequence[Sibling], scoring: str, tol: float = TIE_TOLERANCE) -> tuple[float, bool, bool]:
@@ -83,7 +84,7 @@ def divergence(wrong: str, right: Sequence[str]) -> Divergence:
 
 def sibling_report(
     sets: Sequence[Sequence[Sibling]],
-    scorings: Sequence[str] = SCORINGS,
+    scorings: Sequence[str] = STEP_SCORINGS,
     error_kind: Callable[[str], str] | None = None,
     tol: float = TIE_TOLERANCE,
     seed: int = 0,
@@ -96,6 +97,9 @@ def sibling_report(
     * ``ties``: scoring → mixed sets whose top-scored group holds a right and a wrong step within ``tol``;
       ``all_tied``: sets where every sibling's score agrees within ``tol``;
     * ``step_auroc`` (+ ``_ci``): scoring → AUROC of the score for step correctness over distinct siblings;
+    * ``uncertainty_auroc``: measure → AUROC of minus the step uncertainty (``step_uncertainty``: first-token,
+      mean or largest token entropy) for step correctness over distinct siblings: which measure tells adaptive
+      CaT where the policy is likely wrong, i.e. where to branch;
     * ``entropy``: mean step entropy of right and wrong siblings and their gap (wrong − right);
     * ``divergence``: where wrong siblings leave the closest right one (median relative position, share of
       one-character differences, a 10-bin histogram of the relative position);
@@ -129,6 +133,10 @@ def sibling_report(
         scores = [score(x, sc) for x in flat]
         out["step_auroc"][sc] = _nan_to_none(metrics.auroc(scores, labels)) if flat else None
         out["step_auroc_ci"][sc] = _ci(stats.bootstrap_interval(metrics.auroc, [scores, labels], seed=seed)) if flat else [None, None]
+    # where to branch: how well each step-uncertainty measure flags wrong steps (AUROC of -u for correctness)
+    out["uncertainty_auroc"] = {
+        m: (_nan_to_none(metrics.auroc([-step_uncertainty(m, x.token_entropies) for x in flat], labels)) if flat else None) for m in UNCERTAINTIES
+    }
     h_right = [mean_entropy(x.token_entropies) for x in flat if x.correct]
     h_wrong = [mean_entropy(x.token_entropies) for x in flat if not x.correct]
     out["entropy"] = {

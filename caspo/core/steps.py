@@ -49,6 +49,20 @@ def final_answer(step: str) -> str | None:
     return _boxed(step)
 
 
+def answer_span(step: str) -> tuple[int, int] | None:
+    """Where in ``step`` its final answer is written, as (start, end) character offsets; None if it
+    states none."""
+    m = _HASH_ANSWER.search(step)
+    if m:
+        return (m.start(1), m.end(1)) if m.group(1) else None
+    start = step.rfind("\\boxed{")
+    answer = _boxed(step)
+    if start < 0 or answer is None:
+        return None
+    i = step.index(answer, start) if answer else start + len("\\boxed{")
+    return i, i + len(answer)
+
+
 def is_final(step: str) -> bool:
     return final_answer(step) is not None
 

@@ -111,6 +111,11 @@ class HFBackend:
         self._w = self._load(path, version)
         # False only to measure what the entropies cost (bench overhead suite): steps then carry zeros
         self.compute_entropy = True
+        # True: each prompt is prefilled once and its KV cache shared by its n samples; False (to measure
+        # and test the sharing): n separate prefills. Same seeds, same tokens and entropies either way.
+        self.share_prefill = True
+        self.forward_passes = 0  # model forward calls so far (prefills and decode steps)
+        self.prefill_rows = 0  # prompt rows prefilled so far
 
     def _load(self, path: str, version: int) -> _Weights:
         resolved = resolve_model_path(path)
@@ -175,10 +180,15 @@ class HFBackend:
     @torch.inference_mode()
     def _sample_chunk(self, w: _Weights, prompts, n, temperature, seeds) -> list[list[ProposedStep]]:
         ids, mask = self._encode_left(w, prompts)
+        share = self.share_prefill or n == 1
+        if not share:  # n separate prefills of each prompt (rows i*n .. i*n+n-1, as after the fan-out)
+            ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         cache = DynamicCache(config=w.model.config)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = w.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{w.cache_arg: cache}).logits[:, -1]
-        if n > 1:  # prefill each prompt once, then fan the cache out to its n samples
+        self.forward_passes += 1
+        self.prefill_rows += ids.shape[0]
+        if share and n > 1:  # prefill each prompt once, then fan the cache out to its n samples
             cache.batch_repeat_interleave(n)
             logits = logits.repeat_interleave(n, 0)
             mask = mask.repeat_interleave(n, 0)
@@ -240,6 +250,7 @@ class HFBackend:
                 use_cache=True,
                 **{w.cache_arg: cache},
             ).logits[:, -1]
+            self.forward_passes += 1
             next_pos = next_pos + 1
         fin_l = finished.tolist()
         out: list[list[ProposedStep]] = []

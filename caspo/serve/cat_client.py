@@ -25,7 +25,7 @@ from google.protobuf.json_format import MessageToDict
 from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
 from caspo.services.security import auth_metadata
 
-FIELDS = ("method", "k", "tau", "max_steps", "temperature", "scoring", "seed")
+FIELDS = ("method", "k", "tau", "max_steps", "temperature", "scoring", "seed", "branching", "branch_threshold")
 
 
 RETRY_WAIT_S = 0.2

@@ -42,10 +42,11 @@ import grpc
 import torch
 from ray import serve
 
-from caspo.config import Config, config_from_dict, load_config
+from caspo.config import Calibration, CalibrationError, Config, config_from_dict, load_config, read_calibration
 from caspo.core.cat import CommittedStep, Search, SearchResult, stream_search
 from caspo.errors import BadRequest
-from caspo.models.base import prefix_text
+from caspo.evaluation import calibration_path_for
+from caspo.models.base import ModelLoadError, prefix_text
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker
@@ -94,6 +95,7 @@ class CaTServer:
         self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms)
         self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         self.prompter = prompter_for_backend(self.worker.backend, self.task)  # model.prompt_format, step_delimiter
+        self.calibration = self._calibration(path, strict=True)
         self.model_id = f"caspo-{self.cfg.task.name}"
         self._watcher: asyncio.Task | None = None
         self.reload_error: str | None = None
@@ -123,10 +125,32 @@ class CaTServer:
             try:
                 await self.worker.reload(path, version)
                 self.reload_error = None
+                self.calibration = self._calibration(path, strict=False)
             except Exception as e:  # noqa: BLE001 - keep serving the weights we have
                 self._failed = published
                 self.reload_error = f"reloading v{version} from {path} failed: {e}"
                 log.error(self.reload_error)
+
+    def _calibration(self, policy_path: str, strict: bool) -> Calibration | None:
+        """cat.calibration (must exist), else the calibration next to the served policy when there is one.
+        A malformed file stops a starting replica (``strict``) with its one-line message; after a reload it
+        is reported as the reload error and cat requests use the cat section alone."""
+        try:
+            named = self.cfg.cat.calibration
+            if named:
+                return read_calibration(named)
+            found = calibration_path_for(policy_path)
+            return read_calibration(found) if found.is_file() else None
+        except (CalibrationError, ModelLoadError) as e:
+            if strict:
+                raise
+            self.reload_error = str(e)
+            log.error(self.reload_error)
+            return None
+
+    def search_defaults(self) -> dict:
+        """What a request's unset fields fall back on beyond serve.*: the cat section and the calibration."""
+        return {"cat": self.cfg.cat, "calibration": self.calibration}
 
     # ---- the search --------------------------------------------------------------------------
     def _proposer(self) -> _RequestProposer:
@@ -164,6 +188,7 @@ class CaTServer:
             "policy_version": self.worker.version,
             "policy_path": self.worker.path,
             "reload_error": self.reload_error,
+            "calibration": self.calibration.path if self.calibration else None,
             "model_calls": self.worker.backend_calls,  # batched model calls so far
             "proposals_waiting": self.worker.in_flight,  # searches waiting on a model call right now
         }
@@ -175,7 +200,7 @@ class CaTServer:
             grpc_context.set_details(UNAUTHENTICATED_MESSAGE)
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         try:
-            return params_from_grpc(self.cfg.serve, request, self.task.question)
+            return params_from_grpc(self.cfg.serve, request, self.task.question, **self.search_defaults())
         except BadRequest as e:
             # Serve answers with the code set on the context when the method then raises
             grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)

@@ -27,6 +27,8 @@ class SearchFields(BaseModel):
     temperature: StrictFloat | StrictInt | None = None
     scoring: StrictStr | None = None
     seed: StrictInt | None = None
+    branching: StrictStr | None = None
+    branch_threshold: StrictFloat | StrictInt | None = None
     with_tree: StrictBool = False
 
 

@@ -21,8 +21,19 @@ from typing import Sequence
 from caspo.progress import bar as progress_bar
 from caspo.config import PairsConfig
 from caspo.core.cat import derive_seed
-from caspo.core.pairs import Candidate, Pair, Skip, build_pair, resolve_tau
-from caspo.core.steps import is_final
+from caspo.core.pairs import (
+    CASE_CREW,
+    CASE_TRAJECTORY,
+    Candidate,
+    Pair,
+    Skip,
+    Solution,
+    build_pair,
+    resolve_tau,
+    solution_pair,
+)
+from caspo.core.confidence import answer_confidence
+from caspo.core.steps import final_answer, is_final
 from caspo.models.base import prefix_text
 from caspo.tasks.base import Problem, Task
 
@@ -72,6 +83,67 @@ class RoundReport:
 
 
 _NO_STEP = SimpleNamespace(correct=False, reference="", reason="empty step", p_correct=0.0)
+
+
+def solution_of(task: Task, problem: Problem, steps, mode: str, delimiter: str = "\n") -> Solution | None:
+    """A rolled-out solution (generator ``Step`` messages) as a :class:`Solution` scored for ``mode``:
+    ``trajectory``, mean token log-prob of the whole solution; ``crew``, confidence in its final answer.
+    Its text is the steps joined with ``delimiter`` (model.step_delimiter). None for a solution with no text."""
+    steps = [st for st in steps if st.text.strip()]
+    if not steps:
+        return None
+    last = steps[-1]
+    if mode == "crew":
+        score = answer_confidence(last.text, last.token_logprobs)
+    elif mode == "trajectory":
+        lps = [lp for st in steps for lp in st.token_logprobs]
+        score = sum(lps) / max(1, len(lps))
+    else:
+        raise ValueError(f"mode must be trajectory or crew, got {mode!r}")
+    correct = task.answer_correct(problem, final_answer(last.text))
+    return Solution(text=delimiter.join(st.text for st in steps), correct=bool(correct), score=float(score))
+
+
+async def solution_pairs(client, task: Task, problems: Sequence[Problem], cfg: PairsConfig, round_: int, mode: str, progress: bool = True, prompter=None):
+    """Pairs of whole solutions from ``cfg.candidates`` samples per question (the sample budget of K
+    candidates per step), by ``caspo.core.pairs.solution_pair``: ``trajectory`` (the control) scores a
+    solution by its mean token log-prob, ``crew`` (CRew-DPO) by its confidence in its final answer.
+    ``prompter`` builds model input and gives the step delimiter (default: the task's plain prompt, a
+    step a line). Returns (pairs, skip counts, policy version)."""
+    prompt = prompter or task.prompt
+    delimiter = getattr(prompter, "delimiter", "\n")
+    kk = cfg.candidates
+    rows, skipped, version = [], Counter(), 0
+    bar = progress_bar(len(problems), f"round {round_} {mode} pairs", "q", progress)
+    for s in range(0, len(problems), cfg.batch):
+        chunk = problems[s : s + cfg.batch]
+        prompts = [prompt(p.question) for p in chunk for _ in range(kk)]
+        seeds = [derive_seed(cfg.seed, round_, p.id, j) for p in chunk for j in range(kk)]
+        resp = await client.rollout(prompts, cfg.temperature, cfg.max_steps, seeds)
+        version = resp.policy_version
+        for i, p in enumerate(chunk):
+            sols = [solution_of(task, p, tr.steps, mode, delimiter) for tr in resp.trajectories[i * kk : (i + 1) * kk]]
+            out = solution_pair([x for x in sols if x is not None])
+            if isinstance(out, Skip):
+                skipped[out.reason] += 1
+                continue
+            chosen, rejected = out
+            rows.append(
+                Pair(
+                    prompt=prompt(p.question),
+                    chosen=chosen.text,
+                    rejected=rejected.text,
+                    case=CASE_CREW if mode == "crew" else CASE_TRAJECTORY,
+                    confidence=rejected.score,
+                    tau=0.0,
+                    policy_version=version,
+                    question_id=p.id,
+                    critic=f"answer:{task.name}",
+                )
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return rows, skipped, version
 
 
 async def _score(client, prompts, steps) -> list:

@@ -29,7 +29,6 @@ import logging
 import shutil
 import time
 import zlib
-from collections import Counter
 from pathlib import Path
 
 import redis
@@ -37,25 +36,24 @@ import redis
 from caspo.config import Config, PairsConfig, config_from_dict
 from caspo.core.cat import SearchConfig, derive_seed
 from caspo.core.metrics import reliability_bins
-from caspo.core.pairs import CASE_TRAJECTORY, Pair
-from caspo.core.steps import final_answer
+from caspo.core.pairs import Pair
 from caspo.evaluation import METRICS as ROUND_METRICS
 from caspo.evaluation import evaluate_async, write_records
 from caspo.mesh.client import MeshClient, MeshProposer
 from caspo.models.hf import resolve_model_path
 from caspo.models.prompting import load_prompter
 from caspo.netutil import redact_url
-from caspo.progress import bar as progress_bar
 from caspo.progress import say
 from caspo.tasks import get_task
-from caspo.trainer.collect import collect_round
+from caspo.trainer.collect import collect_round, solution_pairs
+from caspo.trainer.shift import round_drift
 from caspo.trainer.dpo import scratch_dir, train_dpo
 
 log = logging.getLogger(__name__)
 
 STAGES = ("pairs", "train", "publish", "eval")
 TRAINER_GROUP = "trainer"
-ROW_KEYS = ("round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_accuracy_logprob", "pairs", "policy_version")
+ROW_KEYS = ("round", "accuracy", "step_accuracy", "ece", "brier", "auroc", "entropy_gap", "cat_accuracy", "cat_recommended_accuracy", "pairs", "policy_version")
 
 
 def store_round(run: str, k: int) -> int:
@@ -182,8 +180,8 @@ class RoundController:
         t0 = time.time()
         pcfg = dataclasses.replace(self.cfg.pairs, temperature=temperature_for(self.cfg, k))
         problems = self.task.problems(self.cfg.loop.questions, seed=derive_seed("loop", pcfg.seed, k) % (2**31), split="train")
-        if self.cfg.loop.pairs == "trajectory":
-            summary = await self._trajectory_pairs(k, problems, pcfg, progress)
+        if self.cfg.loop.pairs in ("trajectory", "crew"):
+            summary = await self._solution_pairs(k, problems, pcfg, progress, self.cfg.loop.pairs)
         else:
             rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress, desc=f"round {k} pairs", prompter=self.prompter)
             summary = rep.summary()
@@ -194,51 +192,13 @@ class RoundController:
         self.state.mark(k, "pairs", summary)
         log.info("round %d pairs: %s", k, summary["pairs"])
 
-    async def _trajectory_pairs(self, k: int, problems, pcfg: PairsConfig, progress: bool) -> dict:
-        """Control: K full solutions per question; chosen = the most likely correct one, rejected = the
-        most likely incorrect one (the same sample budget as K candidates per step)."""
-        kk = pcfg.candidates
-        rows, skipped, version = [], Counter(), 0
-        bar = progress_bar(len(problems), f"round {k} trajectories", "q", progress)
-        for s in range(0, len(problems), pcfg.batch):
-            chunk = problems[s : s + pcfg.batch]
-            prompts = [self.prompter(p.question) for p in chunk for _ in range(kk)]
-            seeds = [derive_seed(pcfg.seed, k, p.id, j) for p in chunk for j in range(kk)]
-            resp = await self.client.rollout(prompts, pcfg.temperature, pcfg.max_steps, seeds)
-            version = resp.policy_version
-            for i, p in enumerate(chunk):
-                good, bad = [], []
-                for tr in resp.trajectories[i * kk : (i + 1) * kk]:
-                    steps = [st.text for st in tr.steps if st.text.strip()]
-                    if not steps:
-                        continue
-                    lps = [lp for st in tr.steps for lp in st.token_logprobs]
-                    score = sum(lps) / max(1, len(lps))
-                    answer = final_answer(steps[-1])
-                    (good if self.task.answer_correct(p, answer) else bad).append((score, self.prompter.delimiter.join(steps)))
-                if good and bad:
-                    rows.append(
-                        Pair(
-                            prompt=self.prompter(p.question),
-                            chosen=max(good)[1],
-                            rejected=max(bad)[1],
-                            case=CASE_TRAJECTORY,
-                            confidence=0.0,
-                            tau=0.0,
-                            policy_version=version,
-                            question_id=p.id,
-                            critic=f"answer:{self.task.name}",
-                        )
-                    )
-                else:
-                    skipped["all_correct" if good else "all_wrong"] += 1
-            bar.update(len(chunk))
-        bar.close()
+    async def _solution_pairs(self, k: int, problems, pcfg: PairsConfig, progress: bool, mode: str) -> dict:
+        rows, skipped, version = await solution_pairs(self.client, self.task, problems, pcfg, k, mode, progress, prompter=self.prompter)
         added = dup = 0
         for i in range(0, len(rows), 500):
             r = await self.client.put_pairs(self._sr(k), rows[i : i + 500])
             added, dup = added + r.added, dup + r.duplicates
-        return {"round": k, "policy_version": version, "questions": len(problems), "pairs": {"trajectory": len(rows)} if rows else {}, "skipped": dict(skipped), "added": added, "duplicates": dup}
+        return {"round": k, "policy_version": version, "questions": len(problems), "pairs": {mode: len(rows)} if rows else {}, "skipped": dict(skipped), "added": added, "duplicates": dup}
 
     async def _read_round(self, k: int) -> tuple[list[Pair], list[str]]:
         """Exactly round k's pairs, through the pair store's consumer group."""
@@ -275,6 +235,9 @@ class RoundController:
             dpo = dataclasses.replace(self.cfg.dpo, seed=k)
             metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), dpo, progress)
             metrics.pop("history", None)
+            if self.cfg.loop.drift:
+                heldout = [(self.prompter(p.question), "".join(s + self.cfg.dpo.delimiter for s in p.gold_steps)) for p in self.eval_problems[:200]]
+                metrics["drift"] = await asyncio.to_thread(round_drift, prev, str(out), pairs, heldout, self.cfg.dpo.delimiter)
         await self._ack(k, ids)
         metrics["pairs_read"] = len(pairs)
         self.state.set_policy(k, str(out))
@@ -289,10 +252,11 @@ class RoundController:
         lc = self.cfg.loop
         proposer = MeshProposer(self.client, self.prompter, self.prompter.delimiter)
         greedy = await evaluate_async(proposer, self.task, self.eval_problems, SearchConfig(method="greedy", seed=lc.eval_seed), batch=lc.eval_batch, progress=progress, desc=f"round {k} eval greedy")
-        cats = {}
-        for scoring in ("entropy", "logprob"):
-            cfg = SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, scoring=scoring, temperature=0.7, seed=lc.eval_seed)
-            cats[scoring] = await evaluate_async(proposer, self.task, self.eval_problems, cfg, batch=lc.eval_batch, progress=progress, desc=f"round {k} eval cat/{scoring}")
+        # CaT as the paper writes it (Algorithm 2, entropy confidence) and the project's recommended CaT
+        alg2 = SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, scoring="entropy", temperature=0.7, seed=lc.eval_seed)
+        cats = {"entropy": alg2, "recommended": self.cfg.cat.search_config(seed=lc.eval_seed)}
+        for name, cfg in cats.items():
+            cats[name] = await evaluate_async(proposer, self.task, self.eval_problems, cfg, batch=lc.eval_batch, progress=progress, desc=f"round {k} eval cat/{name}")
         pairs_info = self.state.info(k, "pairs") or {}
         g = greedy.summary()
         row = {
@@ -303,14 +267,15 @@ class RoundController:
             **{f"{m}_ci": g[f"{m}_ci"] for m in ROUND_METRICS},
             "cat_accuracy": cats["entropy"].accuracy,
             "cat_accuracy_ci": cats["entropy"].summary()["accuracy_ci"],
-            "cat_accuracy_logprob": cats["logprob"].accuracy,
-            "cat_accuracy_logprob_ci": cats["logprob"].summary()["accuracy_ci"],
+            "cat_recommended_accuracy": cats["recommended"].accuracy,
+            "cat_recommended_accuracy_ci": cats["recommended"].summary()["accuracy_ci"],
             "cat_k": lc.cat_k,
             "cat_tau": lc.cat_tau,
             "pairs": pairs_info.get("pairs", {}),
             "temperature": temperature_for(self.cfg, k) if k > 0 else None,
             "mode": lc.pairs,
             "reliability": _reliability(greedy),
+            "drift": (self.state.info(k, "train") or {}).get("drift") if k > 0 else None,
             "finished_at": time.time(),
         }
         write_records(self.run_dir / "eval" / f"round{k}_greedy.jsonl", greedy.records)
@@ -336,5 +301,13 @@ def summary_line(row: dict) -> str:
     return (
         f"round {row['round']}: accuracy {ci('accuracy')}  step {f(row['step_accuracy'])}  ECE {ci('ece')}  "
         f"Brier {f(row['brier'])}  AUROC {f(row['auroc'])}  gap {f(row['entropy_gap'])}  "
-        f"CaT@{row['cat_k']} entropy {f(row['cat_accuracy'])} logprob {f(row['cat_accuracy_logprob'])}  pairs: {pairs}"
+        f"CaT@{row['cat_k']} Alg. 2 {f(row['cat_accuracy'])} recommended {f(row.get('cat_recommended_accuracy'))}  pairs: {pairs}"
+        + (drift_line(row["drift"]) if row.get("drift") else "")
+    )
+
+
+def drift_line(d: dict) -> str:
+    return (
+        f"  drift: chosen {d['chosen_logp_change']:+.3f} rejected {d['rejected_logp_change']:+.3f} nats "
+        f"(chosen fell in {d['chosen_fell']:.0%}), weights {d['weight_change']:.2%}, KL {d['kl_heldout']:.4f}"
     )

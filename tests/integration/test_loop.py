@@ -121,3 +121,36 @@ def test_resume_after_the_controller_is_killed_mid_round(mesh):
     assert stored_after["total"] == stored_before["total"] == sum(pairs_done["pairs"].values())
     assert state["pairs"] == pairs_done  # the pairs stage did not run again
     assert state["train"]["pairs_read"] == stored_after["total"] and pending == 0
+
+
+def test_crew_pairs_one_round_end_to_end_with_drift(mesh):
+    """``--pairs crew``: K whole solutions per question, the most answer-confident right one against the
+    most answer-confident wrong one, stored, trained on, and the round's drift in its row."""
+    from caspo.core.steps import final_answer, split_steps
+    from caspo.tasks import get_task
+    from caspo.trainer.collect import solution_pairs
+
+    mesh_cfg, runner = mesh
+    cfg = load_config(None, [f"mesh.run_dir={mesh_cfg.mesh.run_dir}", "mesh.namespace=caspo-loop-test", f"loop.runs_dir={mesh_cfg.loop.runs_dir}", "loop.run=crew", *SMALL, "loop.questions=16", "loop.pairs=crew", "loop.drift=true"])
+    task = get_task("arith")
+    problems = task.problems(16, seed=3, split="train")
+
+    async def made(client):
+        return await solution_pairs(client, task, problems, cfg.pairs, 1, "crew", progress=False)
+
+    rows, skipped, _ = asyncio.run(_closing(MeshClient(runner.registry_address), made))
+    assert len(rows) + sum(skipped.values()) == 16 and rows, (rows, skipped)
+    by_id = {p.id: p for p in problems}
+    for pair in rows:
+        assert pair.case == "crew" and 0.0 < pair.confidence <= 1.0  # the rejected solution's answer confidence
+        assert task.answer_correct(by_id[pair.question_id], final_answer(split_steps(pair.chosen)[-1]))
+        assert not task.answer_correct(by_id[pair.question_id], final_answer(split_steps(pair.rejected)[-1]))
+
+    ctl = RoundController(cfg.to_dict(), runner.registry_address, runner.redis_url)
+    out = asyncio.run(ctl.run(1, progress=False))
+    assert set(out[1]["pairs"]) == {"crew"} and out[1]["mode"] == "crew"
+    drift = out[1]["drift"]
+    assert drift["drift_pairs"] == out[1]["pairs"]["crew"]
+    assert 0.0 < drift["weight_change"] < 1.0 and drift["kl_heldout"] >= 0.0
+    assert 0.0 <= drift["chosen_fell"] <= 1.0
+    assert out[0]["drift"] is None

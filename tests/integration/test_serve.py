@@ -82,13 +82,29 @@ def test_grpc_solve_equals_the_core_search_for_the_same_seed(served):
     cfg, _ = served
     channel, stub = _stub(cfg)
     with channel:
-        resp = stub.Solve(cat_pb2.SolveRequest(question=QUESTION, method="cat", k=4, tau=0.3, seed=7, with_tree=True), timeout=60)
-    local = _local_search(SearchConfig(method="cat", k=4, tau=0.3, seed=7, temperature=0.7), with_tree=True)
+        resp = stub.Solve(cat_pb2.SolveRequest(question=QUESTION, method="cat", k=4, tau=0.3, seed=7, with_tree=True, branching="always", scoring="entropy"), timeout=60)
+    local = _local_search(SearchConfig(method="cat", k=4, tau=0.3, seed=7, temperature=0.7), with_tree=True)  # Algorithm 2
     assert resp.has_answer == (local.answer is not None)
     assert resp.answer == (local.answer or "")
     assert tuple(s.text for s in resp.steps) == local.steps
     assert resp.confidence == pytest.approx(local.confidence, rel=1e-4)
     assert resp.steps_proposed == local.steps_proposed and resp.policy_version == 0
+    assert [(n.step, n.status) for n in resp.tree] == [(n["step"], n["status"]) for n in local.tree]
+
+
+def test_a_cat_request_without_search_fields_runs_the_recommended_cat(served):
+    from caspo.config import read_calibration
+
+    cfg, _ = served
+    with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
+        cal_path = json.loads(resp.read())["calibration"]
+    recommended = cfg.cat.search_config(read_calibration(cal_path) if cal_path else None, seed=7)
+    channel, stub = _stub(cfg)
+    with channel:
+        resp = stub.Solve(cat_pb2.SolveRequest(question=QUESTION, seed=7, with_tree=True), timeout=60)
+    local = _local_search(recommended, with_tree=True)
+    assert recommended.branching == "adaptive" and resp.scoring == recommended.scoring
+    assert tuple(s.text for s in resp.steps) == local.steps and resp.steps_proposed == local.steps_proposed
     assert [(n.step, n.status) for n in resp.tree] == [(n["step"], n["status"]) for n in local.tree]
 
 
@@ -197,6 +213,9 @@ GRPC_BAD = [
     (dict(question=QUESTION, method="beam"), "method must be one of greedy, sc, bon, cat"),
     (dict(question=QUESTION, scoring="vibes"), "scoring must be one of"),
     (dict(question=QUESTION, method="sc", k=4, temperature=0.0), "temperature must be > 0"),
+    (dict(question=QUESTION, branching="sometimes"), "branching must be one of always, adaptive"),
+    (dict(question=QUESTION, branch_threshold=-1.0), "branch_threshold must be in [0.0, inf]"),
+    (dict(question=QUESTION, scoring="critic"), "scoring must be one of entropy, logprob, product, crew, gmean, group"),
 ]
 
 
@@ -219,6 +238,8 @@ HTTP_BAD = [
     ({"question": QUESTION, "tau": -0.1}, "tau"),
     ({"question": QUESTION, "max_steps": 33}, "max_steps"),
     ({"question": QUESTION, "method": "beam"}, "method"),
+    ({"question": QUESTION, "branching": "sometimes"}, "branching"),
+    ({"question": QUESTION, "branch_threshold": -0.5}, "branch_threshold"),
     ({"question": QUESTION, "k": "4"}, "k"),  # wrong JSON types
     ({"question": 5}, "question"),
     ({"question": QUESTION, "with_tree": "yes"}, "with_tree"),

@@ -316,6 +316,8 @@ FIELDS = {
     "temperature": st.one_of(FLOAT, INT64),
     "scoring": TEXT,
     "seed": st.one_of(INT64, st.integers(-(2**70), 2**70)),
+    "branching": st.one_of(TEXT, st.sampled_from(["always", "adaptive"])),
+    "branch_threshold": st.one_of(FLOAT, INT64, TEXT),
     "with_tree": st.one_of(st.booleans(), INT64),
     "model": st.one_of(TEXT, st.just("caspo-arith")),
     "messages": st.lists(st.fixed_dictionaries({"role": st.one_of(st.just("user"), TEXT), "content": TEXT}), max_size=3),

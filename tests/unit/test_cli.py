@@ -70,12 +70,29 @@ def test_resume_gives_the_same_model_as_an_unbroken_run(tmp_path):
         (["eval", "--task", "gsm8k", "--data", "/nonexistent.jsonl"], "data file not found"),
         (["eval", "--model", "/nonexistent/model"], "no model at /nonexistent/model"),
         (["eval", "-n", "0"], "-n must be >= 1"),
+        (["eval", "--method", "cat", "--branching", "sometimes"], "branching must be one of always, adaptive"),
+        (["eval", "--method", "cat", "--branch-threshold", "-1"], "branch_threshold must be a number >= 0"),
+        (["eval", "--method", "cat", "--scoring", "nope"], "scoring must be one of entropy, logprob, product, crew, gmean, group, critic"),
+        (["eval", "--method", "cat", "--uncertainty", "vibes"], "uncertainty must be one of first_entropy"),
+        (["eval", "--method", "cat", "--calibration", "/nonexistent/calibration.json"], "calibration file /nonexistent/calibration.json does not exist"),
+        (["eval", "--method", "cat", "--set", "cat.tau=2"], "cat.tau must be in [0, 1]"),
+        (["calibrate", "-n", "0"], "-n must be >= 1"),
+        (["calibrate", "--taus", "0", "2"], "--taus must each be in [0, 1], got 2.0"),
+        (["calibrate", "--max-tokens-x", "0"], "--max-tokens-x must be > 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err
+
+
+def test_malformed_calibration_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "calibration.json"
+    bad.write_text('{"tau": 0.1, "branch_threshold": "high", "uncertainty": "max_entropy"}')
+    assert main(["eval", "--method", "cat", "--calibration", str(bad), "-n", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"calibration file {bad}: branch_threshold must be a number >= 0" in err and "\n" not in err
 
 
 def test_malformed_data_names_the_line(tmp_path, capsys):

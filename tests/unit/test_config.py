@@ -10,10 +10,10 @@ from caspo.trainer.dpo import _loss
 
 def test_the_dpo_section_is_what_the_trainer_takes_and_picks_the_loss():
     cfg = load_config("configs/tiny-cpu.yaml", ["dpo.loss_type=ipo", "dpo.sft_weight=2"])
-    assert isinstance(cfg.dpo, DPOTrainConfig) and cfg.dpo.learning_rate == 2e-6 and cfg.dpo.epochs == 2
+    assert isinstance(cfg.dpo, DPOTrainConfig) and cfg.dpo.learning_rate == 3e-5 and cfg.dpo.epochs == 2
     assert _loss(cfg.dpo) == {"args": {"loss_type": ["ipo", "sft"], "loss_weights": [1.0, 2.0]}, "trainer": {"dpop_lambda": 0.0}}
     assert _loss(DPOTrainConfig())["args"] == {"loss_type": ["sigmoid"], "loss_weights": [1.0]}  # the paper's DPO
-    dpop = load_config("configs/tiny-cpu.yaml", ["dpo.loss_type=dpop", "dpo.dpop_lambda=5"]).dpo
+    dpop = load_config("configs/tiny-cpu.yaml", ["dpo.dpop_lambda=5"]).dpo  # the recipe the sweep chose: dpop
     assert _loss(dpop) == {"args": {"loss_type": ["sigmoid"], "loss_weights": [1.0]}, "trainer": {"dpop_lambda": 5.0}}
     assert cfg.dpo.delimiter == "\n"
 

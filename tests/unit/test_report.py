@@ -25,7 +25,7 @@ def _row(k, acc, mode="step", pairs=None, **extra):
         "auroc": 0.6 + 0.05 * k,
         "entropy_gap": 0.1 * k,
         "cat_accuracy": acc + 0.05,
-        "cat_accuracy_logprob": acc + 0.02,
+        "cat_recommended_accuracy": acc + 0.02,
         "cat_k": 4,
         "cat_tau": 0.5,
         "pairs": pairs if pairs is not None else ({} if k == 0 else {"correct_unsure": 10 + k, "incorrect": 15 - k}),

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from caspo.serve.deployment import DEPLOYMENT, GRPC_SERVICER, app_builder
@@ -59,3 +60,37 @@ def test_what_serves_proxies_load_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_cat_request_takes_the_cat_section_and_the_calibration():
+    from caspo.config import CatConfig, ServeConfig
+    from caspo.config import Calibration
+
+    sv, cat, cal = ServeConfig(), CatConfig(), Calibration(0.25, 1.5, "first_entropy")
+    p = parse_params(sv, "1+2", cat=cat, calibration=cal).search
+    assert (p.branching, p.scoring, p.prune_scoring, p.width, p.k) == ("adaptive", "logprob", "entropy", 1, cat.k)
+    assert (p.tau, p.branch_threshold, p.uncertainty) == (0.25, 1.5, "first_entropy")
+    own = parse_params(sv, "1+2", tau=0.1, branch_threshold=0.7, cat=cat, calibration=cal).search
+    assert (own.tau, own.branch_threshold) == (0.1, 0.7)
+    a2 = parse_params(sv, "1+2", branching="always", scoring="entropy", k=10, tau=0.5, cat=cat, calibration=cal).search
+    assert (a2.branching, a2.width, a2.prune_scoring, a2.k) == ("always", None, None, 10)
+    sc = parse_params(sv, "1+2", method="sc", cat=cat, calibration=cal).search
+    assert (sc.k, sc.tau, sc.scoring) == (sv.k, sv.tau, sv.scoring)  # other methods keep serve.*
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"branching": "sometimes"}, "branching must be one of always, adaptive, got 'sometimes'"),
+        ({"branch_threshold": -1}, "branch_threshold must be in [0.0, inf], got -1"),
+        ({"branch_threshold": "high"}, "branch_threshold must be a number, got 'high'"),
+        ({"scoring": "critic"}, "scoring must be one of entropy, logprob, product, crew, gmean, group, got 'critic'"),
+    ],
+)
+def test_bad_cat_fields_name_field_and_limit(fields, message):
+    from caspo.config import CatConfig, ServeConfig
+    from caspo.serve.proxy import ParamError
+
+    with pytest.raises(ParamError) as e:
+        parse_params(ServeConfig(), "1+2", cat=CatConfig(), **fields)
+    assert str(e.value) == message

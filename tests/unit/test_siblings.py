@@ -62,3 +62,20 @@ def test_divergence_finds_the_last_digit_and_one_character_differences():
     rep = sibling_report(SETS, scorings=("entropy",))
     assert rep["divergence"]["wrong_siblings"] == 2 and rep["divergence"]["one_character"] == 1
     assert rep["divergence"]["histogram"][8] == 1 and rep["divergence"]["histogram"][3] == 1
+
+
+def test_uncertainty_auroc_by_hand():
+    from caspo.core.siblings import Sibling, sibling_report
+
+    # right steps: first-token H 0.1 and 0.3, largest 0.1 and 0.9; wrong: first 0.2, largest 0.8
+    sets = [[
+        Sibling("a", True, (0.1, 0.05), (0.0, 0.0)),
+        Sibling("b", True, (0.3, 0.9), (0.0, 0.0)),
+        Sibling("c", False, (0.2, 0.8), (0.0, 0.0)),
+    ]]
+    u = sibling_report(sets)["uncertainty_auroc"]
+    # first: -u right {-0.1, -0.3} vs wrong -0.2: one of two pairs ordered -> 0.5
+    # max: right {-0.1, -0.9} vs wrong -0.8: one of two -> 0.5; mean: right {-0.075, -0.6} vs wrong -0.5 -> 0.5
+    assert u == {"first_entropy": 0.5, "mean_entropy": 0.5, "max_entropy": 0.5}
+    sets[0][1] = Sibling("b", True, (0.15, 0.1), (0.0, 0.0))  # now every right step is surer than the wrong one
+    assert sibling_report(sets)["uncertainty_auroc"] == {"first_entropy": 1.0, "mean_entropy": 1.0, "max_entropy": 1.0}
