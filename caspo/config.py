@@ -40,12 +40,34 @@ class MeshConfig:
     placement: dict = field(default_factory=dict)
 
 
+# the zero-shot CoT prompt of the Qwen-Math evaluation suite, which the paper's evaluation follows
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+PROMPT_FORMATS = ("plain", "chat")
+
+
+def model_defaults(policy: str, prompt_format: str | None = None, step_delimiter: str | None = None) -> tuple[str, str]:
+    """``(prompt_format, step_delimiter)`` for a policy, the given ones kept: the built-in ``tiny`` writes
+    one step a line after a plain prompt; every other model (real chat models, ``tiny-chat``) gets its chat
+    template and blank-line steps."""
+    plain = policy == "tiny"
+    return (prompt_format or ("plain" if plain else "chat"), step_delimiter or ("\n" if plain else "\n\n"))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     policy: str = "tiny"  # "tiny", a directory, or a hub id
     backend: str = "hf"  # hf | vllm
     max_step_tokens: int = 32  # a step longer than this ends the output
     max_batch_rows: int = 256  # rows per forward pass
+    # how a question becomes model input: plain (the task's own prompt, e.g. "Q: ...") or chat (the
+    # tokenizer's apply_chat_template with system_prompt and the question); null: plain for the
+    # built-in "tiny", chat for any other model
+    prompt_format: str | None = None
+    # what separates reasoning steps (the one source of truth: sampling stops there, prompts join steps
+    # with it, the scorer and DPO append it); null: "\n" for "tiny", "\n\n" for any other model
+    step_delimiter: str | None = None
+    system_prompt: str = SYSTEM_PROMPT  # the chat format's system message (the Qwen-Math evaluation prompt)
+    tensor_parallel_size: int = 1  # vllm backend: GPUs one replica's model is split over
 
 
 @dataclass(frozen=True)
@@ -70,15 +92,23 @@ class ScorerConfig:
 
 @dataclass(frozen=True)
 class CriticConfig:
-    kind: str = "exact"  # exact: the task's verifier; llm: a model writes the reference step
-    model: str | None = None  # for kind=llm
+    kind: str = "exact"  # exact: the task's verifier; llm: a model writes the reference step; judge: a model verifies
+    model: str | None = None  # for kind llm and judge
+    threshold: float = 0.5  # kind judge: a step is correct when the judge's P(yes) is at least this
     max_items: int = 1024
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "arith"
-    data: str | None = None  # JSONL for file-backed tasks
+    data: str | None = None  # JSONL for file-backed tasks (math: also Parquet or a save_to_disk directory)
+    # task math: the record fields, a DatasetDict's split (null: all, train/test kept), and how long one
+    # math-verify comparison of final answers may take
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    solution_field: str = "solution"
+    split: str | None = None
+    answer_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +154,9 @@ class DPOTrainConfig:
     gradient_checkpointing: bool = False  # TRL turns it on by default; worth it for 7B, a slowdown for tiny
     logging_steps: int = 1
     seed: int = 0  # the loop trains round k with seed k
-    delimiter: str = "\n"  # the step delimiter appended to each completion (DESIGN §4)
+    # the step delimiter appended to each completion: not a key of the dpo section; set from
+    # model.step_delimiter when the config is built
+    delimiter: str = "\n"
     num_workers: int = 2  # data-parallel Ray Train workers
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
     use_gpu: bool = False
@@ -326,6 +358,8 @@ def _apply(values: dict[str, dict], section: str, given: dict, origin: str) -> N
     if not isinstance(given, dict):
         raise ConfigError(f"{origin}: section {section!r} must be a mapping")
     for key, value in given.items():
+        if section == "dpo" and key == "delimiter":
+            raise ConfigError(f"{origin}: dpo.delimiter is not a key: DPO uses model.step_delimiter")
         if key not in fields:
             raise ConfigError(f"{origin}: unknown key {section}.{key} (keys: {', '.join(fields)})")
         values.setdefault(section, {})[key] = _coerce(section, key, value, fields[key].type)
@@ -333,6 +367,12 @@ def _apply(values: dict[str, dict], section: str, given: dict, origin: str) -> N
 
 def _build(values: dict[str, dict]) -> Config:
     cfg = Config(**{name: cls(**values.get(name, {})) for name, cls in _SECTIONS.items()})
+    fmt, delim = model_defaults(cfg.model.policy, cfg.model.prompt_format, cfg.model.step_delimiter)
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, prompt_format=fmt, step_delimiter=delim),
+        dpo=dataclasses.replace(cfg.dpo, delimiter=delim),
+    )
     validate(cfg)
     return cfg
 
@@ -363,15 +403,21 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     need(cfg.model.backend in ("hf", "vllm"), f"model.backend must be hf or vllm, got {cfg.model.backend!r}")
+    need(cfg.model.prompt_format in PROMPT_FORMATS, f"model.prompt_format must be plain or chat, got {cfg.model.prompt_format!r}")
+    need(cfg.model.tensor_parallel_size >= 1, f"model.tensor_parallel_size must be >= 1, got {cfg.model.tensor_parallel_size}")
+    need(bool(cfg.model.step_delimiter) and len(cfg.model.step_delimiter) <= 16, f"model.step_delimiter must be 1 to 16 characters, got {cfg.model.step_delimiter!r}")
     need(cfg.generator.replicas >= 1, f"generator.replicas must be >= 1, got {cfg.generator.replicas}")
     need(1 <= cfg.pairs.candidates <= cfg.generator.max_k, f"pairs.candidates must be in [1, generator.max_k={cfg.generator.max_k}], got {cfg.pairs.candidates}")
     need(0.0 <= cfg.pairs.tau_quantile <= 1.0, f"pairs.tau_quantile must be in [0, 1], got {cfg.pairs.tau_quantile}")
     need(cfg.pairs.temperature > 0, f"pairs.temperature must be > 0, got {cfg.pairs.temperature}")
-    need(cfg.critic.kind in ("exact", "llm"), f"critic.kind must be exact or llm, got {cfg.critic.kind!r}")
+    need(cfg.critic.kind in ("exact", "llm", "judge"), f"critic.kind must be exact, llm or judge, got {cfg.critic.kind!r}")
+    need(cfg.critic.kind not in ("llm", "judge") or bool(cfg.critic.model), f"critic.kind {cfg.critic.kind} needs critic.model")
+    need(0.0 <= cfg.critic.threshold <= 1.0, f"critic.threshold must be in [0, 1], got {cfg.critic.threshold}")
     need(cfg.dpo.loss_type in ("sigmoid", "ipo", "dpop"), f"dpo.loss_type must be sigmoid, ipo or dpop, got {cfg.dpo.loss_type!r}")
     need(cfg.dpo.loss_type != "dpop" or cfg.dpo.precompute_ref_log_probs, "dpo.loss_type dpop needs dpo.precompute_ref_log_probs: true")
     need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")
-    need(cfg.critic.kind != "llm" or bool(cfg.critic.model), "critic.kind llm needs critic.model")
+    need(cfg.task.name != "math" or cfg.critic.kind != "exact", "task math has no exact step verifier: set critic.kind judge (or llm)")
+    need(cfg.task.answer_timeout_s > 0, f"task.answer_timeout_s must be > 0, got {cfg.task.answer_timeout_s}")
     need(cfg.loop.pairs in ("step", "trajectory", "crew"), f"loop.pairs must be step, trajectory or crew, got {cfg.loop.pairs!r}")
     need(cfg.loop.rounds >= 0, f"loop.rounds must be >= 0, got {cfg.loop.rounds}")
     need(cfg.loop.questions >= 1 and cfg.loop.eval_n >= 1, "loop.questions and loop.eval_n must be >= 1")
@@ -405,5 +451,7 @@ def config_from_dict(data: dict) -> Config:
     """A Config from ``Config.to_dict()`` output (how actors receive it)."""
     values: dict[str, dict] = {}
     for section, given in (data or {}).items():
+        if section == "dpo" and isinstance(given, dict):  # derived from model.step_delimiter when built
+            given = {k: v for k, v in given.items() if k != "delimiter"}
         _apply(values, section, given or {}, "config")
     return _build(values)

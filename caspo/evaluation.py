@@ -35,6 +35,7 @@ from caspo.core.cat import Prefix, ProposedStep, Search, SearchConfig, SearchRes
 from caspo.core.confidence import step_uncertainty
 from caspo.models.base import PromptedProposer
 from caspo.models.hf import resolve_model_path
+from caspo.models.prompting import prompter_for_backend
 from caspo.models.tiny import SHIPPED_DIR, caspo_home
 from caspo.progress import bar as progress_bar
 from caspo.tasks.base import Problem, Task
@@ -196,12 +197,21 @@ def compare(a: "EvalReport", b: "EvalReport", seed: int = 0, resamples: int = st
     return out
 
 
-def judge_steps(task: Task, problem: Problem, steps: Sequence[str]) -> list[bool]:
-    return [task.judge(problem, list(steps[:j]), s).correct for j, s in enumerate(steps)]
+def judge_steps(task: Task, problem: Problem, steps: Sequence[str]) -> list[bool | None]:
+    """Each step's verdict; None for a step the task cannot verify (``Judgement.checked`` False)."""
+    out = []
+    for j, s in enumerate(steps):
+        jd = task.judge(problem, list(steps[:j]), s)
+        out.append(jd.correct if jd.checked else None)
+    return out
 
 
 def record_of(task: Task, problem: Problem, res: SearchResult) -> ProblemRecord:
-    step_ok = judge_steps(task, problem, res.steps)
+    verdicts = judge_steps(task, problem, res.steps)
+    # step metrics pair each verified step's verdict with its entropy: unverifiable steps are left out of both
+    checked = [i for i, ok in enumerate(verdicts) if ok is not None]
+    step_ok = [verdicts[i] for i in checked]
+    step_h = [res.step_mean_entropies[i] for i in checked]
     return ProblemRecord(
         id=problem.id,
         question=problem.question,
@@ -212,7 +222,7 @@ def record_of(task: Task, problem: Problem, res: SearchResult) -> ProblemRecord:
         search_confidence=res.confidence,
         steps=list(res.steps),
         step_correct=step_ok,
-        step_mean_entropy=list(res.step_mean_entropies),
+        step_mean_entropy=step_h,
         tokens=res.tokens_generated,
         reason=res.reason,
         branch_points=res.branch_points,
@@ -267,7 +277,7 @@ def evaluate(
     desc: str | None = None,
 ) -> EvalReport:
     """Run ``cfg`` on every problem (``batch`` questions per model call) and score the results."""
-    return evaluate_with(PromptedProposer(backend, task.prompt), task, problems, cfg, batch, progress, desc)
+    return evaluate_with(PromptedProposer(backend, prompter_for_backend(backend, task)), task, problems, cfg, batch, progress, desc)
 
 
 def needs_critic(cfg: SearchConfig) -> bool:

@@ -21,6 +21,7 @@ from caspo.config import load_config
 from caspo.core.cat import SearchConfig, run_searches
 from caspo.evaluation import evaluate, make_searches
 from caspo.models.base import PromptedProposer, prefix_text
+from caspo.models.prompting import prompter_for_backend
 from caspo.tasks import get_task
 
 COLUMNS = ["measure", "seconds", "per", "ratio", "note"]
@@ -31,7 +32,8 @@ def _sharing_rows(backend, task, problems, k: int, repeats: int) -> list[dict]:
     """K samples of every first step with the prompt prefilled once (KV cache shared) against K prefills."""
     if not hasattr(backend, "share_prefill"):
         return []
-    prompts = [task.prompt(p.question) for p in problems]
+    prompt = prompter_for_backend(backend, task)
+    prompts = [prompt(p.question) for p in problems]
     seeds = list(range(len(prompts)))
     times = {True: [], False: []}
     for _ in range(repeats):
@@ -53,7 +55,8 @@ def _generate_rows(backend, task, problems, repeats: int) -> list[dict]:
     (left padding, greedy, max_step_tokens new tokens a row, no entropies)."""
     if not (hasattr(backend, "model") and hasattr(backend, "tokenizer") and hasattr(backend, "max_step_tokens")):
         return []
-    prompts = [task.prompt(p.question) for p in problems]
+    prompt = prompter_for_backend(backend, task)
+    prompts = [prompt(p.question) for p in problems]
     tok, model = backend.tokenizer, backend.model
     side, tok.padding_side = tok.padding_side, "left"
     try:
@@ -101,7 +104,8 @@ def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats:
     task = get_task("arith")
     problems = task.problems(n, seed=seed, split="test")
     backend = make_backend(model, engine)
-    proposer = PromptedProposer(backend, task.prompt)
+    prompter = prompter_for_backend(backend, task)  # model.prompt_format, step_delimiter
+    proposer = PromptedProposer(backend, prompter)
     greedy = SearchConfig(method="greedy", seed=seed)
 
     def decode_all() -> tuple[float, list]:
@@ -131,7 +135,7 @@ def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats:
     prompts, texts = [], []
     for p, r in zip(problems, results):
         for i, st in enumerate(r.steps):
-            prompts.append(prefix_text(task.prompt, p.question, r.steps[:i]))
+            prompts.append(prefix_text(prompter, p.question, r.steps[:i]))
             texts.append(st)
     score = []
     for _ in range(repeats):

@@ -21,6 +21,7 @@ from caspo.config import load_config, read_calibration
 from caspo.core.cat import SearchConfig
 from caspo.evaluation import JudgedProposer, calibration_path_for, compare, evaluate_with, task_judge
 from caspo.models.base import PromptedProposer
+from caspo.models.prompting import prompter_for_backend
 from caspo.tasks import get_task
 
 # a column's 95% interval, ``<column>_ci`` in each row, is printed beside it (bench.common.markdown)
@@ -66,12 +67,12 @@ def run(
     progress: bool = True,
 ) -> SuiteResult:
     cfg = load_config(config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None))
-    t = get_task(task, data)
+    t = get_task(task, data, cfg.task if cfg.task.name == task else None)
     problems = t.problems(n or None, seed=seed, split="test" if data is None else "any")
     cal_path = calibration or cfg.cat.calibration or (str(calibration_path_for(model)) if calibration_path_for(model).is_file() else None)
     cal = read_calibration(cal_path) if cal_path else None
     backend = make_backend(model, engine)
-    proposer = PromptedProposer(backend, t.prompt)
+    proposer = PromptedProposer(backend, prompter_for_backend(backend, t))  # model.prompt_format, step_delimiter
     judged = JudgedProposer(proposer, task_judge(t, problems))
     greedy_cfg = SearchConfig(method="greedy", seed=seed)
     evaluate_with(proposer, t, problems[:batch], greedy_cfg, batch=batch)  # warm up: first calls pay one-off costs

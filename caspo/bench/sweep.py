@@ -38,6 +38,7 @@ from caspo.evaluation import METRICS, compare, evaluate, write_records
 from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import MeshRunner
 from caspo.models.hf import HFBackend, resolve_model_path
+from caspo.models.prompting import load_prompter
 from caspo.plots import pyplot, save
 from caspo.progress import say
 from caspo.trainer.collect import StepRecord, collect_round, make_pairs, solution_pairs
@@ -104,6 +105,7 @@ class RoundData:
 
     def __init__(self, cfg, task, out: Path, progress: bool):
         self.cfg, self.task, self.out, self.progress = cfg, task, out, progress
+        self.prompter = load_prompter(cfg.model, task)  # model.prompt_format and model.step_delimiter
         self.runner: MeshRunner | None = None
 
     def _client(self) -> MeshClient:
@@ -149,21 +151,22 @@ class RoundData:
     async def _collect(self, problems, pcfg: PairsConfig):
         client = self._client()
         try:
-            return await collect_round(client, self.task, problems, pcfg, 0, progress=self.progress, store=False, desc="round data (step)")
+            return await collect_round(client, self.task, problems, pcfg, 0, progress=self.progress, store=False, desc="round data (step)", prompter=self.prompter)
         finally:
             await client.close()
 
     async def _solutions(self, problems, pcfg: PairsConfig, mode: str) -> list[Pair]:
         client = self._client()
         try:
-            rows, _, _ = await solution_pairs(client, self.task, problems, pcfg, 1, mode, self.progress)
+            rows, _, _ = await solution_pairs(client, self.task, problems, pcfg, 1, mode, self.progress, prompter=self.prompter)
             return rows
         finally:
             await client.close()
 
 
 def _judge(path: str, task, problems, cfg, progress: bool, desc: str):
-    backend = HFBackend(path, delimiter=cfg.dpo.delimiter)
+    m = cfg.model
+    backend = HFBackend(path, delimiter=m.step_delimiter, max_step_tokens=m.max_step_tokens, prompt_format=m.prompt_format, system_prompt=m.system_prompt)
     return evaluate(backend, task, problems, SearchConfig(method="greedy", seed=cfg.loop.eval_seed), batch=64, progress=progress, desc=desc)
 
 
@@ -175,7 +178,8 @@ def _setting_key(s: Setting, base: str) -> str:
 def run(cfg, task, settings: list[Setting], out: Path, n: int, progress: bool = True, command: str = "") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     problems = task.problems(n, seed=cfg.loop.eval_seed, split="test")
-    heldout = [(task.prompt(p.question), "".join(s + cfg.dpo.delimiter for s in p.gold_steps)) for p in problems[:200]]
+    prompter = load_prompter(cfg.model, task)
+    heldout = [(prompter(p.question), "".join(s + cfg.dpo.delimiter for s in p.gold_steps)) for p in problems[:200]]
     base_path = resolve_model_path(cfg.model.policy)
     base = _judge(base_path, task, problems, cfg, progress, "eval base")
     write_records(out / "eval" / "base.jsonl", base.records)

@@ -11,6 +11,7 @@ from caspo.bench.common import SuiteResult, make_backend, percentile
 from caspo.core.cat import SearchConfig, run_searches
 from caspo.evaluation import evaluate, make_searches
 from caspo.models.base import PromptedProposer
+from caspo.models.prompting import prompter_for_backend
 from caspo.tasks import get_task
 
 COLUMNS = ["tau", "how", "scoring", "accuracy", "no_answer", "tokens", "tokens_x_tau0"]
@@ -25,7 +26,7 @@ def run(n: int, k: int = 4, taus=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9), warmup: int = 1
     for scoring in scorings:
         base_tokens = None
         cal_cfg = SearchConfig(method="cat", k=k, tau=0.0, scoring=scoring, seed=seed + 1)
-        confs = [r.confidence for r in run_searches(make_searches(warm, cal_cfg), PromptedProposer(backend, task.prompt)) if r.answer is not None]
+        confs = [r.confidence for r in run_searches(make_searches(warm, cal_cfg), PromptedProposer(backend, prompter_for_backend(backend, task))) if r.answer is not None]
         calibrated = min(1.0, max(0.0, percentile(confs, pct)))
         grid = [(t, "fixed") for t in taus] + [(calibrated, f"warmup p{int(pct * 100)} of {len(warm)}")]
         for tau, how in grid:

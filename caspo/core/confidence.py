@@ -83,6 +83,16 @@ def topk_entropy_estimate(logprobs: Sequence[float], vocab_size: int | None = No
     return known - rest * math.log(rest / others)
 
 
+def verdict_probability(logprob_yes: float, logprob_no: float) -> float:
+    """P(yes) of a judge's Yes/No verdict from the log-probabilities of the two answers' first tokens,
+    renormalised over the two: ``p_yes / (p_yes + p_no)``. NaN when neither has any probability."""
+    if logprob_yes == -math.inf and logprob_no == -math.inf:
+        return math.nan
+    m = max(logprob_yes, logprob_no)
+    a, b = math.exp(logprob_yes - m), math.exp(logprob_no - m)
+    return a / (a + b)
+
+
 def mean_entropy(entropies: Sequence[float]) -> float:
     """Mean token entropy of a step; an empty step has no uncertainty to report (0)."""
     return float(sum(entropies) / len(entropies)) if len(entropies) else 0.0

@@ -28,12 +28,13 @@ from caspo.config import Config, config_from_dict
 from caspo.errors import Unavailable
 from caspo.mesh.registry import HEARTBEAT_S, advertised_address
 from caspo.models.factory import make_backend
+from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker
 from caspo.services import critic_servicer, generator_servicer, mesh_servicer, pair_store_servicer, scorer_servicer
 from caspo.services.server import add_port, new_server
 from caspo.store.pair_store import PairStore
 from caspo.tasks import get_task
-from caspo.tasks.critic import ExactCritic, LLMCritic
+from caspo.tasks.critic import ExactCritic, JudgeCritic, LLMCritic
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ class GeneratorActor(ServiceActor):
         super().__init__(cfg_dict, registry_name)
 
     async def build(self, server):
-        opts = {"num_gpus": 1} if _cuda() else {"num_cpus": self.replica_cpus}
+        # a replica holds one model: tensor-parallel over model.tensor_parallel_size GPUs
+        opts = {"num_gpus": self.cfg.model.tensor_parallel_size} if _cuda() else {"num_cpus": self.replica_cpus}
         if self.cfg.mesh.placement.get("generator"):  # the replicas hold the models: pin them to their group
             opts["resources"] = dict(self.cfg.mesh.placement["generator"])
         Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **opts)(ReplicaActor)
@@ -221,10 +223,16 @@ class CriticActor(ServiceActor):
     service = "critic"
 
     async def build(self, server):
-        task = await asyncio.to_thread(get_task, self.cfg.task.name, self.cfg.task.data)
-        if self.cfg.critic.kind == "llm":
+        task = await asyncio.to_thread(get_task, self.cfg.task.name, self.cfg.task.data, self.cfg.task)
+        if self.cfg.critic.kind in ("llm", "judge"):
+            _torch_threads(0.5)
             backend = await asyncio.to_thread(make_backend, self.cfg, self.cfg.critic.model)
-            critic = LLMCritic(ModelWorker(backend), task.prompt)
+            prompter = prompter_for_backend(backend, task)
+            worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
+            if self.cfg.critic.kind == "judge":
+                critic = JudgeCritic(worker, prompter.chat, prompter, self.cfg.critic.threshold)
+            else:
+                critic = LLMCritic(worker, prompter)
         else:
             critic = ExactCritic(task)
         critic_servicer.add_to_server(server, critic_servicer.CriticServicer(critic, self.cfg.critic))

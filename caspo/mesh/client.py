@@ -129,10 +129,12 @@ class MeshClient:
         req = scorer_pb2.ScoreRequest(items=[scorer_pb2.ScoreItem(prompt=p, step=s) for p, s in zip(prompts, steps)])
         return await self.call("scorer", scorer_pb2_grpc.ConfidenceScorerStub, "Score", req)
 
-    async def judge(self, items):
-        """items: (problem_id, question, prefix steps, step)."""
+    async def judge(self, items, scope: str = ""):
+        """items: (problem_id, question, prefix steps, step); ``scope``: who asks (a data round), for the
+        judge critic's verdict cache."""
         req = critic_pb2.JudgeRequest(
-            items=[critic_pb2.JudgeItem(problem_id=i, question=q, prefix=list(p), step=s) for i, q, p, s in items]
+            items=[critic_pb2.JudgeItem(problem_id=i, question=q, prefix=list(p), step=s) for i, q, p, s in items],
+            scope=scope,
         )
         return await self.call("critic", critic_pb2_grpc.CriticStub, "Judge", req)
 

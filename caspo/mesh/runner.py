@@ -25,6 +25,9 @@ from caspo.mesh.state import MeshError, pid_alive, read_state, running_mesh, sta
 from caspo.services.server import limit_proxy_messages
 from caspo.store.redis_server import redis_url_or_start
 
+# the custom resource every Ray head node has (and no other node): asking for a sliver of it pins an actor there
+ON_HEAD = {"node:__internal_head__": 0.001}
+
 log = logging.getLogger(__name__)
 
 
@@ -65,13 +68,17 @@ class MeshRunner:
             self._started_ray = True
         ns = cfg.mesh.namespace
         cd = cfg.to_dict()
-        self.registry = registry_actor().options(name=REGISTRY_NAME, namespace=ns).remote(cfg.mesh.host)
+        # what mesh.placement does not pin stays on the head: on a cluster, an actor asking for no resource
+        # could otherwise land on a worker group's node and die with it
+        self.registry = registry_actor().options(name=REGISTRY_NAME, namespace=ns, resources=dict(ON_HEAD)).remote(cfg.mesh.host)
         self.registry_address = ray.get(self.registry.ready.remote())
 
         def remote(cls, name, **opts):
             # the generator pool's models live in its replica actors, which take its placement themselves
             if cfg.mesh.placement.get(name) and name != "generator":
                 opts["resources"] = dict(cfg.mesh.placement[name])
+            else:  # the pair store, and the generator's pool front (its replicas take the placement)
+                opts["resources"] = dict(ON_HEAD)
             return ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0, **opts)(cls).options(
                 name=actors.ACTOR_NAMES[name], namespace=ns
             )

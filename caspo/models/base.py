@@ -48,19 +48,24 @@ class Backend(Protocol):
         """Swap weights; requests already running finish on the weights they started with."""
 
 
-def prefix_text(prompt: Callable[[str], str], question: str, steps: Sequence[str], delimiter: str = DEFAULT_DELIMITER) -> str:
-    """What a policy continues: the task's prompt for the question plus the steps so far, each ended
-    by the delimiter. Every proposer, the data round and the benchmarks build model input with this."""
+def prefix_text(prompt: Callable[[str], str], question: str, steps: Sequence[str], delimiter: str | None = None) -> str:
+    """What a policy continues: the prompt for the question plus the steps so far, each ended by the
+    delimiter (default: the prompt's own, a :class:`caspo.models.prompting.Prompter`'s
+    ``model.step_delimiter``, else ``\n``). Every proposer, the data round and the benchmarks build
+    model input with this."""
+    if delimiter is None:
+        delimiter = getattr(prompt, "delimiter", DEFAULT_DELIMITER)
     return prompt(question) + join_steps(steps, delimiter)
 
 
 class PromptedProposer:
     """Turns a backend into CaT's StepProposer: a Prefix becomes prompt(question) + steps so far."""
 
-    def __init__(self, backend: Backend, prompt: Callable[[str], str], delimiter: str = DEFAULT_DELIMITER):
+    def __init__(self, backend: Backend, prompt: Callable[[str], str], delimiter: str | None = None):
         self.backend = backend
         self.prompt = prompt
-        self.delimiter = delimiter
+        # the prompt's delimiter (a Prompter), else the backend's: the one it stops steps at
+        self.delimiter = delimiter or getattr(prompt, "delimiter", None) or getattr(backend, "delimiter", DEFAULT_DELIMITER)
 
     def text(self, prefix: Prefix) -> str:
         return prefix_text(self.prompt, prefix.question, prefix.steps, self.delimiter)

@@ -9,12 +9,10 @@ from caspo.models.vllm import VLLMBackend
 
 
 def make_backend(cfg: Config, path: str | None = None, version: int = 0) -> Backend:
-    """A backend for ``path`` (default ``model.policy``) labelled ``version``; vLLM needs the gpu extra."""
-    if cfg.model.backend == "vllm":
-        return VLLMBackend(path or cfg.model.policy, version=version, max_step_tokens=cfg.model.max_step_tokens)
-    return HFBackend(
-        path or cfg.model.policy,
-        version=version,
-        max_step_tokens=cfg.model.max_step_tokens,
-        max_batch_rows=cfg.model.max_batch_rows,
-    )
+    """A backend for ``path`` (default ``model.policy``) labelled ``version``, with the config's prompt
+    format and step delimiter; vLLM needs the gpu extra."""
+    m = cfg.model
+    common = dict(version=version, delimiter=m.step_delimiter, max_step_tokens=m.max_step_tokens, prompt_format=m.prompt_format, system_prompt=m.system_prompt)
+    if m.backend == "vllm":
+        return VLLMBackend(path or m.policy, tensor_parallel_size=m.tensor_parallel_size, **common)
+    return HFBackend(path or m.policy, max_batch_rows=m.max_batch_rows, **common)

@@ -17,20 +17,24 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from caspo.config import SYSTEM_PROMPT
 from caspo.core.cat import ProposedStep, derive_seed
 from caspo.core.confidence import token_entropy, token_logprobs
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import ModelLoadError, StepScore
 from caspo.models.tiny import resolve_tiny
+from caspo.models.tiny_chat import resolve_tiny_chat
 
 log = logging.getLogger(__name__)
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``tiny`` → the built-in tiny reasoner; an existing directory → itself; anything else is passed
+    """``tiny`` → the built-in tiny reasoner, ``tiny-chat`` → the built-in chat model; an existing directory → itself; anything else is passed
     to ``from_pretrained`` as a hub id (which needs a reachable hub or a local cache)."""
     if name_or_path == "tiny":
         return str(resolve_tiny())
+    if name_or_path == "tiny-chat":
+        return str(resolve_tiny_chat())
     p = Path(name_or_path).expanduser()
     try:
         exists = p.exists()
@@ -72,6 +76,10 @@ class _Weights:
         # every vocabulary entry whose text holds the delimiter can end a step
         vocab_text = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         self.delim_token = torch.tensor([delimiter in t for t in vocab_text], device=self.device)
+        # a delimiter of several characters ("\n\n") may also arrive split over tokens ("\n", "\n"): a
+        # token holding its last character makes the row's text be looked at
+        self.delim_tail = torch.tensor([delimiter[-1] in t for t in vocab_text], device=self.device)
+        self.split_delimiter = len(delimiter) > 1
         self.content_token = torch.tensor([t.strip() != "" for t in vocab_text], device=self.device)
         self.stop_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
         # transformers 5 renamed forward's past_key_values to cache (the old name warns, then goes)
@@ -89,8 +97,13 @@ class HFBackend:
         max_step_tokens: int = 32,
         max_batch_rows: int = 256,
         device: str | None = None,
+        prompt_format: str = "plain",
+        system_prompt: str = SYSTEM_PROMPT,
     ):
         self.delimiter = delimiter
+        self.prompt_format = prompt_format  # chat: prompts come from the chat template, special tokens included
+        self.system_prompt = system_prompt
+        self.add_special_tokens = prompt_format == "plain"
         self.max_step_tokens = max_step_tokens
         self.max_batch_rows = max_batch_rows
         self.device_name = device
@@ -133,8 +146,9 @@ class HFBackend:
 
     # ---- sampling ----------------------------------------------------------------------------
     def _encode_left(self, w: _Weights, texts: Sequence[str]):
-        # the tokenizer decides about <bos> (add_special_tokens), as it did in training
-        enc = [w.tok.encode(t, add_special_tokens=True) for t in texts]
+        # the tokenizer decides about <bos> (add_special_tokens), as it did in training; a chat template writes
+    # its own special tokens
+        enc = [w.tok.encode(t, add_special_tokens=self.add_special_tokens) for t in texts]
         width = max(len(e) for e in enc)
         pad = w.tok.pad_token_id
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
@@ -220,6 +234,10 @@ class HFBackend:
             stops_here = is_stop | (w.delim_token[nxt] & has_content)
             for r in torch.nonzero(is_stop & ~finished).flatten().tolist():
                 ended[r] = True
+            if w.split_delimiter:  # the delimiter spread over tokens, after content
+                for r in torch.nonzero(w.delim_tail[nxt] & has_content & ~finished & ~stops_here).flatten().tolist():
+                    if self.delimiter in w.tok.decode(tokens[r], skip_special_tokens=True).lstrip():
+                        stops_here[r] = True
             has_content |= w.content_token[nxt]
             finished |= stops_here
             if bool(finished.all()):
@@ -269,7 +287,7 @@ class HFBackend:
     def _score_chunk(self, w: _Weights, prompts, steps) -> list[StepScore]:
         seqs, spans = [], []
         for p, st in zip(prompts, steps):
-            pi = w.tok.encode(p, add_special_tokens=True)
+            pi = w.tok.encode(p, add_special_tokens=self.add_special_tokens)
             si = w.tok.encode(st.strip() + self.delimiter, add_special_tokens=False)
             seqs.append(pi + si)
             spans.append((len(pi), len(si)))

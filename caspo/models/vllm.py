@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from caspo.config import SYSTEM_PROMPT
 from caspo.core.cat import ProposedStep, derive_seed
 from caspo.core.confidence import topk_entropy_estimate
 from caspo.core.steps import DEFAULT_DELIMITER
@@ -131,6 +132,8 @@ class VLLMBackend:
         delimiter: str = DEFAULT_DELIMITER,
         max_step_tokens: int = 32,
         topk: int = 20,
+        prompt_format: str = "plain",
+        system_prompt: str = SYSTEM_PROMPT,
         gpu_memory_utilization: float = 0.85,
         **llm_kwargs: Any,
     ):
@@ -146,6 +149,9 @@ class VLLMBackend:
             raise ModelLoadError(GPU_EXTRA) from e
         self._vllm = vllm
         self.delimiter = delimiter
+        self.prompt_format = prompt_format  # chat: prompts come from the chat template, special tokens included
+        self.system_prompt = system_prompt
+        self.add_special_tokens = prompt_format == "plain"
         self.max_step_tokens = max_step_tokens
         self.topk = topk
         resolved = resolve_model_path(path)
@@ -240,7 +246,7 @@ class VLLMBackend:
             raise ValueError(f"prompts and seeds differ in length ({len(prompts)} vs {len(seeds)})")
         rows: list[_Row] = []
         for p, sd in zip(prompts, seeds):
-            ids = self._tok.encode(p, add_special_tokens=True)
+            ids = self._tok.encode(p, add_special_tokens=self.add_special_tokens)
             for j in range(n):
                 rows.append(_Row(ids, derive_seed(sd, j) if sd is not None and temperature > 0 else None))
         with self._lock:
@@ -313,7 +319,7 @@ class VLLMBackend:
             return []
         seqs, spans = [], []
         for p, st in zip(prompts, steps):
-            pi = self._tok.encode(p, add_special_tokens=True)
+            pi = self._tok.encode(p, add_special_tokens=self.add_special_tokens)
             si = self._tok.encode(st.strip() + self.delimiter, add_special_tokens=False)
             if not pi:
                 raise ValueError("an empty prompt encodes to no tokens: the first step token has no context")

@@ -48,6 +48,7 @@ from caspo.errors import BadRequest
 from caspo.evaluation import calibration_path_for
 from caspo.models.base import ModelLoadError, prefix_text
 from caspo.models.factory import make_backend
+from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker
 from caspo.policy_file import read_policy_file
 from caspo.protos.v1 import cat_pb2
@@ -92,7 +93,8 @@ class CaTServer:
         if published is not None:
             version, path = published
         self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms)
-        self.task = get_task(self.cfg.task.name, self.cfg.task.data)
+        self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
+        self.prompter = prompter_for_backend(self.worker.backend, self.task)  # model.prompt_format, step_delimiter
         self.calibration = self._calibration(path, strict=True)
         self.model_id = f"caspo-{self.cfg.task.name}"
         self._watcher: asyncio.Task | None = None
@@ -153,7 +155,7 @@ class CaTServer:
     # ---- the search --------------------------------------------------------------------------
     def _proposer(self) -> _RequestProposer:
         self._start_watcher()
-        return _RequestProposer(self.worker, self.task.prompt, self.worker.delimiter)
+        return _RequestProposer(self.worker, self.prompter, self.worker.delimiter)
 
     async def events(self, params: SolveParams):
         """Committed steps as the search makes them, then (result, steps, version, seconds)."""
@@ -177,7 +179,7 @@ class CaTServer:
     # ---- what the HTTP routes (http_app.py) ask of the replica --------------------------------
     def prompt_tokens(self, question: str) -> int:
         backend = self.worker.backend
-        return len(backend.tokenizer(self.task.prompt(question))["input_ids"]) if hasattr(backend, "tokenizer") else 0
+        return len(backend.tokenizer(self.prompter(question))["input_ids"]) if hasattr(backend, "tokenizer") else 0
 
     def health(self) -> dict:
         self._start_watcher()

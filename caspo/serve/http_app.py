@@ -7,7 +7,8 @@ parse the body into parameters (params.py), run the search on the replica and en
 
 * ``POST /v1/solve`` — JSON in, the fields of ``SolveResponse`` out; ``POST /v1/solve/stream`` — NDJSON,
   a ``{"step": ...}`` line per committed step, then ``{"result": ...}``;
-* ``POST /v1/chat/completions`` — OpenAI-compatible; the question is the last user message;
+* ``POST /v1/chat/completions`` — OpenAI-compatible; the question is the last user message; with
+  ``stream: true``, server-sent ``chat.completion.chunk`` events, one per committed step;
 * ``GET /v1/models``; ``GET /healthz`` (no token needed: probes).
 
 Bad input gets 422 naming the field (FastAPI's ``detail`` plus the OpenAI-style ``error`` object); a
@@ -17,6 +18,8 @@ body over ``MAX_BODY_BYTES`` gets 413, counted as it arrives.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +29,7 @@ from ray import serve
 from caspo.core.cat import CommittedStep
 from caspo.serve.params import params_from_body
 from caspo.serve.proxy import ParamError
-from caspo.serve.protocol import ChatBody, SolveBody, chat_completion, models_list, result_json, step_json
+from caspo.serve.protocol import ChatBody, SolveBody, chat_chunk, chat_completion, models_list, result_json, step_json
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
 
 # A transport size like the gRPC message limits (services/server.py): a question is at most
@@ -140,8 +143,6 @@ async def solve_stream(body: SolveBody, cat=Depends(replica)):
 async def chat_completions(body: ChatBody, cat=Depends(replica)):
     if body.model != cat.model_id:
         return JSONResponse(status_code=404, content={"error": {"message": f"model {body.model!r} is not served here; GET /v1/models lists {cat.model_id!r}", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})
-    if body.stream:
-        return unprocessable("stream", "must be false: stream steps with POST /v1/solve/stream or gRPC SolveStream")
     if body.n != 1:
         return unprocessable("n", f"must be 1 (one answer per request; use method sc or k for more samples), got {body.n}")
     users = [m.content for m in body.messages if m.role == "user"]
@@ -153,8 +154,36 @@ async def chat_completions(body: ChatBody, cat=Depends(replica)):
         if e.field == "question":  # the question is the last user message here
             return unprocessable("messages", str(e).replace("question", "the last user message", 1))
         return unprocessable(e.field, str(e))
+    delimiter = cat.prompter.delimiter
+    if body.stream:
+        return StreamingResponse(_chat_events(cat, params, delimiter), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     res, steps, version, seconds = await cat.solve(params)
-    return chat_completion(cat.model_id, res, result_json(res, steps, params, version, seconds), cat.prompt_tokens(params.question))
+    return chat_completion(cat.model_id, res, result_json(res, steps, params, version, seconds), cat.prompt_tokens(params.question), delimiter)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _chat_events(cat, params, delimiter: str):
+    """Server-sent events of a streamed chat completion: a first chunk with the role, one chunk per
+    committed step (its text, after the step delimiter from the second on), then the last chunk with
+    ``finish_reason`` and the ``caspo`` answer object (and usage), then ``data: [DONE]``. The deltas add
+    up to the non-streamed message."""
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    yield _sse(chat_chunk(cid, created, cat.model_id, {"role": "assistant", "content": ""}))
+    async for ev in cat.events(params):
+        if isinstance(ev, CommittedStep):
+            text = ev.text if ev.index == 0 else delimiter + ev.text
+            yield _sse(chat_chunk(cid, created, cat.model_id, {"content": text}))
+            continue
+        res, steps, version, seconds = ev
+        tail = "" if res.answer is not None else (delimiter if steps else "") + f"({res.reason})"
+        prompt_tokens = cat.prompt_tokens(params.question)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": res.tokens_generated, "total_tokens": prompt_tokens + res.tokens_generated}
+        answer = result_json(res, steps, params, version, seconds)
+        yield _sse(chat_chunk(cid, created, cat.model_id, {"content": tail} if tail else {}, "stop", caspo=answer, usage=usage))
+    yield "data: [DONE]\n\n"
 
 
 @api.get("/v1/models")

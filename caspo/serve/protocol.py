@@ -80,9 +80,15 @@ def step_json(step: CommittedStep) -> dict:
     return dict(step.__dict__)
 
 
-def chat_completion(model_id: str, res: SearchResult, answer: dict, prompt_tokens: int) -> dict:
+def chat_content(res: SearchResult, delimiter: str = "\n") -> str:
+    """The assistant message: the steps, each after the first preceded by the step delimiter, and the
+    reason when the search found no answer. A stream's deltas add up to exactly this."""
+    return delimiter.join(res.steps) if res.answer is not None else delimiter.join([*res.steps, f"({res.reason})"])
+
+
+def chat_completion(model_id: str, res: SearchResult, answer: dict, prompt_tokens: int, delimiter: str = "\n") -> dict:
     """An OpenAI ``chat.completion``: the steps as the message, the JSON answer under ``caspo``."""
-    content = "\n".join(res.steps) if res.answer is not None else "\n".join([*res.steps, f"({res.reason})"])
+    content = chat_content(res, delimiter)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -91,6 +97,19 @@ def chat_completion(model_id: str, res: SearchResult, answer: dict, prompt_token
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": res.tokens_generated, "total_tokens": prompt_tokens + res.tokens_generated},
         "caspo": answer,
+    }
+
+
+def chat_chunk(completion_id: str, created: int, model_id: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
+    """One OpenAI ``chat.completion.chunk`` of a streamed reply (``stream: true``); ``extra``: top-level
+    fields of the last chunk (``caspo``, ``usage``)."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model_id,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        **extra,
     }
 
 

@@ -13,7 +13,7 @@ from caspo.tasks.critic import JudgeItem
 
 class CriticServicer(critic_pb2_grpc.CriticServicer):
     def __init__(self, critic, cfg: CriticConfig | None = None):
-        self.critic = critic  # ExactCritic or LLMCritic: .name, async judge_many(items)
+        self.critic = critic  # ExactCritic, LLMCritic or JudgeCritic: .name, async judge_many(items, scope)
         self.cfg = cfg or CriticConfig()
 
     @rpc
@@ -29,9 +29,17 @@ class CriticServicer(critic_pb2_grpc.CriticServicer):
                 if not getattr(it, name).strip():
                     raise BadRequest(f"items[{i}].{name} is empty")
             judge_items.append(JudgeItem(it.problem_id, it.question, tuple(it.prefix), it.step))
-        verdicts = await self.critic.judge_many(judge_items)
+        verdicts = await self.critic.judge_many(judge_items, scope=request.scope)
         return critic_pb2.JudgeResponse(
-            verdicts=[critic_pb2.Verdict(correct=v.correct, reference=v.reference, reason=v.reason) for v in verdicts],
+            verdicts=[
+                critic_pb2.Verdict(
+                    correct=v.correct,
+                    reference=v.reference,
+                    reason=v.reason,
+                    p_correct=float(v.correct) if v.p_correct is None else v.p_correct,
+                )
+                for v in verdicts
+            ],
             critic=self.critic.name,
         )
 

@@ -20,6 +20,8 @@ class Judgement:
     correct: bool
     reference: str  # the critic's reference (correct) step for this prefix
     reason: str = ""
+    checked: bool = True  # False: the task cannot verify this step (task math's intermediate steps); not counted
+    p_correct: float | None = None  # a judge critic's P(yes); None: an exact verdict
 
 
 class Task(Protocol):

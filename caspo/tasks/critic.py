@@ -5,6 +5,12 @@
   problem up by its id.
 * ``LLMCritic``: a model writes the reference next step greedily and the step is judged against it.
   A real deployment points it at a strong model (the paper: Qwen2.5-Math-7B-Instruct).
+* ``JudgeCritic`` (``critic.kind: judge``): a model *verifies* the step. Its prompt shows the problem,
+  the steps so far and the candidate step and asks for Yes or No; P(yes) comes from the judge's
+  log-probabilities of the two answers (one batched teacher-forced pass, the backends' ``score_steps``),
+  and the step is correct when P(yes) >= ``critic.threshold``. For an incorrect step the judge model
+  writes the reference step (greedy, in the policy's prompt format). Verdicts are cached per
+  (question, prefix, step) within a scope (the data round that asks), so a repeated question costs nothing.
 
 Item errors are raised as ``caspo.errors`` exceptions so a gRPC front turns them into
 INVALID_ARGUMENT / NOT_FOUND naming the field.
@@ -12,9 +18,12 @@ INVALID_ARGUMENT / NOT_FOUND naming the field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+from caspo.core.confidence import verdict_probability
 from caspo.core.steps import answers_match, final_answer, join_steps, step_result
 from caspo.errors import BadRequest, NotFound
 from caspo.tasks.base import Judgement, Problem, Task
@@ -59,7 +68,7 @@ class ExactCritic:
     def judge(self, problem_id: str, question: str, prefix: Sequence[str], step: str) -> Judgement:
         return self.task.judge(self.problem(problem_id, question), list(prefix), step)
 
-    async def judge_many(self, items: Sequence[JudgeItem]) -> list[Judgement]:
+    async def judge_many(self, items: Sequence[JudgeItem], scope: str = "") -> list[Judgement]:
         out = []
         for i, it in enumerate(items):
             try:
@@ -100,7 +109,7 @@ class LLMCritic:
     def _prompt(self, question: str, prefix: Sequence[str]) -> str:
         return self.prompt_fn(question) + join_steps(list(prefix), getattr(self.worker, "delimiter", "\n"))
 
-    async def judge_many(self, items: Sequence[JudgeItem]) -> list[Judgement]:
+    async def judge_many(self, items: Sequence[JudgeItem], scope: str = "") -> list[Judgement]:
         if not items:
             return []
         prompts = [self._prompt(it.question, it.prefix) for it in items]
@@ -117,3 +126,103 @@ class LLMCritic:
 
     async def judge(self, problem_id: str, question: str, prefix: Sequence[str], step: str) -> Judgement:
         return (await self.judge_many([JudgeItem(problem_id, question, tuple(prefix), step)]))[0]
+
+
+JUDGE_SYSTEM = "You are a careful mathematics teacher. You check a student's solution one step at a time."
+JUDGE_ANSWERS = ("Yes", "No")
+
+
+def judge_question(question: str, prefix: Sequence[str], step: str) -> str:
+    """The judge's user message: the problem, the steps so far, the candidate step, and the question."""
+    so_far = "\n\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(prefix)) or "(none yet)"
+    return (
+        f"Problem:\n{question.strip()}\n\nSteps so far:\n{so_far}\n\nProposed next step:\n{step.strip()}\n\n"
+        "Is the proposed next step correct, given the problem and the steps so far (sound reasoning, right "
+        "arithmetic, and if it states a final answer, the right one)? Answer Yes or No."
+    )
+
+
+class JudgeCritic:
+    """``critic.kind: judge``: an LLM verifies each step (see the module docstring).
+
+    ``worker``: a ModelWorker (async ``score_steps``/``sample_steps``, ``.path``); ``render(system,
+    user)``: the judge model's chat prompt (its chat template, or plain text); ``policy_prompt``: model
+    input for the reference step, ``policy_prompt.text(question, prefix)`` (a Prompter).
+    """
+
+    def __init__(self, worker, render: Callable[[str, str], str], policy_prompt, threshold: float = 0.5, max_cached: int = 200_000, scopes_kept: int = 2):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"critic.threshold must be in [0, 1], got {threshold}")
+        self.worker = worker
+        self.render = render
+        self.policy_prompt = policy_prompt
+        self.threshold = threshold
+        self.max_cached = max_cached
+        self.scopes_kept = scopes_kept  # a round's eval overlaps the next round's data: keep the newest two
+        self._cache: OrderedDict[str, dict] = OrderedDict()  # scope -> {(question, prefix, step): Judgement}
+        self.hits = 0
+        self.misses = 0
+        self.no_verdict = 0  # judge replies with no probability on either answer (marked incorrect, counted)
+
+    @property
+    def name(self) -> str:
+        return f"judge:{self.worker.path}"
+
+    def prompt(self, it: JudgeItem) -> str:
+        return self.render(JUDGE_SYSTEM, judge_question(it.question, it.prefix, it.step))
+
+    def _scope(self, scope: str) -> dict:
+        cache = self._cache.get(scope)
+        if cache is None:
+            cache = self._cache[scope] = {}
+            while len(self._cache) > self.scopes_kept:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(scope)
+        return cache
+
+    async def judge_many(self, items: Sequence[JudgeItem], scope: str = "") -> list[Judgement]:
+        if not items:
+            return []
+        cache = self._scope(scope)
+        keys = [(it.question, tuple(it.prefix), it.step) for it in items]
+        todo: dict[tuple, JudgeItem] = {}
+        for k, it in zip(keys, items):
+            if k not in cache and k not in todo:
+                todo[k] = it
+        self.hits += len(items) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            new = await self._judge(list(todo.values()))
+            if len(cache) + len(new) > self.max_cached:
+                cache.clear()
+            cache.update(zip(todo, new))
+        return [cache[k] for k in keys]
+
+    async def _judge(self, items: list[JudgeItem]) -> list[Judgement]:
+        prompts = [self.prompt(it) for it in items]
+        yes, no = JUDGE_ANSWERS
+        scores = await self.worker.score_steps(prompts * 2, [yes] * len(items) + [no] * len(items))
+        probs = [
+            verdict_probability(scores[i].token_logprobs[0], scores[len(items) + i].token_logprobs[0])
+            for i in range(len(items))
+        ]
+        out: list[Judgement] = []
+        wrong = []
+        for i, (it, p) in enumerate(zip(items, probs)):
+            if math.isnan(p):
+                self.no_verdict += 1
+                out.append(Judgement(False, "", "the judge gave no verdict (no probability on Yes or No)", p_correct=p))
+                wrong.append(i)
+            elif p >= self.threshold:
+                out.append(Judgement(True, it.step, f"judge P(yes) {p:.3f} >= {self.threshold:g}", p_correct=p))
+            else:
+                out.append(Judgement(False, "", f"judge P(yes) {p:.3f} < {self.threshold:g}", p_correct=p))
+                wrong.append(i)
+        if wrong:  # the judge model writes the correct step where the candidate is wrong
+            texts = [self.policy_prompt.text(items[i].question, items[i].prefix) for i in wrong]
+            refs = await self.worker.sample_steps(texts, 1, 0.0, [None] * len(texts))
+            for i, group in zip(wrong, refs):
+                ref = group[0].text
+                why = out[i].reason if ref else out[i].reason + "; the judge model wrote no reference step"
+                out[i] = replace(out[i], reference=ref, reason=why)
+        return out

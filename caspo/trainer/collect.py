@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Sequence
 
 from caspo.progress import bar as progress_bar
@@ -81,10 +82,13 @@ class RoundReport:
         }
 
 
-def solution_of(task: Task, problem: Problem, steps, mode: str) -> Solution | None:
+_NO_STEP = SimpleNamespace(correct=False, reference="", reason="empty step", p_correct=0.0)
+
+
+def solution_of(task: Task, problem: Problem, steps, mode: str, delimiter: str = "\n") -> Solution | None:
     """A rolled-out solution (generator ``Step`` messages) as a :class:`Solution` scored for ``mode``:
     ``trajectory``, mean token log-prob of the whole solution; ``crew``, confidence in its final answer.
-    None for a solution with no text."""
+    Its text is the steps joined with ``delimiter`` (model.step_delimiter). None for a solution with no text."""
     steps = [st for st in steps if st.text.strip()]
     if not steps:
         return None
@@ -97,25 +101,28 @@ def solution_of(task: Task, problem: Problem, steps, mode: str) -> Solution | No
     else:
         raise ValueError(f"mode must be trajectory or crew, got {mode!r}")
     correct = task.answer_correct(problem, final_answer(last.text))
-    return Solution(text="\n".join(st.text for st in steps), correct=bool(correct), score=float(score))
+    return Solution(text=delimiter.join(st.text for st in steps), correct=bool(correct), score=float(score))
 
 
-async def solution_pairs(client, task: Task, problems: Sequence[Problem], cfg: PairsConfig, round_: int, mode: str, progress: bool = True):
+async def solution_pairs(client, task: Task, problems: Sequence[Problem], cfg: PairsConfig, round_: int, mode: str, progress: bool = True, prompter=None):
     """Pairs of whole solutions from ``cfg.candidates`` samples per question (the sample budget of K
     candidates per step), by ``caspo.core.pairs.solution_pair``: ``trajectory`` (the control) scores a
     solution by its mean token log-prob, ``crew`` (CRew-DPO) by its confidence in its final answer.
-    Returns (pairs, skip counts, policy version)."""
+    ``prompter`` builds model input and gives the step delimiter (default: the task's plain prompt, a
+    step a line). Returns (pairs, skip counts, policy version)."""
+    prompt = prompter or task.prompt
+    delimiter = getattr(prompter, "delimiter", "\n")
     kk = cfg.candidates
     rows, skipped, version = [], Counter(), 0
     bar = progress_bar(len(problems), f"round {round_} {mode} pairs", "q", progress)
     for s in range(0, len(problems), cfg.batch):
         chunk = problems[s : s + cfg.batch]
-        prompts = [task.prompt(p.question) for p in chunk for _ in range(kk)]
+        prompts = [prompt(p.question) for p in chunk for _ in range(kk)]
         seeds = [derive_seed(cfg.seed, round_, p.id, j) for p in chunk for j in range(kk)]
         resp = await client.rollout(prompts, cfg.temperature, cfg.max_steps, seeds)
         version = resp.policy_version
         for i, p in enumerate(chunk):
-            sols = [solution_of(task, p, tr.steps, mode) for tr in resp.trajectories[i * kk : (i + 1) * kk]]
+            sols = [solution_of(task, p, tr.steps, mode, delimiter) for tr in resp.trajectories[i * kk : (i + 1) * kk]]
             out = solution_pair([x for x in sols if x is not None])
             if isinstance(out, Skip):
                 skipped[out.reason] += 1
@@ -123,7 +130,7 @@ async def solution_pairs(client, task: Task, problems: Sequence[Problem], cfg: P
             chosen, rejected = out
             rows.append(
                 Pair(
-                    prompt=task.prompt(p.question),
+                    prompt=prompt(p.question),
                     chosen=chosen.text,
                     rejected=rejected.text,
                     case=CASE_CREW if mode == "crew" else CASE_TRAJECTORY,
@@ -143,8 +150,11 @@ async def _score(client, prompts, steps) -> list:
     return list((await client.score(prompts, steps)).scores) if steps else []
 
 
-async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfig, round_: int, on_done=None):
-    """Corrected trajectories for a chunk of problems; returns step records, critic name, version."""
+async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfig, round_: int, on_done=None, prompt=None):
+    """Corrected trajectories for a chunk of problems; returns step records, critic name, version.
+    ``prompt``: what builds model input (a Prompter: model.prompt_format and model.step_delimiter);
+    default the task's plain prompt with one step a line."""
+    prompt = prompt or task.prompt
     prefixes: list[list[str]] = [[] for _ in problems]
     active = list(range(len(problems)))
     records: list[StepRecord] = []
@@ -152,7 +162,7 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
     for t in range(cfg.max_steps):
         if not active:
             break
-        prompts = [prefix_text(task.prompt, problems[i].question, prefixes[i]) for i in active]
+        prompts = [prefix_text(prompt, problems[i].question, prefixes[i]) for i in active]
         seeds = [derive_seed(cfg.seed, round_, problems[i].id, t) for i in active]
         gen = await client.propose(prompts, cfg.candidates, cfg.temperature, seeds)
         version = gen.policy_version
@@ -164,10 +174,14 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
         scored, verdicts = await asyncio.gather(
             _score(client, [flat_prompts[j] for j in keep], [flat_steps[j] for j in keep]),
             client.judge(
-                [(problems[i].id, problems[i].question, prefixes[i], s) for i, cs in zip(active, cands) for s in cs]
+                [(problems[i].id, problems[i].question, prefixes[i], s) for i, cs in zip(active, cands) for s in cs if s.strip()],
+                scope=f"round:{round_}",
             ),
         )
         critic_name = verdicts.critic
+        # the critic refuses empty steps as the scorer does: they are wrong, with no reference
+        judged = iter(verdicts.verdicts)
+        flat_verdicts = [next(judged) if s.strip() else _NO_STEP for s in flat_steps]
         scores = [None] * len(flat_steps)
         for j, score in zip(keep, scored):
             scores[j] = score
@@ -175,7 +189,7 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
         still = []
         for i, cs in zip(active, cands):
             sc = scores[k : k + len(cs)]
-            vd = verdicts.verdicts[k : k + len(cs)]
+            vd = flat_verdicts[k : k + len(cs)]
             k += len(cs)
             own, own_v = cs[0], vd[0]
             competitors = [
@@ -196,7 +210,7 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
             )
             nxt = own if (own_v.correct and own.strip()) else own_v.reference
             prefixes[i].append(nxt)
-            if is_final(nxt):
+            if is_final(nxt) or not nxt.strip():  # an answer, or nothing to go on with
                 if on_done:
                     on_done(1)
             else:
@@ -234,7 +248,9 @@ async def collect_round(
     progress: bool = True,
     store: bool = True,
     desc: str | None = None,
+    prompter=None,
 ) -> RoundReport:
+    """One data round over ``problems``; ``prompter`` builds model input (default: the task's plain prompt)."""
     bar = progress_bar(len(problems), desc or f"round {round_} pairs", "q", progress)
     records: list[StepRecord] = []
     critic, version = "", 0
@@ -242,7 +258,7 @@ async def collect_round(
 
     async def run(chunk):
         async with sem:
-            return await _walk(client, task, chunk, cfg, round_, on_done=bar.update)
+            return await _walk(client, task, chunk, cfg, round_, on_done=bar.update, prompt=prompter)
 
     chunks = [problems[i : i + cfg.batch] for i in range(0, len(problems), cfg.batch)]
     for recs, c, v in await asyncio.gather(*(run(ch) for ch in chunks)):

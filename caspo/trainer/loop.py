@@ -41,6 +41,7 @@ from caspo.evaluation import METRICS as ROUND_METRICS
 from caspo.evaluation import evaluate_async, write_records
 from caspo.mesh.client import MeshClient, MeshProposer
 from caspo.models.hf import resolve_model_path
+from caspo.models.prompting import load_prompter
 from caspo.netutil import redact_url
 from caspo.progress import say
 from caspo.tasks import get_task
@@ -124,7 +125,9 @@ class RoundController:
         self.state = RunState(self.run_dir, redis_url, self.cfg.loop.run)
         if self.state.policy(0) is None:
             self.state.set_policy(0, resolve_model_path(self.cfg.model.policy))
-        self.task = get_task(self.cfg.task.name, self.cfg.task.data)
+        self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
+        # model input in the policy's format (model.prompt_format, model.step_delimiter); only its tokenizer is read
+        self.prompter = load_prompter(self.cfg.model, self.task)
         self.eval_problems = self.task.problems(self.cfg.loop.eval_n, seed=self.cfg.loop.eval_seed, split="test")
         self.rows_path = self.run_dir / "rounds.jsonl"
 
@@ -180,7 +183,7 @@ class RoundController:
         if self.cfg.loop.pairs in ("trajectory", "crew"):
             summary = await self._solution_pairs(k, problems, pcfg, progress, self.cfg.loop.pairs)
         else:
-            rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress, desc=f"round {k} pairs")
+            rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress, desc=f"round {k} pairs", prompter=self.prompter)
             summary = rep.summary()
         summary["seconds"] = round(time.time() - t0, 1)
         summary["store_round"] = self._sr(k)
@@ -190,7 +193,7 @@ class RoundController:
         log.info("round %d pairs: %s", k, summary["pairs"])
 
     async def _solution_pairs(self, k: int, problems, pcfg: PairsConfig, progress: bool, mode: str) -> dict:
-        rows, skipped, version = await solution_pairs(self.client, self.task, problems, pcfg, k, mode, progress)
+        rows, skipped, version = await solution_pairs(self.client, self.task, problems, pcfg, k, mode, progress, prompter=self.prompter)
         added = dup = 0
         for i in range(0, len(rows), 500):
             r = await self.client.put_pairs(self._sr(k), rows[i : i + 500])
@@ -233,7 +236,7 @@ class RoundController:
             metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), dpo, progress)
             metrics.pop("history", None)
             if self.cfg.loop.drift:
-                heldout = [(self.task.prompt(p.question), "".join(s + self.cfg.dpo.delimiter for s in p.gold_steps)) for p in self.eval_problems[:200]]
+                heldout = [(self.prompter(p.question), "".join(s + self.cfg.dpo.delimiter for s in p.gold_steps)) for p in self.eval_problems[:200]]
                 metrics["drift"] = await asyncio.to_thread(round_drift, prev, str(out), pairs, heldout, self.cfg.dpo.delimiter)
         await self._ack(k, ids)
         metrics["pairs_read"] = len(pairs)
@@ -247,7 +250,7 @@ class RoundController:
 
     async def _eval(self, k: int, progress: bool) -> dict:
         lc = self.cfg.loop
-        proposer = MeshProposer(self.client, self.task.prompt)
+        proposer = MeshProposer(self.client, self.prompter, self.prompter.delimiter)
         greedy = await evaluate_async(proposer, self.task, self.eval_problems, SearchConfig(method="greedy", seed=lc.eval_seed), batch=lc.eval_batch, progress=progress, desc=f"round {k} eval greedy")
         # CaT as the paper writes it (Algorithm 2, entropy confidence) and the project's recommended CaT
         alg2 = SearchConfig(method="cat", k=lc.cat_k, tau=lc.cat_tau, scoring="entropy", temperature=0.7, seed=lc.eval_seed)

@@ -162,6 +162,43 @@ def test_openai_client_chat_completions_and_models(served):
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}], extra_body={"k": 0})
 
 
+def test_openai_client_streams_a_cat_answer(served):
+    import openai
+
+    cfg, _ = served
+    client = openai.OpenAI(base_url=_http(cfg) + "/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="caspo-arith",
+        messages=[{"role": "user", "content": QUESTION}],
+        stream=True,
+        extra_body={"method": "cat", "k": 4, "tau": 0.3, "seed": 7},
+    )
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks) and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *body, last = chunks[1:]
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1]) and last.choices[0].finish_reason == "stop"
+    # a chunk per committed step, the same steps as the unary gRPC answer for the same seed
+    grpc_result = list(solve_grpc(_grpc(cfg), QUESTION, method="cat", k=4, tau=0.3, seed=7))[-1]["result"]
+    assert [c.choices[0].delta.content for c in body] == [s["text"] if i == 0 else "\n" + s["text"] for i, s in enumerate(grpc_result["steps"])]
+    extra = last.model_extra["caspo"]
+    assert extra["answer"] == grpc_result["answer"] and extra["policy_version"] == 0
+    assert [s["text"] for s in extra["steps"]] == [s["text"] for s in grpc_result["steps"]]
+    assert [s["confidence"] for s in extra["steps"]] == pytest.approx([s["confidence"] for s in grpc_result["steps"]], rel=1e-5)  # gRPC: float32
+    assert last.usage.completion_tokens == extra["tokens_generated"]
+    # the deltas add up to the non-streamed message
+    whole = client.chat.completions.create(model="caspo-arith", messages=[{"role": "user", "content": QUESTION}], extra_body={"method": "cat", "k": 4, "tau": 0.3, "seed": 7})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    # on the wire: server-sent events ending with [DONE]
+    body = {"model": "caspo-arith", "messages": [{"role": "user", "content": QUESTION}], "stream": True, "method": "greedy"}
+    req = urllib.request.Request(_http(cfg) + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events = [e for e in resp.read().decode().split("\n\n") if e.strip()]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    assert json.loads(events[-2][len("data: "):])["caspo"]["method"] == "greedy"
+
+
 GRPC_BAD = [
     (dict(question=""), "question is empty"),
     (dict(question="   "), "question is empty"),
@@ -225,8 +262,8 @@ def test_http_malformed_json_and_the_service_keeps_serving(served):
     assert status == 422
     status, out = _post(_http(cfg) + "/v1/chat/completions", {"model": "caspo-arith", "messages": [], "method": "greedy"})
     assert status == 422 and "messages" in json.dumps(out)
-    status, out = _post(_http(cfg) + "/v1/chat/completions", {"model": "caspo-arith", "messages": [{"role": "user", "content": QUESTION}], "stream": True})
-    assert status == 422 and "stream" in json.dumps(out)
+    status, out = _post(_http(cfg) + "/v1/chat/completions", {"model": "caspo-arith", "messages": [{"role": "user", "content": QUESTION}], "stream": True, "k": 0})
+    assert status == 422 and "k must be in" in json.dumps(out)  # a bad streamed request is refused before any event
     with pytest.raises(SolveError, match="INVALID_ARGUMENT"):
         list(solve_grpc(_grpc(cfg), ""))
     assert solve_http(_http(cfg), QUESTION, method="greedy")["has_answer"]

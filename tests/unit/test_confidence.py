@@ -132,3 +132,12 @@ def test_topk_estimate_bounds_tighten_monotonically_with_k():
         assert all(lo <= exact + 1e-5 <= up + 2e-5 for lo, up in zip(lowers, uppers))
         assert lowers[-1] == pytest.approx(exact, abs=1e-6)
         assert uppers[-1] == pytest.approx(exact, abs=1e-6)
+
+
+def test_verdict_probability_renormalises_yes_against_no():
+    from caspo.core.confidence import verdict_probability
+
+    assert verdict_probability(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
+    assert verdict_probability(-1000.0, -1001.0) == pytest.approx(1 / (1 + math.exp(-1)))  # no underflow
+    assert verdict_probability(0.0, -math.inf) == 1.0 and verdict_probability(-math.inf, 0.0) == 0.0
+    assert math.isnan(verdict_probability(-math.inf, -math.inf))

@@ -1,0 +1,184 @@
+"""task ``math``: competition-style problems with LaTeX final answers (MATH, MATH500, AIME, ...).
+
+Data: a JSONL file (one object a line), a Parquet file, or a directory written by ``datasets``'
+``save_to_disk`` (read with ``load_from_disk``; a ``DatasetDict`` gives its ``train``/``test`` splits),
+each record with a problem, a final answer and optionally a worked solution. The field names are
+config keys (``task.problem_field``, ``task.answer_field``, ``task.solution_field``; defaults
+``problem``, ``answer``, ``solution``, as in MATH500). A record without an answer field takes the last
+``\\boxed{}`` of its solution. A record that has neither, or a problem that is not a non-empty string,
+is refused with the file, the line (or row) and the field.
+
+Final answers are compared with ``math-verify`` (:mod:`caspo.tasks.answers`), in a worker process
+with a timeout per comparison. Intermediate steps have no exact verifier here: ``judge`` returns
+them unchecked (``Judgement.checked`` False), evaluation leaves them out of step metrics, and the
+config refuses ``critic.kind: exact`` for this task (the judge critic verifies steps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow.parquet as pq
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from caspo.core.steps import final_answer, split_steps
+from caspo.tasks.answers import DEFAULT_TIMEOUT_S, AnswerChecker
+from caspo.tasks.base import Judgement, Problem, TaskError
+
+SOLUTION_DELIMITER = "\n\n"  # a worked solution's steps are its paragraphs
+
+
+def _problem(obj, where: str, fields: tuple[str, str, str], idx: str, meta: dict) -> Problem:
+    pf, af, sf = fields
+    if not isinstance(obj, dict):
+        raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if pf not in obj:
+        raise TaskError(f"{where}: missing field {pf!r} (task.problem_field)")
+    if not isinstance(obj[pf], str) or not obj[pf].strip():
+        raise TaskError(f"{where}: field {pf!r} must be a non-empty string")
+    solution = obj.get(sf)
+    if solution is not None and not isinstance(solution, str):
+        raise TaskError(f"{where}: field {sf!r} must be a string, got {type(solution).__name__}")
+    answer = obj.get(af)
+    if isinstance(answer, bool) or (answer is not None and not isinstance(answer, (str, int, float))):
+        raise TaskError(f"{where}: field {af!r} must be a string or a number, got {type(answer).__name__}")
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        answer = final_answer(solution) if solution else None
+        if not answer:
+            raise TaskError(f"{where}: missing field {af!r} (task.answer_field) and no \\boxed{{}} answer in {sf!r}")
+    steps = tuple(split_steps(solution, SOLUTION_DELIMITER)) if solution else ()
+    return Problem(id=f"math-{idx}", question=obj[pf].strip(), answer=str(answer).strip(), gold_steps=steps, meta=meta)
+
+
+def load_math(path: str | Path, fields: tuple[str, str, str] = ("problem", "answer", "solution"), split: str | None = None) -> list[Problem]:
+    """Problems from a JSONL file, a Parquet file or a ``save_to_disk`` directory. ``split`` picks one
+    split of a DatasetDict; without it every split is read and remembered (``meta["split"]``)."""
+    p = Path(path)
+    if p.is_dir():
+        try:
+            ds = load_from_disk(str(p))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise TaskError(f"{path}: not a dataset saved with save_to_disk ({str(e).splitlines()[0]})") from None
+        if isinstance(ds, DatasetDict):
+            if split is not None and split not in ds:
+                raise TaskError(f"{path}: no split {split!r} (task.split); it has {', '.join(ds)}")
+            parts = [(split, ds[split])] if split is not None else list(ds.items())
+        else:
+            parts = [(None, ds)]
+        out = []
+        for name, d in parts:
+            assert isinstance(d, Dataset)
+            for i, row in enumerate(d, 1):
+                tag = f"{name}-{i}" if name else str(i)
+                out.append(_problem(row, f"{path}, {'split ' + name + ', ' if name else ''}row {i}", fields, tag, {"row": i, "split": name, "path": str(path)}))
+        return out
+    if not p.is_file():
+        raise TaskError(f"data file not found: {path}")
+    if p.suffix == ".parquet":
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises its own kinds for a broken file
+            raise TaskError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        return [_problem(r, f"{path}, row {i}", fields, str(i), {"row": i, "path": str(path)}) for i, r in enumerate(rows, 1)]
+    out = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            out.append(_problem(obj, where, fields, str(lineno), {"line": lineno, "path": str(path)}))
+    if not out:
+        raise TaskError(f"{path}: no problems")
+    return out
+
+
+class MathTask:
+    name = "math"
+    test_fraction = 10  # without dataset splits, one problem in this many (by hash) is "test"
+
+    def __init__(
+        self,
+        path: str | Path,
+        problem_field: str = "problem",
+        answer_field: str = "answer",
+        solution_field: str = "solution",
+        split: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ):
+        self.path = Path(path)
+        self._problems = load_math(path, (problem_field, answer_field, solution_field), split)
+        self.checker = AnswerChecker(timeout_s)
+        # final answers that were not compared, by why (unparsable, timed out): marked wrong and counted here
+        self.answer_errors: Counter = Counter()
+
+    # ---- problems ---------------------------------------------------------------------------
+    def split_of(self, p: Problem) -> str:
+        named = p.meta.get("split")
+        if named in ("train", "test"):
+            return named
+        h = int(hashlib.sha1(p.question.encode("utf-8")).hexdigest(), 16)
+        return "test" if h % self.test_fraction == 0 else "train"
+
+    def all_problems(self, split: str = "any") -> list[Problem]:
+        if split not in ("train", "test", "any"):
+            raise ValueError(f"split must be train, test or any, got {split!r}")
+        return [p for p in self._problems if split == "any" or self.split_of(p) == split]
+
+    def problems(self, n: int | None, seed: int, split: str = "test") -> list[Problem]:
+        if n is not None and n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        pool = self.all_problems(split)
+        random.Random(f"math:{seed}:{split}").shuffle(pool)
+        return pool if n is None else pool[:n]
+
+    # ---- format -----------------------------------------------------------------------------
+    def question(self, text: str) -> str:
+        if not text or not text.strip():
+            raise TaskError("empty question")
+        return text.strip()
+
+    def prompt(self, question: str) -> str:
+        """The plain format (a base model); chat models get their chat template (caspo.models.prompting)."""
+        return f"Problem: {question.strip()}\nSolution:\n"
+
+    # ---- critic -----------------------------------------------------------------------------
+    def reference_step(self, problem: Problem, prefix: Sequence[str]) -> str:
+        i = len(prefix)
+        return problem.gold_steps[i] if i < len(problem.gold_steps) - 1 else f"The final answer is $\\boxed{{{problem.answer}}}$."
+
+    def judge(self, problem: Problem, prefix: Sequence[str], step: str) -> Judgement:
+        ref = self.reference_step(problem, prefix)
+        ans = final_answer(step)
+        if ans is None:
+            return Judgement(True, ref, "not checked: task math verifies final answers only (critic.kind judge verifies steps)", checked=False)
+        v = self.checker.check(problem.answer, ans)
+        if v.error:
+            self.answer_errors[v.error] += 1
+            return Judgement(False, ref, f"final answer {ans!r} not compared: {v.error}")
+        if v.equivalent:
+            return Judgement(True, ref, "final answer correct")
+        return Judgement(False, ref, f"final answer {ans!r}, expected {problem.answer!r}")
+
+    def answer_correct(self, problem: Problem, answer: str | None) -> bool:
+        if answer is None:
+            return False
+        v = self.checker.check(problem.answer, answer)
+        if v.error:
+            self.answer_errors[v.error] += 1
+        return v.equivalent
+
+    def error_kind(self, reason: str) -> str:
+        if "not compared" in reason:
+            return "unparsable answer"
+        if reason.startswith("final answer"):
+            return "wrong final answer"
+        return reason
