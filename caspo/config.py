@@ -161,6 +161,11 @@ class DPOTrainConfig:
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
     use_gpu: bool = False
     resources: dict = field(default_factory=dict)  # extra custom Ray resources per worker (a trainer group)
+    # shard weights, gradients and AdamW moments over the workers (FSDP2 through HF Trainer/accelerate,
+    # each decoder layer a unit) instead of replicating them (DDP): what a 7B policy needs (~16 bytes a
+    # parameter). fsdp_config: TrainingArguments.fsdp_config (cpu_offload, activation_checkpointing, ...)
+    fsdp: bool = False
+    fsdp_config: dict = field(default_factory=dict)
     checkpoint_steps: int = 20  # optimizer steps between resumable checkpoints in the scratch dir (0: none)
     max_failures: int = 3  # Ray Train restarts of the worker group after a worker dies (resumes from a checkpoint)
 
@@ -341,6 +346,8 @@ def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
             raise ValueError
         if t.startswith("str"):
             return str(value)
+        if (t.startswith("dict") and not isinstance(value, dict)) or (t.startswith("list") and not isinstance(value, list)):
+            raise ValueError
     except (TypeError, ValueError):
         raise ConfigError(f"{section}.{key} must be {t.split(' ')[0]}, got {value!r}") from None
     return value
@@ -413,6 +420,7 @@ def validate(cfg: Config) -> None:
     need(cfg.critic.kind in ("exact", "llm", "judge"), f"critic.kind must be exact, llm or judge, got {cfg.critic.kind!r}")
     need(cfg.critic.kind not in ("llm", "judge") or bool(cfg.critic.model), f"critic.kind {cfg.critic.kind} needs critic.model")
     need(0.0 <= cfg.critic.threshold <= 1.0, f"critic.threshold must be in [0, 1], got {cfg.critic.threshold}")
+    need(not cfg.dpo.fsdp or cfg.dpo.use_gpu, "dpo.fsdp needs dpo.use_gpu: true (accelerate shards only across GPUs; on CPU it would silently replicate)")
     need(cfg.dpo.loss_type in ("sigmoid", "ipo", "dpop"), f"dpo.loss_type must be sigmoid, ipo or dpop, got {cfg.dpo.loss_type!r}")
     need(cfg.dpo.loss_type != "dpop" or cfg.dpo.precompute_ref_log_probs, "dpo.loss_type dpop needs dpo.precompute_ref_log_probs: true")
     need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")

@@ -14,6 +14,9 @@ How the pieces fit:
   launch) is involved;
 * each worker runs :func:`_train_loop`: load policy, reference and tokenizer, build the ``datasets.Dataset``,
   run ``DPOTrainer`` (wrapped by Ray's ``prepare_trainer``), then rank 0 writes the trained policy;
+* with ``fsdp`` (GPUs only) accelerate shards the policy with FSDP2 instead of DDP, each decoder layer a unit:
+  weights, gradients and AdamW moments are split over the workers, which is what a 7B policy needs; the whole
+  weights are gathered onto rank 0 to be written;
 * the loop's return value on rank 0 (``Result.return_value``, Ray Train V2) carries the metrics back; each rank
   also calls ``ray.train.report`` once with the summary so Ray's own callbacks see it (and so V1's
   ``Result.metrics`` carries it when ``RAY_TRAIN_V2_ENABLED=0``).
@@ -118,6 +121,7 @@ def _rows(pairs: Sequence[Pair], delimiter: str) -> list[dict]:
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # settings that do not change the trained model: a re-run that differs only in these still resumes
+_FSDP_MODEL = "pytorch_model_fsdp.bin"  # accelerate's save_fsdp_model file (FULL_STATE_DICT)
 _NOT_IN_FINGERPRINT = ("checkpoint_steps", "max_failures", "cpus_per_worker", "resources")
 
 
@@ -163,6 +167,8 @@ def _checkpoint_complete(ckpt: Path, world: int) -> bool:
     if not isinstance(state, dict) or state.get("global_step") != int(m.group(1)):
         return False
     rng = ["rng_state.pth"] if world <= 1 else [f"rng_state_{r}.pth" for r in range(world)]
+    if (ckpt / _FSDP_MODEL).exists():  # under FSDP (full state dict) rank 0 writes the gathered weights and optimizer
+        return all(_zip_ok(ckpt / name) for name in [_FSDP_MODEL, "optimizer.bin", "scheduler.pt", *rng])
     if not all(_zip_ok(ckpt / name) for name in ["optimizer.pt", "scheduler.pt", *rng]):
         return False
     index = ckpt / "model.safetensors.index.json"
@@ -351,6 +357,14 @@ def _loss(cfg: DPOTrainConfig) -> dict:
     }
 
 
+def _sharding(s: DPOTrainConfig) -> dict:
+    """``TrainingArguments`` for FSDP (none under plain DDP). The trained policy is gathered whole for
+    saving (``FULL_STATE_DICT``), so the published model is one ``from_pretrained`` directory."""
+    if not s.fsdp:
+        return {}
+    return {"fsdp": True, "fsdp_config": {**s.fsdp_config, "state_dict_type": "FULL_STATE_DICT"}}
+
+
 def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_dir: str, use_gpu: bool = False, progress: bool = False) -> _StepDPOTrainer:
     """TRL's trainer for one round, with the project's loss and checkpointing; Ray Train's workers and the
     loss tests build it the same way."""
@@ -384,8 +398,22 @@ def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_di
         dataloader_num_workers=0,
         # every parameter gets a gradient (tied embeddings included); searching for unused ones costs a pass
         ddp_find_unused_parameters=False,
+        **_sharding(s),
     )
     return _StepDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=train_ds, processing_class=tokenizer, **loss["trainer"])
+
+
+def save_policy(model, tok, state: dict, path: Path, dtype: torch.dtype) -> None:
+    """Write a trained policy as one ``from_pretrained`` directory: ``state`` (the whole weights) in ``dtype``
+    (bf16 after GPU training: what vLLM serves, half the bytes of the float32 master weights)."""
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    if dtype != torch.float32:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+    model.config.dtype = dtype  # save_pretrained wrote the in-memory (float32) parameters' dtype
+    model.config.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
 
 
 def _train_loop(config: dict) -> dict:
@@ -404,19 +432,24 @@ def _train_loop(config: dict) -> dict:
             dist.barrier()
 
     use_gpu = s.use_gpu and torch.cuda.is_available()
+    if s.fsdp and not use_gpu:
+        raise RuntimeError("dpo.fsdp needs a GPU on every trainer worker (accelerate shards only across GPUs); none is visible here")
     bf16 = use_gpu and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    # the policy's weights stay float32 (the optimizer's master copy) and bf16 is autocast compute: an AdamW
+    # step at the paper's lr 5e-7 is far below bf16's resolution of a weight (~1e-4 at 0.02) and would be
+    # rounded away in bf16 weights. The frozen reference only scores, so bf16 does for it.
+    ref_dtype = torch.bfloat16 if bf16 else torch.float32
 
     tok = AutoTokenizer.from_pretrained(config["policy_path"])
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # DPOTrainer's requirement for its processing class
-    policy = AutoModelForCausalLM.from_pretrained(config["policy_path"], dtype=dtype, use_safetensors=True)
+    policy = AutoModelForCausalLM.from_pretrained(config["policy_path"], dtype=torch.float32, use_safetensors=True)
     same = os.path.realpath(config["policy_path"]) == os.path.realpath(config["ref_path"])
     ref = None
     if not (same and s.precompute_ref_log_probs):
         # with the same weights and precomputation, TRL scores the reference with the initial policy itself
-        ref = AutoModelForCausalLM.from_pretrained(config["ref_path"], dtype=dtype, use_safetensors=True)
+        ref = AutoModelForCausalLM.from_pretrained(config["ref_path"], dtype=ref_dtype, use_safetensors=True)
 
     data_dir = run_dir / "data"
     trainer_dir = run_dir / "trainer"
@@ -476,15 +509,14 @@ def _train_loop(config: dict) -> dict:
         "workers": int(world),
     }
 
+    staging = run_dir / "model"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a rank 0 killed while writing it
+    barrier()
+    state = trainer.accelerator.get_state_dict(trainer.model)  # every rank: under FSDP the shards gather on rank 0
     if rank == 0:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        model.eval()
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
-        staging = run_dir / "model"
-        shutil.rmtree(staging, ignore_errors=True)  # left by a rank 0 killed while writing it
-        model.save_pretrained(str(staging), safe_serialization=True)
-        tok.save_pretrained(str(staging))
+        save_policy(model, tok, state, staging, torch.bfloat16 if bf16 else torch.float32)
         os.replace(staging, config["out_dir"])  # one rename: readers see no model or the whole model
     barrier()
     ray.train.report(summary)
@@ -534,6 +566,8 @@ def train_dpo(
     rows = _rows(pairs, cfg.delimiter)
     if cfg.num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {cfg.num_workers}")
+    if cfg.fsdp and not cfg.use_gpu:
+        raise ValueError("fsdp needs use_gpu: accelerate shards only across GPUs (on CPU it would silently replicate)")
     if cfg.checkpoint_steps < 0 or cfg.max_failures < -1:
         raise ValueError("checkpoint_steps must be >= 0 and max_failures >= -1 (-1: restart without limit)")
     for name, p in (("policy", policy_path), ("reference", ref_path)):

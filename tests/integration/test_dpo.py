@@ -90,3 +90,69 @@ def test_dpo_two_workers_improves_margin(ray_local, arith_pairs, tmp_path):
     new_margin = _mean_margin(str(out), arith_pairs)
     print(f"log-prob margin chosen-rejected: reference {ref_margin:.3f} -> trained {new_margin:.3f}")
     assert new_margin > ref_margin
+
+
+def test_save_policy_writes_bf16_weights_that_load(tmp_path):
+    """After GPU training the float32 master weights are published in bf16: half the bytes, what vLLM serves."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from caspo.trainer.dpo import save_policy
+
+    tiny = str(resolve_tiny())
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    save_policy(model, tok, model.state_dict(), tmp_path / "bf16", torch.bfloat16)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    assert (tmp_path / "bf16" / "tokenizer.json").exists()
+    ids = tok("Q:12+7*3-5\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).logits
+        got = back(ids).logits.float()
+    assert (got - want).abs().max() < 0.5  # bf16 rounding of the same weights (logits ~20), not other weights
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_fsdp_is_refused_without_gpus(tmp_path):
+    """accelerate shards only across GPUs: on CPU it would train replicated under the name FSDP, so say so."""
+    from caspo.config import ConfigError, load_config
+
+    tiny = str(resolve_tiny())
+    with pytest.raises(ValueError, match="fsdp needs use_gpu"):
+        train_dpo(make_arith_pairs(2, seed=1), tiny, tiny, str(tmp_path / "out"), DPOTrainConfig(fsdp=True))
+    with pytest.raises(ConfigError, match="dpo.fsdp needs dpo.use_gpu"):
+        load_config(None, ["dpo.fsdp=true"])
+    cfg = load_config(None, ["dpo.fsdp=true", "dpo.use_gpu=true", "dpo.fsdp_config={cpu_offload: true}"])
+    assert cfg.dpo.fsdp and cfg.dpo.fsdp_config == {"cpu_offload": True}
+
+
+def test_fsdp_settings_reach_accelerate_as_full_state_dict(tmp_path):
+    """The real TrainingArguments take the sharding settings: FSDP2, the user's fsdp_config kept, and the
+    whole-weights state dict the published model is gathered with."""
+    from trl import DPOConfig
+
+    from caspo.trainer.dpo import _sharding
+
+    assert _sharding(DPOTrainConfig()) == {}
+    s = DPOTrainConfig(fsdp=True, use_gpu=True, fsdp_config={"cpu_offload": True, "state_dict_type": "SHARDED_STATE_DICT"})
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **_sharding(s))
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2
+    assert plugin["cpu_offload"] is True
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="FSDP shards only across GPUs")
+def test_fsdp_round_on_gpu(ray_local, arith_pairs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny = str(resolve_tiny())
+    out = tmp_path / "policy-fsdp"
+    s = DPOTrainConfig(num_workers=1, per_device_batch_size=12, epochs=3, learning_rate=2e-4, use_gpu=True, fsdp=True, cpus_per_worker=1)
+    m = train_dpo(arith_pairs, tiny, tiny, str(out), s, progress=False)
+    assert m["steps"] == 6 and m["loss_end"] < m["loss_start"]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert next(model.parameters()).dtype.is_floating_point
+    assert _mean_margin(str(out), arith_pairs) > _mean_margin(tiny, arith_pairs)

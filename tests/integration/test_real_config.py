@@ -26,7 +26,7 @@ def test_one_round_of_the_qwen_math_config_with_tiny_chat_and_the_judge(tmp_path
     DatasetDict({"train": Dataset.from_list(rows[:6]), "test": Dataset.from_list(rows[6:])}).save_to_disk(str(tmp_path / "math"))
     sets = [
         "model.policy=tiny-chat", "model.backend=hf", "critic.model=tiny-chat", f"task.data={tmp_path / 'math'}",
-        "mesh.placement={}", "dpo.use_gpu=false", "dpo.resources={}", "dpo.cpus_per_worker=0.5", "dpo.num_workers=1",
+        "mesh.placement={}", "dpo.use_gpu=false", "dpo.fsdp=false", "dpo.resources={}", "dpo.cpus_per_worker=0.5", "dpo.num_workers=1",
         "dpo.per_device_batch_size=4", "dpo.gradient_accumulation_steps=1", "dpo.max_length=512", "dpo.gradient_checkpointing=false",
         f"mesh.run_dir={tmp_path / 'mesh'}", "mesh.host=127.0.0.1", "mesh.num_cpus=2", "mesh.namespace=caspo-real-config-test",
         f"loop.runs_dir={tmp_path}", "loop.questions=4", "loop.eval_n=2", "loop.cat_k=2", "loop.eval_batch=2",

@@ -189,6 +189,24 @@ def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
     assert _latest_checkpoint(tmp_path / "absent", 2) is None
 
 
+def test_fsdp_checkpoints_count_when_their_gathered_files_are_whole(tmp_path):
+    """Under FSDP rank 0 writes the gathered weights and optimizer as ``pytorch_model_fsdp.bin`` and
+    ``optimizer.bin`` (accelerate's names): such a checkpoint resumes; one with either file cut does not."""
+    import torch
+
+    root = tmp_path / "trainer"
+    good = _fake_checkpoint(root, 2)
+    for ckpt in (good, _fake_checkpoint(root, 4)):
+        (ckpt / "optimizer.pt").unlink()
+        torch.save({"w": torch.zeros(4)}, ckpt / "pytorch_model_fsdp.bin")
+        torch.save({"state": {}}, ckpt / "optimizer.bin")
+    cut = root / "checkpoint-4"
+    (cut / "optimizer.bin").write_bytes((cut / "optimizer.bin").read_bytes()[:20])
+    assert _checkpoint_complete(good, 2)
+    assert not _checkpoint_complete(cut, 2)
+    assert _latest_checkpoint(root, 2) == good
+
+
 def test_fingerprint_follows_pairs_and_result_changing_settings(pairs):
     tiny = str(resolve_tiny())
     s = DPOTrainConfig()
