@@ -174,10 +174,15 @@ def read_records(path: str | Path) -> list[ProblemRecord]:
 def compare(a: "EvalReport", b: "EvalReport", seed: int = 0, resamples: int = stats.DEFAULT_RESAMPLES) -> dict:
     """B − A on the same problems: each metric's paired difference with its paired bootstrap interval
     (both reports resampled with the same problem indices), and the exact McNemar test on accuracy."""
-    ids_a, ids_b = [r.id for r in a.records], [r.id for r in b.records]
+    return compare_records(a.records, b.records, seed, resamples)
+
+
+def compare_records(records_a: Sequence[ProblemRecord], records_b: Sequence[ProblemRecord], seed: int = 0, resamples: int = stats.DEFAULT_RESAMPLES) -> dict:
+    """:func:`compare` on per-problem records (what :func:`write_records` wrote)."""
+    ids_a, ids_b = [r.id for r in records_a], [r.id for r in records_b]
     if ids_a != ids_b:
         raise ValueError("compare needs two evaluations of the same problems in the same order")
-    ca, cb = _Columns(a.records), _Columns(b.records)
+    ca, cb = _Columns(records_a), _Columns(records_b)
     idx = np.arange(ca.n)
     out: dict = {"n": ca.n}
     for name in PAIRED:

@@ -25,6 +25,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from caspo.evaluation import compare_records, read_records
 from caspo.plots import pyplot
 
 __all__ = ["load_rounds", "write_report", "format_markdown_table", "SUMMARY_COLUMNS"]
@@ -150,20 +151,44 @@ def _signed(x: float) -> str:
     return f"{x:+.3f}"
 
 
-def _change_table(rows: list[dict]) -> str:
+def paired_change(run_dir, first: dict, last: dict) -> dict | None:
+    """Last round − first round on the same held-out problems, from the per-problem greedy records the
+    loop keeps (``eval/round<K>_greedy.jsonl``): paired bootstrap intervals and McNemar's p
+    (:func:`caspo.evaluation.compare_records`); None when either file is missing or they differ in problems."""
+    paths = [Path(run_dir) / "eval" / f"round{r['round']}_greedy.jsonl" for r in (first, last)]
+    if not all(p.is_file() for p in paths):
+        return None
+    try:
+        return compare_records(read_records(paths[0]), read_records(paths[1]))
+    except ValueError:
+        return None
+
+
+def _change_table(rows: list[dict], paired: dict | None = None) -> str:
+    """The change from the first round to the last; with ``paired`` (:func:`paired_change`), a metric that
+    has a paired interval is judged by it: "better"/"worse" only when the interval excludes zero."""
     first, last = rows[0], rows[-1]
     out = []
     for key, label, better in CHANGE_METRICS:
         a, b = _num(first.get(key)), _num(last.get(key))
         d = None if a is None or b is None else b - a
+        ci = (paired or {}).get(f"{key}_ci")
         if d is None:
             verdict = "-"
+        elif ci and ci[0] is not None and ci[0] <= 0 <= ci[1]:
+            verdict = "no change shown (interval holds 0)"
         elif abs(d) < 5e-4:
             verdict = "unchanged"
         else:
             verdict = "better" if (d > 0) == (better == "higher") else "worse"
-        out.append({"metric": label, "first": a, "last": b, "change": "-" if d is None else _signed(d), "verdict": f"{verdict} ({better} is better)"})
-    cols = [("metric", "metric"), ("first", f"round {first['round']}"), ("last", f"round {last['round']}"), ("change", "change"), ("verdict", "verdict")]
+        change = "-" if d is None else _signed(d)
+        if d is not None and ci and ci[0] is not None:
+            change += f" [{_signed(ci[0])}, {_signed(ci[1])}]"
+            if key == "accuracy":
+                change += f" (McNemar p {paired['accuracy_mcnemar_p']:.2g})"
+        out.append({"metric": label, "first": a, "last": b, "change": change, "verdict": f"{verdict} ({better} is better)"})
+    head = "change [paired 95% CI]" if paired else "change"
+    cols = [("metric", "metric"), ("first", f"round {first['round']}"), ("last", f"round {last['round']}"), ("change", head), ("verdict", "verdict")]
     return format_markdown_table(out, cols)
 
 
@@ -178,7 +203,11 @@ def _run_section(name: str, run_dir, rows: list[dict]) -> str:
     parts = [f"## {name}\n", " · ".join(meta) + "\n", format_markdown_table(rows)]
     if len(rows) >= 2:
         parts.append(f"Change from round {rows[0]['round']} to round {rows[-1]['round']}:\n")
-        parts.append(_change_table(rows))
+        paired = paired_change(run_dir, rows[0], rows[-1])
+        parts.append(_change_table(rows, paired))
+        if paired:
+            parts.append(f"Intervals in the change column: paired bootstrap over the {paired['n']} held-out problems "
+                         "(greedy; the CaT columns have no per-problem records, so no paired interval).\n")
     else:
         parts.append("Only one round: no change to report yet.\n")
     return "\n".join(parts)

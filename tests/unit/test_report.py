@@ -133,3 +133,43 @@ def test_cli_report_missing_dir_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "rounds.jsonl" in err
+
+
+def _records(path, correct, conf):
+    from caspo.evaluation import ProblemRecord, write_records
+
+    recs = [ProblemRecord(f"p{i}", f"{i}+1", str(i + 1), str(i + 1) if c else "0", c, f, f, ["s"], [c], [0.1 if c else 0.3], 3, "")
+            for i, (c, f) in enumerate(zip(correct, conf))]
+    write_records(path, recs)
+
+
+def test_change_table_pairs_the_first_and_last_rounds_problems(tmp_path):
+    """With the loop's per-problem greedy records, the change column carries a paired interval and
+    McNemar's p, and a change whose interval holds zero is not called better."""
+    from caspo.report import paired_change
+
+    run = _write(tmp_path / "run", [_row(0, 0.5), _row(1, 0.8)])
+    n = 200
+    before = [i % 2 == 0 for i in range(n)]            # 100 of 200 right
+    after = [b or i % 10 == 1 for i, b in enumerate(before)]  # 20 more right, none lost
+    _records(run / "eval" / "round0_greedy.jsonl", before, [0.7] * n)
+    _records(run / "eval" / "round1_greedy.jsonl", after, [0.7] * n)
+    paired = paired_change(run, {"round": 0}, {"round": 1})
+    assert paired["n"] == n and paired["accuracy"] == pytest.approx(0.1)
+    lo, hi = paired["accuracy_ci"]
+    assert 0 < lo < 0.1 < hi < 0.2
+    assert paired["accuracy_mcnemar_p"] == pytest.approx(2 * 0.5 ** 20)  # 20 discordant problems, all one way
+    text = open(write_report(run)["summary"]).read()
+    assert "change [paired 95% CI]" in text
+    acc_line = next(line for line in text.splitlines() if line.startswith("| accuracy |"))
+    assert f"[{lo:+.3f}, {hi:+.3f}]" in acc_line and "better" in acc_line
+
+    # the same outcomes in both rounds: the interval holds 0, and the verdict says so
+    _records(run / "eval" / "round1_greedy.jsonl", before, [0.7] * n)
+    write_report(run)
+    acc_line = next(line for line in (run / "report" / "summary.md").read_text().splitlines() if line.startswith("| accuracy |"))
+    assert "no change shown" in acc_line
+
+    # records of other problems are not paired: the table falls back to the plain difference
+    (run / "eval" / "round1_greedy.jsonl").write_text((run / "eval" / "round1_greedy.jsonl").read_text().replace('"p3"', '"q3"'))
+    assert paired_change(run, {"round": 0}, {"round": 1}) is None
