@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+import warnings
 
+import psutil
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -30,6 +32,33 @@ from caspo.trainer.collect import collect_round, make_pairs
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
 PLACEMENT = "mesh.placement={generator: {generator: 1}, scorer: {scorer: 1}, critic: {critic: 1}}"
+HEAD = {"num_cpus": 1, "resources": {"scorer": 1, "critic": 1}}
+GENERATOR_NODE = {"num_cpus": 1, "resources": {"generator": 1}}
+
+
+def _add_node(cluster: Cluster, attempts: int = 3, **node_args):
+    """``cluster.add_node``, tried again when Ray's startup wait runs out.
+
+    Ray gives a new raylet a fixed 30 s to register with the GCS (``ray/_private/node.py``, not
+    configurable); on a loaded 2-core CI machine that wait once ran out for the head. A failed start
+    is cleaned up -- the processes it spawned, found as this process's new children, are killed --
+    and tried again; any other error, or the last attempt's, is raised."""
+    me = psutil.Process()
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            return cluster.add_node(**node_args)
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            stray = [p for p in me.children(recursive=True) if p.pid not in before]
+            for p in stray:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(stray, timeout=10)
+            warnings.warn(f"Ray node start timed out (attempt {attempt} of {attempts}); killed its {len(stray)} processes, trying again")
 
 
 def _node_of(class_name: str) -> str:
@@ -57,10 +86,11 @@ class NodeKillingClient(MeshClient):
 
 
 def test_services_placed_by_group_and_the_generator_comes_back_on_a_new_node(tmp_path):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"scorer": 1, "critic": 1}})
+    cluster = Cluster()
     runner = None
     try:
-        gen_node = cluster.add_node(num_cpus=1, resources={"generator": 1})
+        _add_node(cluster, **HEAD)
+        gen_node = _add_node(cluster, **GENERATOR_NODE)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="caspo-two-nodes", include_dashboard=False, logging_level="WARNING")
         cfg = load_config(None, [f"mesh.run_dir={tmp_path / 'mesh'}", "mesh.namespace=caspo-two-nodes", PLACEMENT, "pairs.batch=4", "pairs.max_steps=6"])
@@ -94,7 +124,7 @@ def test_services_placed_by_group_and_the_generator_comes_back_on_a_new_node(tmp
         assert client.removed.wait(300), "the round never reached its 3rd generator call"
         t.join(20)
         assert t.is_alive(), "the round finished without any node holding the generator resource"
-        new_node = cluster.add_node(num_cpus=1, resources={"generator": 1})
+        new_node = _add_node(cluster, **GENERATOR_NODE)
         t.join(600)
         assert not t.is_alive() and "r" in result, "the round did not complete after the new node joined"
         second = result["r"]
