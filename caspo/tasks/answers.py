@@ -20,11 +20,10 @@ import select
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Sequence
 
 from caspo.answer_worker import Verdict, normalise
-from caspo.tasks.base import TaskError
+from caspo.tasks.base import TaskError, read_jsonl
 
 DEFAULT_TIMEOUT_S = 5.0
 STARTUP_S = 120.0  # a fresh worker's start-up (python, sympy, math-verify; slow on a busy machine), on top of the first timeout
@@ -33,27 +32,14 @@ MAX_ANSWER_CHARS = 1000  # longer answers are refused unread (an answer, not a s
 def read_answer_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(gold, candidate)`` from a JSONL file of ``{"gold", "candidate"}`` objects (other fields are
     ignored); TaskError naming the file and line for anything else."""
-    p = Path(path)
-    if not p.is_file():
-        raise TaskError(f"data file not found: {path}")
     out = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for key in ("gold", "candidate"):
-                if key not in obj:
-                    raise TaskError(f"{where}: missing field {key!r}")
-                if isinstance(obj[key], bool) or not isinstance(obj[key], (str, int, float)):
-                    raise TaskError(f"{where}: field {key!r} must be a string or a number, got {type(obj[key]).__name__}")
-            out.append((str(obj["gold"]), str(obj["candidate"])))
+    for _, where, obj in read_jsonl(path):
+        for key in ("gold", "candidate"):
+            if key not in obj:
+                raise TaskError(f"{where}: missing field {key!r}")
+            if isinstance(obj[key], bool) or not isinstance(obj[key], (str, int, float)):
+                raise TaskError(f"{where}: field {key!r} must be a string or a number, got {type(obj[key]).__name__}")
+        out.append((str(obj["gold"]), str(obj["candidate"])))
     return out
 
 

@@ -27,14 +27,13 @@ problems have 2 to 4). A question outside it is refused with a message that name
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
-from caspo.tasks.base import Judgement, Problem, TaskError
+from caspo.tasks.base import Judgement, Problem, TaskError, read_jsonl
 
 # ---- expressions ------------------------------------------------------------------------------------
 
@@ -358,37 +357,24 @@ def load_jsonl(path: str | Path, domain: ArithDomain = ArithDomain()) -> list[tu
     """``(line, canonical question, answer)`` for every line of a JSONL file of
     ``{"question": "12+7*3-5", "answer": 28}`` objects (answer a whole number or its text); TaskError
     names the line and what is wrong with it."""
-    p = Path(path)
-    if not p.is_file():
-        raise TaskError(f"data file not found: {path}")
     out = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TaskError(f"{where}: expected a JSON object with question and answer, got {type(obj).__name__}")
-            for key in ("question", "answer"):
-                if key not in obj:
-                    raise TaskError(f"{where}: missing field {key!r}")
-            q, a = obj["question"], obj["answer"]
-            if not isinstance(q, str):
-                raise TaskError(f"{where}: question must be a string, got {type(q).__name__}")
-            try:
-                node = parse(extract_expression(q))
-                domain.check(node)
-            except ExprError as e:
-                raise TaskError(f"{where}: question {q!r}: {e}") from None
-            if isinstance(a, bool) or not isinstance(a, (int, str)) or not re.fullmatch(r"\s*-?\d+\s*", str(a)):
-                raise TaskError(f"{where}: answer must be a whole number, got {a!r}")
-            if int(a) != value(node):
-                raise TaskError(f"{where}: answer {int(a)} does not match the question: {to_text(node)} = {value(node)}")
-            out.append((lineno, to_text(node), int(a)))
+    for lineno, where, obj in read_jsonl(path):
+        for key in ("question", "answer"):
+            if key not in obj:
+                raise TaskError(f"{where}: missing field {key!r}")
+        q, a = obj["question"], obj["answer"]
+        if not isinstance(q, str):
+            raise TaskError(f"{where}: question must be a string, got {type(q).__name__}")
+        try:
+            node = parse(extract_expression(q))
+            domain.check(node)
+        except ExprError as e:
+            raise TaskError(f"{where}: question {q!r}: {e}") from None
+        if isinstance(a, bool) or not isinstance(a, (int, str)) or not re.fullmatch(r"\s*-?\d+\s*", str(a)):
+            raise TaskError(f"{where}: answer must be a whole number, got {a!r}")
+        if int(a) != value(node):
+            raise TaskError(f"{where}: answer {int(a)} does not match the question: {to_text(node)} = {value(node)}")
+        out.append((lineno, to_text(node), int(a)))
     if not out:
         raise TaskError(f"{path}: no problems in the file")
     return out

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -51,3 +56,41 @@ class Task(Protocol):
 
 class TaskError(ValueError):
     """A problem with a task's input (unknown task, bad data file). Message names the cause."""
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, str, dict]]:
+    """``(line number, "PATH, line N", object)`` for each non-blank line of a JSONL file of objects.
+    TaskError for a missing file, and, naming the line, for malformed JSON or a line that is not an
+    object; the caller checks the object's fields and names the line with the second item."""
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"data file not found: {path}")
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, where, obj
+
+
+def hash_split(question: str, test_fraction: int) -> str:
+    """``"test"`` for one question in ``test_fraction`` (by a hash of its text), else ``"train"``: a
+    file without named splits gets two disjoint ones that do not depend on the file's order."""
+    h = int(hashlib.sha1(question.encode("utf-8")).hexdigest(), 16)
+    return "test" if h % test_fraction == 0 else "train"
+
+
+def sample_problems(pool: list[Problem], n: int | None, key: str) -> list[Problem]:
+    """``n`` problems of ``pool`` (None: all of them) in an order reproducible from ``key`` (the
+    task's name, the seed and the split)."""
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    pool = list(pool)
+    random.Random(key).shuffle(pool)
+    return pool if n is None else pool[:n]

@@ -20,8 +20,6 @@ exact rational arithmetic (never ``eval``).
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
 import math
 import random
 import re
@@ -31,7 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from caspo.core.steps import answers_match, final_answer, split_steps, step_result
-from caspo.tasks.base import Judgement, Problem, TaskError
+from caspo.tasks.base import Judgement, Problem, TaskError, hash_split, read_jsonl, sample_problems
 
 # ---- safe arithmetic --------------------------------------------------------------------------
 
@@ -307,39 +305,26 @@ def load_jsonl(path: str | Path) -> list[Problem]:
     Raises TaskError for a missing file, and for a line that is not a JSON object with string
     ``question`` and ``answer`` fields or whose answer has no ``#### <final answer>`` last line.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise TaskError(f"data file not found: {path}")
     problems: list[Problem] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for key in ("question", "answer"):
-                if key not in obj:
-                    raise TaskError(f"{where}: missing field {key!r}")
-                if not isinstance(obj[key], str):
-                    raise TaskError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-            steps = split_steps(obj["answer"])
-            final = final_answer(steps[-1]) if steps else None
-            if not final or not steps[-1].lstrip().startswith("####"):
-                raise TaskError(f"{where}: answer does not end with a '#### <final answer>' line")
-            problems.append(
-                Problem(
-                    id=f"gsm8k-{lineno}",
-                    question=obj["question"],
-                    answer=final.replace(",", ""),
-                    gold_steps=tuple(steps),
-                    meta={"line": lineno, "path": str(path)},
-                )
+    for lineno, where, obj in read_jsonl(path):
+        for key in ("question", "answer"):
+            if key not in obj:
+                raise TaskError(f"{where}: missing field {key!r}")
+            if not isinstance(obj[key], str):
+                raise TaskError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+        steps = split_steps(obj["answer"])
+        final = final_answer(steps[-1]) if steps else None
+        if not final or not steps[-1].lstrip().startswith("####"):
+            raise TaskError(f"{where}: answer does not end with a '#### <final answer>' line")
+        problems.append(
+            Problem(
+                id=f"gsm8k-{lineno}",
+                question=obj["question"],
+                answer=final.replace(",", ""),
+                gold_steps=tuple(steps),
+                meta={"line": lineno, "path": str(path)},
             )
+        )
     return problems
 
 
@@ -418,8 +403,7 @@ class GSM8KTask:
 
     # ---- problems ---------------------------------------------------------------------------
     def split_of(self, question: str) -> str:
-        h = int(hashlib.sha1(question.encode("utf-8")).hexdigest(), 16)
-        return "test" if h % self.test_fraction == 0 else "train"
+        return hash_split(question, self.test_fraction)
 
     def all_problems(self, split: str = "any") -> list[Problem]:
         if split not in ("train", "test", "any"):
@@ -428,11 +412,7 @@ class GSM8KTask:
 
     def problems(self, n: int | None, seed: int, split: str = "test") -> list[Problem]:
         """``n`` problems of ``split`` in a seeded order (None: all of them)."""
-        if n is not None and n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        pool = self.all_problems(split)
-        random.Random(f"gsm8k:{seed}:{split}").shuffle(pool)
-        return pool if n is None else pool[:n]
+        return sample_problems(self.all_problems(split), n, f"gsm8k:{seed}:{split}")
 
     # ---- format -----------------------------------------------------------------------------
     def question(self, text: str) -> str:

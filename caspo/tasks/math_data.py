@@ -16,9 +16,6 @@ config refuses ``critic.kind: exact`` for this task (the judge critic verifies s
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +25,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from caspo.core.steps import final_answer, split_steps
 from caspo.tasks.answers import DEFAULT_TIMEOUT_S, AnswerChecker
-from caspo.tasks.base import Judgement, Problem, TaskError
+from caspo.tasks.base import Judgement, Problem, TaskError, hash_split, read_jsonl, sample_problems
 
 SOLUTION_DELIMITER = "\n\n"  # a worked solution's steps are its paragraphs
 
@@ -85,17 +82,7 @@ def load_math(path: str | Path, fields: tuple[str, str, str] = ("problem", "answ
         except Exception as e:  # noqa: BLE001 - pyarrow raises its own kinds for a broken file
             raise TaskError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
         return [_problem(r, f"{path}, row {i}", fields, str(i), {"row": i, "path": str(path)}) for i, r in enumerate(rows, 1)]
-    out = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            out.append(_problem(obj, where, fields, str(lineno), {"line": lineno, "path": str(path)}))
+    out = [_problem(obj, where, fields, str(n), {"line": n, "path": str(path)}) for n, where, obj in read_jsonl(path)]
     if not out:
         raise TaskError(f"{path}: no problems")
     return out
@@ -125,8 +112,7 @@ class MathTask:
         named = p.meta.get("split")
         if named in ("train", "test"):
             return named
-        h = int(hashlib.sha1(p.question.encode("utf-8")).hexdigest(), 16)
-        return "test" if h % self.test_fraction == 0 else "train"
+        return hash_split(p.question, self.test_fraction)
 
     def all_problems(self, split: str = "any") -> list[Problem]:
         if split not in ("train", "test", "any"):
@@ -134,11 +120,7 @@ class MathTask:
         return [p for p in self._problems if split == "any" or self.split_of(p) == split]
 
     def problems(self, n: int | None, seed: int, split: str = "test") -> list[Problem]:
-        if n is not None and n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        pool = self.all_problems(split)
-        random.Random(f"math:{seed}:{split}").shuffle(pool)
-        return pool if n is None else pool[:n]
+        return sample_problems(self.all_problems(split), n, f"math:{seed}:{split}")
 
     # ---- format -----------------------------------------------------------------------------
     def question(self, text: str) -> str:
