@@ -151,11 +151,16 @@ def _signed(x: float) -> str:
     return f"{x:+.3f}"
 
 
-def paired_change(run_dir, first: dict, last: dict) -> dict | None:
-    """Last round − first round on the same held-out problems, from the per-problem greedy records the
-    loop keeps (``eval/round<K>_greedy.jsonl``): paired bootstrap intervals and McNemar's p
-    (:func:`caspo.evaluation.compare_records`); None when either file is missing or they differ in problems."""
-    paths = [Path(run_dir) / "eval" / f"round{r['round']}_greedy.jsonl" for r in (first, last)]
+def _greedy_records(run_dir, row: dict) -> Path:
+    return Path(run_dir) / "eval" / f"round{row['round']}_greedy.jsonl"
+
+
+def paired_change(run_dir, first: dict, last: dict, last_dir=None) -> dict | None:
+    """``last`` − ``first`` on the same held-out problems, from the per-problem greedy records the loop
+    keeps (``eval/round<K>_greedy.jsonl``; ``last`` read from ``last_dir`` when given: another run at
+    its round): paired bootstrap intervals and McNemar's p (:func:`caspo.evaluation.compare_records`);
+    None when either file is missing or they differ in problems."""
+    paths = [_greedy_records(run_dir, first), _greedy_records(last_dir if last_dir is not None else run_dir, last)]
     if not all(p.is_file() for p in paths):
         return None
     try:
@@ -164,15 +169,18 @@ def paired_change(run_dir, first: dict, last: dict) -> dict | None:
         return None
 
 
-def _change_table(rows: list[dict], paired: dict | None = None) -> str:
-    """The change from the first round to the last; with ``paired`` (:func:`paired_change`), a metric that
-    has a paired interval is judged by it: "better"/"worse" only when the interval excludes zero."""
+def _change_table(rows: list[dict], paired: dict | None = None, labels: tuple[str, str] | None = None) -> str:
+    """The change from the first row to the last (two rounds of a run, or two runs' last rounds, named by
+    ``labels``); with ``paired`` (:func:`paired_change`), a metric that has a paired interval is judged by
+    it: "better"/"worse" only when the interval excludes zero."""
     first, last = rows[0], rows[-1]
     out = []
     for key, label, better in CHANGE_METRICS:
         a, b = _num(first.get(key)), _num(last.get(key))
         d = None if a is None or b is None else b - a
         ci = (paired or {}).get(f"{key}_ci")
+        if d is not None and ci and _num((paired or {}).get(key)) is not None:
+            d = _num(paired[key])  # the paired estimate its interval belongs to (the same up to rounding)
         if d is None:
             verdict = "-"
         elif ci and ci[0] is not None and ci[0] <= 0 <= ci[1]:
@@ -188,7 +196,8 @@ def _change_table(rows: list[dict], paired: dict | None = None) -> str:
                 change += f" (McNemar p {paired['accuracy_mcnemar_p']:.2g})"
         out.append({"metric": label, "first": a, "last": b, "change": change, "verdict": f"{verdict} ({better} is better)"})
     head = "change [paired 95% CI]" if paired else "change"
-    cols = [("metric", "metric"), ("first", f"round {first['round']}"), ("last", f"round {last['round']}"), ("change", head), ("verdict", "verdict")]
+    names = labels or (f"round {first['round']}", f"round {last['round']}")
+    cols = [("metric", "metric"), ("first", names[0]), ("last", names[1]), ("change", head), ("verdict", "verdict")]
     return format_markdown_table(out, cols)
 
 
@@ -391,6 +400,15 @@ def write_report(run_dir, out_dir=None, compare: list[str] | None = None) -> dic
         doc.append("## Side by side (last round)\n")
         last = [{**rows[-1], "run": name} for name, rows in runs]
         doc.append(format_markdown_table(last, [("run", "run")] + SUMMARY_COLUMNS))
+        (name_a, rows_a), dir_a = runs[0], dirs[0]
+        for (name_b, rows_b), dir_b in zip(runs[1:], dirs[1:]):
+            a, b = rows_a[-1], rows_b[-1]
+            paired = paired_change(dir_a, a, b, last_dir=dir_b)
+            labels = (f"{name_a} round {a['round']}", f"{name_b} round {b['round']}")
+            doc.append(f"{labels[1]} − {labels[0]}:\n")
+            doc.append(_change_table([a, b], paired, labels))
+            if paired:
+                doc.append(f"Intervals: paired bootstrap over the {paired['n']} held-out problems both runs were judged on (greedy).\n")
     doc.append("![reliability diagrams](reliability.png)\n")
     paths["summary"].write_text("\n".join(doc))
     return {"summary": str(paths["summary"]), "reliability": str(paths["reliability"]), "curves": str(paths["curves"]), "rounds": len(runs[0][1])}

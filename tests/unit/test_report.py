@@ -173,3 +173,27 @@ def test_change_table_pairs_the_first_and_last_rounds_problems(tmp_path):
     # records of other problems are not paired: the table falls back to the plain difference
     (run / "eval" / "round1_greedy.jsonl").write_text((run / "eval" / "round1_greedy.jsonl").read_text().replace('"p3"', '"q3"'))
     assert paired_change(run, {"round": 0}, {"round": 1}) is None
+
+
+def test_compared_runs_are_paired_at_their_last_rounds(tmp_path):
+    """Two runs judged on the same held-out problems: the side-by-side section gives the second run's
+    last round minus the first's with paired intervals and McNemar's p."""
+    from caspo.report import paired_change
+
+    caspo_run = _write(tmp_path / "caspo", [_row(0, 0.5), _row(1, 0.6)])
+    control = _write(tmp_path / "control", [_row(0, 0.5, mode="trajectory"), _row(1, 0.5, mode="trajectory")])
+    n = 200
+    base = [i % 2 == 0 for i in range(n)]
+    caspo_right = [b or i % 10 == 1 for i, b in enumerate(base)]  # 20 more right than the control
+    for run, last in ((caspo_run, caspo_right), (control, base)):
+        _records(run / "eval" / "round0_greedy.jsonl", base, [0.7] * n)
+        _records(run / "eval" / "round1_greedy.jsonl", last, [0.7] * n)
+    paired = paired_change(caspo_run, {"round": 1}, {"round": 1}, last_dir=control)
+    assert paired["n"] == n and paired["accuracy"] == pytest.approx(-0.1)
+    assert paired["accuracy_mcnemar_p"] == pytest.approx(2 * 0.5 ** 20)
+    lo, hi = paired["accuracy_ci"]
+    text = open(write_report(caspo_run, compare=[str(control)])["summary"]).read()
+    section = text[text.index("control round 1 − caspo round 1"):]
+    acc_line = next(line for line in section.splitlines() if line.startswith("| accuracy |"))
+    assert f"-0.100 [{lo:+.3f}, {hi:+.3f}]" in acc_line and "worse" in acc_line
+    assert "paired bootstrap over the 200 held-out problems both runs" in section
