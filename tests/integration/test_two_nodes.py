@@ -91,7 +91,7 @@ def test_services_placed_by_group_and_the_generator_comes_back_on_a_new_node(tmp
     try:
         _add_node(cluster, **HEAD)
         gen_node = _add_node(cluster, **GENERATOR_NODE)
-        cluster.wait_for_nodes()
+        cluster.wait_for_nodes(timeout=120)  # a retried start may leave a dead node for the GCS to notice
         ray.init(address=cluster.address, namespace="caspo-two-nodes", include_dashboard=False, logging_level="WARNING")
         cfg = load_config(None, [f"mesh.run_dir={tmp_path / 'mesh'}", "mesh.namespace=caspo-two-nodes", PLACEMENT, "pairs.batch=4", "pairs.max_steps=6"])
         runner = MeshRunner(cfg)
