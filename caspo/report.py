@@ -172,7 +172,8 @@ def paired_change(run_dir, first: dict, last: dict, last_dir=None) -> dict | Non
 def _change_table(rows: list[dict], paired: dict | None = None, labels: tuple[str, str] | None = None) -> str:
     """The change from the first row to the last (two rounds of a run, or two runs' last rounds, named by
     ``labels``); with ``paired`` (:func:`paired_change`), a metric that has a paired interval is judged by
-    it: "better"/"worse" only when the interval excludes zero."""
+    it: "better"/"worse" only when the interval excludes zero; a metric without an interval gets its
+    direction only."""
     first, last = rows[0], rows[-1]
     out = []
     for key, label, better in CHANGE_METRICS:
@@ -187,6 +188,8 @@ def _change_table(rows: list[dict], paired: dict | None = None, labels: tuple[st
             verdict = "no change shown (interval holds 0)"
         elif abs(d) < 5e-4:
             verdict = "unchanged"
+        elif not (ci and ci[0] is not None):  # no per-problem records for this metric: say the direction only
+            verdict = ("higher" if d > 0 else "lower") + ", not judged (no interval)"
         else:
             verdict = "better" if (d > 0) == (better == "higher") else "worse"
         change = "-" if d is None else _signed(d)

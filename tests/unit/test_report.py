@@ -197,3 +197,6 @@ def test_compared_runs_are_paired_at_their_last_rounds(tmp_path):
     acc_line = next(line for line in section.splitlines() if line.startswith("| accuracy |"))
     assert f"-0.100 [{lo:+.3f}, {hi:+.3f}]" in acc_line and "worse" in acc_line
     assert "paired bootstrap over the 200 held-out problems both runs" in section
+    # the CaT columns have no per-problem records: their difference gets a direction, not a verdict
+    cat_line = next(line for line in section.splitlines() if line.startswith("| CaT entropy |"))
+    assert cat_line.endswith("| -0.100 | lower, not judged (no interval) (higher is better) |")
