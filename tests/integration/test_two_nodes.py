@@ -36,22 +36,31 @@ HEAD = {"num_cpus": 1, "resources": {"scorer": 1, "critic": 1}}
 GENERATOR_NODE = {"num_cpus": 1, "resources": {"generator": 1}}
 
 
+def _descendants(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return p.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _add_node(cluster: Cluster, attempts: int = 3, **node_args):
     """``cluster.add_node``, tried again when Ray's startup wait runs out.
 
     Ray gives a new raylet a fixed 30 s to register with the GCS (``ray/_private/node.py``, not
     configurable); on a loaded 2-core CI machine that wait once ran out for the head. A failed start
-    is cleaned up -- the processes it spawned, found as this process's new children, are killed --
-    and tried again; any other error, or the last attempt's, is raised."""
+    is cleaned up -- the processes it spawned (this process's new direct children: GCS, raylet,
+    monitors) and theirs are killed, never a worker of a node already up -- and tried again; any
+    other error, or the last attempt's, is raised."""
     me = psutil.Process()
     for attempt in range(1, attempts + 1):
-        before = {p.pid for p in me.children(recursive=True)}
+        before = {p.pid for p in me.children()}
         try:
             return cluster.add_node(**node_args)
         except Exception as e:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(e) or attempt == attempts:
                 raise
-            stray = [p for p in me.children(recursive=True) if p.pid not in before]
+            started = [p for p in me.children() if p.pid not in before]
+            stray = started + [c for p in started for c in _descendants(p)]
             for p in stray:
                 try:
                     p.kill()
