@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import ray
@@ -32,7 +33,8 @@ from caspo.mesh.runner import ON_HEAD, MeshRunner, ensure_mesh, stop_running_mes
 from caspo.mesh.state import MeshError, running_mesh
 from caspo.models.base import ModelLoadError, PromptedProposer
 from caspo.models.hf import HFBackend
-from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
+from caspo.models.tiny import TINY_RECIPES, TinyTrainConfig, caspo_home, train_tiny
+from caspo.models.tiny import check_config as check_tiny_config
 from caspo.models.tiny_chat import DEFAULT_DATA as CHAT_DATA
 from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
 from caspo.models.factory import make_backend
@@ -293,11 +295,41 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _tiny_train_config(args) -> TinyTrainConfig:
+    """The recipe (defaults, or the 0.87M model's first recipe with --recipe v1), then --set FIELD=VALUE
+    and the explicit flags; every value checked, a bad one named (exit 2)."""
+    base = asdict(TinyTrainConfig(**TINY_RECIPES[args.recipe]))
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep or key not in base:
+            raise UsageError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(base)}")
+        kind = type(base[key])
+        try:
+            base[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+        except ValueError:
+            raise UsageError(f"--set {key}: expected a {kind.__name__}, got {text!r}") from None
+    for key in ("seed", "steps", "eval_every", "eval_n", "eval_context", "threads"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    cfg = TinyTrainConfig(**base)
+    try:
+        check_tiny_config(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return cfg
+
+
 def cmd_train_base(args) -> int:
     out = args.out or str(caspo_home() / "tiny")
-    cfg = TinyTrainConfig(seed=args.seed, steps=args.steps)
+    cfg = _tiny_train_config(args)
     path = train_tiny(cfg, out, progress=True)
-    print(f"saved the tiny reasoner to {path}")
+    meta = json.loads((Path(path) / "train_meta.json").read_text())
+    if "selected" in meta:
+        sel = meta["selected"]
+        lo, hi = sel["accuracy_ci"]
+        print(f"chose the step-{sel['step']} checkpoint: validation accuracy {sel['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] (n={sel['n']}); "
+              f"curve in {Path(path) / 'curve.jsonl'} and {Path(path) / 'curve.png'}")
+    print(f"saved the tiny reasoner to {path} ({meta['train_seconds']:.0f} s of training)")
     return 0
 
 
@@ -633,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two methods (greedy, sc, bon, cat) on --model, or two models with --method, "
                    "on the same problems: both reports, their paired differences with intervals, and a McNemar test")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="test", choices=["train", "test", "any"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "any"], help="generated problems' split (val: arith's validation split)")
     p.add_argument("--batch", type=int, default=16, help="questions per batched model call (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_args(p)
@@ -679,8 +711,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-base", help="train the built-in tiny reasoner from scratch")
     p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny)")
-    p.add_argument("--steps", type=int, default=1600, help="optimizer steps (default 1600: the shipped weights)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="default", choices=list(TINY_RECIPES), help="default: the shipped weights' recipe; v1: the first 0.87M model's")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int, help="greedy accuracy on the validation split every N steps, to curve.jsonl/curve.png; "
+                   "the best checkpoint on it is the one saved (0: never; default: the recipe's)")
+    p.add_argument("--eval-n", type=int, help="validation problems per evaluation (default: the recipe's)")
+    p.add_argument("--eval-context", type=int, help="diagnostic: also the accuracy with N solved problems before each question (default 0)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any field of TinyTrainConfig (lr, schedule, hidden_size, ...)")
     p.set_defaults(func=cmd_train_base)
 
     p = sub.add_parser("train-chat", help="train the built-in tiny-chat model (chat template, blank-line steps, boxed answers) in about a minute")

@@ -384,11 +384,15 @@ def load_jsonl(path: str | Path, domain: ArithDomain = ArithDomain()) -> list[tu
 
 
 class ArithTask:
-    """Generated problems (2 to 4 operations, split train/test by a hash of the question), or the
-    problems of a JSONL file; the prompt ``Q:<expression>``; the exact critic above."""
+    """Generated problems (2 to 4 operations, split train/val/test by a hash of the question), or the
+    problems of a JSONL file; the prompt ``Q:<expression>``; the exact critic above.
+
+    The test split is one question in ``test_fraction`` (by hash); the validation split is another one
+    in ``test_fraction``, held out from base training too, for choosing checkpoints (``caspo train-base
+    --eval-every``) without looking at the test split."""
 
     name = "arith"
-    test_fraction = 10  # one question in this many (by hash) is held out
+    test_fraction = 10  # one question in this many (by hash) is held out for test, another for validation
 
     def __init__(self, data: str | None = None, domain: ArithDomain | None = None):
         self.domain = domain or ArithDomain()
@@ -406,8 +410,8 @@ class ArithTask:
         return to_text(node)
 
     def split_of(self, question: str) -> str:
-        h = int(hashlib.sha1(question.encode()).hexdigest(), 16)
-        return "test" if h % self.test_fraction == 0 else "train"
+        h = int(hashlib.sha1(question.encode()).hexdigest(), 16) % self.test_fraction
+        return "test" if h == 0 else "val" if h == 1 else "train"
 
     def make_problem(self, question: str, meta: dict | None = None) -> Problem:
         steps = solve(question)
@@ -417,8 +421,8 @@ class ArithTask:
     def problems(self, n: int | None, seed: int, split: str = "test") -> list[Problem]:
         """``n`` problems (None: all of a data file); generated ones are reproducible from ``seed`` and
         drawn from ``split``; a data file's come in file order (seed and split do not apply)."""
-        if split not in ("train", "test", "any"):
-            raise ValueError(f"split must be train, test or any, got {split!r}")
+        if split not in ("train", "val", "test", "any"):
+            raise ValueError(f"split must be train, val, test or any, got {split!r}")
         if self._file is not None:
             rows = self._file if n is None else self._file[:n]
             return [self.make_problem(q, {"line": line, "path": self.data}) for line, q, _ in rows]
