@@ -7,8 +7,9 @@ questions (or of concurrent requests, in Serve) costs one model call per step.
 
 Methods (all through the same Search):
   * ``cat``    — each active branch proposes K steps; a step multiplies the branch's cumulative
-                 confidence C by c; branches with C < τ are pruned, completed branches go to the
-                 answer set, the top K survivors by C stay active; answer = completed branch with the
+                 confidence C by c; a step with a final answer puts its branch into the answer set
+                 whatever its C (Algorithm 2, lines 10-11), an unfinished branch with C < τ is pruned
+                 (line 12), the top K survivors by C stay active; answer = completed branch with the
                  highest C; none → "no confident answer" (DESIGN §4).
   * ``greedy`` — one branch, temperature 0.
   * ``sc``     — K independent samples (self-consistency), majority vote on final answers.
@@ -311,13 +312,15 @@ class Search:
                 if not text:
                     node.status = "dead"  # the model ended without a step
                     continue
-                if node.log_P < _log(self._tau):
-                    node.status = "pruned"
-                    self.counters["branches_pruned"] += 1
-                    continue
+                # Algorithm 2, lines 10-13: a step with a final answer joins the answer set whatever its C;
+                # only a branch that goes on is held to τ
                 if final_answer(text) is not None:
                     node.status = "completed"
                     self.completed.append(node.id)
+                    continue
+                if node.log_P < _log(self._tau):
+                    node.status = "pruned"
+                    self.counters["branches_pruned"] += 1
                     continue
                 if cand.ended:
                     node.status = "dead"  # output ended without a final answer

@@ -77,6 +77,16 @@ def test_cat_no_confident_answer_when_every_branch_dies():
     assert res.branches_pruned == 2
 
 
+def test_cat_answers_a_completed_branch_below_tau():
+    # Algorithm 2, lines 10-13: a step with a final answer joins the answer set whatever its C; τ prunes
+    # only branches that go on. "#### 1" ends at C = 0.4 < τ = 0.5 and is the answer; "b" (C = 0.3) is pruned.
+    script = {(): [cand("#### 1", 0.4), cand("b", 0.3)]}
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5), with_tree=True)
+    assert res.answer == "1" and res.reason == "" and res.confidence == pytest.approx(0.4)
+    assert res.branches_completed == 1 and res.branches_pruned == 1
+    assert {n["step"]: n["status"] for n in res.tree} == {"#### 1": "completed", "b": "pruned"}
+
+
 def test_cat_max_steps_truncates():
     script = {(): [cand("a", 0.99)], ("a",): [cand("a", 0.99)], ("a", "a"): [cand("a", 0.99)]}
     res = search("q", Scripted(script), SearchConfig(method="cat", k=1, tau=0.0, max_steps=2))

@@ -127,10 +127,23 @@ def test_group_scoring_ranks_by_the_worst_window():
 def test_critic_scoring_prunes_the_step_the_critic_rejects():
     # the wrong step is the more confident one; the critic's verdict prunes it (C = 1e-6 < tau)
     script = {
-        (): (None, [cand("#### 5", 0.95, verdict=0.0), cand("#### 4", 0.6, verdict=1.0)]),
+        (): (None, [cand("x=5", 0.95, verdict=0.0), cand("x=4", 0.6, verdict=1.0)]),
+        ("x=5",): (None, [cand("#### 5", 1.0, verdict=1.0)]),
+        ("x=4",): (None, [cand("#### 4", 1.0, verdict=1.0)]),
     }
     res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5, scoring="critic"))
     assert res.answer == "4" and res.branches_pruned == 1
+    assert search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5, scoring="entropy")).answer == "5"
+
+
+def test_critic_scoring_answers_with_the_final_step_the_critic_accepts():
+    # final steps join the answer set whatever their C (Algorithm 2); the critic's rejection makes the
+    # wrong one the least confident there (C = 1e-6), so the answer is the one it accepts
+    script = {
+        (): (None, [cand("#### 5", 0.95, verdict=0.0), cand("#### 4", 0.6, verdict=1.0)]),
+    }
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5, scoring="critic"))
+    assert res.answer == "4" and res.branches_completed == 2 and res.branches_pruned == 0
     assert search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5, scoring="entropy")).answer == "5"
 
 
