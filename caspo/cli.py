@@ -20,23 +20,23 @@ from ray import serve
 
 from caspo.bench.run import main as bench_main
 from caspo.bench import sweep
-from caspo.config import PROMPT_FORMATS, CalibrationError, ConfigError, load_config, model_defaults, read_calibration, write_calibration
+from caspo.config import PROMPT_FORMATS, ConfigError, load_config
 from caspo.core.calibration import DEFAULT_QUANTILES, DEFAULT_TAUS
-from caspo.core.cat import BRANCHINGS, METHODS, SearchConfig
+from caspo.core.search import BRANCHINGS, METHODS, SearchConfig
 from caspo.core.confidence import SCORINGS, UNCERTAINTIES
 from caspo.diagnose import diagnose
 from caspo.diagnose import plot as plot_diagnosis
-from caspo.evaluation import METRICS, calibrate, calibration_path_for, compare, evaluate
+from caspo.evaluation import METRICS, calibrate, compare, evaluate
 from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import ON_HEAD, MeshRunner, ensure_mesh, stop_running_mesh
 from caspo.mesh.state import MeshError, running_mesh
-from caspo.models.base import ModelLoadError, PromptedProposer
-from caspo.models.hf import HFBackend
+from caspo.models.base import Backend, ModelLoadError, PromptedProposer
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
 from caspo.models.tiny_chat import DEFAULT_DATA as CHAT_DATA
 from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
-from caspo.models.factory import make_backend
-from caspo.models.prompting import detect_format, load_prompter, prompter_for_backend
+from caspo.models.calibration_file import CalibrationError, calibration_path_for, find_calibration, write_calibration
+from caspo.models.factory import make_backend, named_model
+from caspo.models.prompting import load_prompter, prompter_for_backend
 from caspo.netutil import redact_url
 from caspo.errors import UsageError
 from caspo.progress import quiet_terminal, say
@@ -94,15 +94,10 @@ ADAPTIVE_FLAGS = ("branching", "branch_threshold", "uncertainty", "width", "prun
 
 
 def _calibration(args, cat, model: str):
-    """The calibration a cat search uses: --calibration, else cat.calibration, else the one next to the
-    policy when there is one (None otherwise). A named file that is missing or malformed is an error."""
+    """The calibration a cat search uses (``find_calibration``): --calibration, else cat.calibration, else
+    the one next to the policy. A named file that is missing or malformed is a usage error."""
     try:
-        if getattr(args, "calibration", None):
-            return read_calibration(args.calibration)
-        if cat.calibration:
-            return read_calibration(cat.calibration)
-        path = calibration_path_for(model)
-        return read_calibration(path) if path.is_file() else None
+        return find_calibration(getattr(args, "calibration", None) or cat.calibration, model)
     except CalibrationError as e:
         raise UsageError(str(e)) from e
 
@@ -121,16 +116,6 @@ def _search_config(args, cfg=None, model: str | None = None) -> SearchConfig:
         return SearchConfig(method=args.method, seed=args.seed, **fields)
     except ValueError as e:
         raise UsageError(str(e)) from e
-
-
-def _backend(model: str, max_step_tokens: int | None = None, prompt_format: str | None = None):
-    """The HF backend for ``model`` in its prompt format and step delimiter: as given, else what the model
-    was made for (``detect_format``: chat and blank-line steps when its tokenizer has a chat template)."""
-    if prompt_format is None:
-        fmt, delim = detect_format(model)
-    else:
-        fmt, delim = model_defaults(model, prompt_format)
-    return HFBackend(model, max_step_tokens=max_step_tokens or (32 if model == "tiny" else 256), prompt_format=fmt, delimiter=delim)
 
 
 DEFAULT_EVAL_N = 1000  # generated problems: one standard error of accuracy is ~0.015 at this size
@@ -160,7 +145,7 @@ def cmd_eval(args) -> int:
     task, problems = _eval_problems(args)
     if not args.compare:
         cfg = _search_config(args, _config(args))
-        rep = evaluate(_backend(args.model, prompt_format=args.prompt_format), task, problems, cfg, batch=args.batch, progress=not args.json)
+        rep = evaluate(make_backend(named_model(args.model, args.prompt_format)), task, problems, cfg, batch=args.batch, progress=not args.json)
         out = {**rep.summary(), "model": args.model, "task": args.task}
         if getattr(task, "answer_errors", None):  # task math: answers math-verify could not compare (counted as wrong)
             out["answer_errors"] = dict(task.answer_errors)
@@ -170,11 +155,11 @@ def cmd_eval(args) -> int:
             print_table([out], EVAL_COLUMNS)
         return 0
     sides = _compare_sides(args)
-    backends: dict[str, HFBackend] = {}
+    backends: dict[str, Backend] = {}
     reports = []
     for name, model, cfg in sides:
         if model not in backends:
-            backends[model] = _backend(model, prompt_format=args.prompt_format)
+            backends[model] = make_backend(named_model(model, args.prompt_format))
         reports.append(evaluate(backends[model], task, problems, cfg, batch=args.batch, progress=not args.json, desc=name))
     diff = compare(reports[0], reports[1])
     rows = [{"run": name, **rep.summary()} for (name, _, _), rep in zip(sides, reports)]
@@ -225,7 +210,7 @@ def cmd_diagnose(args) -> int:
         raise UsageError(f"--temperature must be > 0 to sample siblings, got {args.temperature}")
     task = get_task(args.task, args.data)
     problems = task.problems(args.n if args.n is not None or args.data else 500, seed=args.seed, split=args.split)
-    backend = _backend(args.model, prompt_format=args.prompt_format)
+    backend = make_backend(named_model(args.model, args.prompt_format))
     rep = diagnose(PromptedProposer(backend, prompter_for_backend(backend, task)), task, problems, k=args.k, temperature=args.temperature, seed=args.seed, progress=not args.json)
     rep = {"model": args.model, "task": args.task, **rep}
     out = Path(args.out)
@@ -277,7 +262,7 @@ def cmd_calibrate(args) -> int:
     task = get_task(args.task, args.data)
     problems = task.problems(args.n, seed=args.seed, split="train")
     out = Path(args.out) if args.out else calibration_path_for(args.model)
-    backend = _backend(args.model, prompt_format=args.prompt_format)
+    backend = make_backend(named_model(args.model, args.prompt_format))
     res = calibrate(PromptedProposer(backend, prompter_for_backend(backend, task)), task, problems, base, taus=args.taus, quantiles=args.quantiles,
                     max_tokens_x=args.max_tokens_x, batch=args.batch, progress=not args.json)
     res = {**res, "model": args.model, "task": args.task}

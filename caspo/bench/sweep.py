@@ -31,7 +31,8 @@ from pathlib import Path
 import ray
 
 from caspo.config import DPOTrainConfig, PairsConfig
-from caspo.core.cat import SearchConfig, derive_seed
+from caspo.core.contract import derive_seed
+from caspo.core.search import SearchConfig
 from caspo.core.pairs import Candidate, Pair
 from caspo.errors import UsageError
 from caspo.evaluation import METRICS, compare, evaluate, write_records

@@ -18,7 +18,7 @@ from typing import Sequence
 import grpc
 
 from caspo.config import Config
-from caspo.core.cat import ProposedStep
+from caspo.core.contract import ProposedStep
 from caspo.core.pairs import Pair
 from caspo.mesh.state import MeshError, read_state
 from caspo.models.base import prefix_text

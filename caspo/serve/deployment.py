@@ -6,7 +6,7 @@
 A replica holds one model backend behind a ``ModelWorker``: every request's search runs as an asyncio
 task on the replica and asks the worker for its branch proposals, and the worker merges the proposals
 of all concurrent requests into one batched model call (``serve.batch_wait_ms``), so ten clients cost
-about one client's model calls per step. The search itself is ``caspo.core.cat``, the same code the
+about one client's model calls per step. The search itself is ``caspo.core.search``, the same code the
 evaluation and the benchmarks run.
 
 * gRPC (``serve.grpc_port``, default 9000): ``caspo.v1.CaT/Solve`` and ``/SolveStream``
@@ -42,11 +42,11 @@ import grpc
 import torch
 from ray import serve
 
-from caspo.config import Calibration, CalibrationError, Config, config_from_dict, load_config, read_calibration
-from caspo.core.cat import CommittedStep, Search, SearchResult, stream_search
+from caspo.config import Config, config_from_dict, load_config
+from caspo.core.search import CommittedStep, Search, SearchResult, stream_search
 from caspo.errors import BadRequest
-from caspo.evaluation import calibration_path_for
 from caspo.models.base import ModelLoadError, prefix_text
+from caspo.models.calibration_file import Calibration, CalibrationError, find_calibration
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker
@@ -136,11 +136,7 @@ class CaTServer:
         A malformed file stops a starting replica (``strict``) with its one-line message; after a reload it
         is reported as the reload error and cat requests use the cat section alone."""
         try:
-            named = self.cfg.cat.calibration
-            if named:
-                return read_calibration(named)
-            found = calibration_path_for(policy_path)
-            return read_calibration(found) if found.is_file() else None
+            return find_calibration(self.cfg.cat.calibration, policy_path)
         except (CalibrationError, ModelLoadError) as e:
             if strict:
                 raise

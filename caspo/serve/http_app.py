@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from caspo.core.cat import CommittedStep
+from caspo.core.search import CommittedStep
 from caspo.serve.params import params_from_body
 from caspo.serve.proxy import ParamError
 from caspo.serve.protocol import ChatBody, SolveBody, chat_chunk, chat_completion, models_list, result_json, step_json

@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from caspo.config import Calibration, CatConfig, ServeConfig
-from caspo.core.cat import BRANCHINGS, METHODS, SearchConfig
+from caspo.config import CatConfig, ServeConfig
+from caspo.models.calibration_file import Calibration
+from caspo.core.search import BRANCHINGS, METHODS, SearchConfig
 from caspo.core.confidence import INTRINSIC
 from caspo.serve.proxy import ParamError, UndecodableRequest
 from caspo.tasks.base import TaskError

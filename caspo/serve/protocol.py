@@ -9,7 +9,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from caspo.core.cat import CommittedStep, SearchResult
+from caspo.core.search import CommittedStep, SearchResult
 from caspo.protos.v1 import cat_pb2
 from caspo.serve.params import SolveParams
 

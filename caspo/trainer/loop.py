@@ -35,7 +35,8 @@ from pathlib import Path
 import redis
 
 from caspo.config import Config, PairsConfig, config_from_dict
-from caspo.core.cat import SearchConfig, derive_seed
+from caspo.core.contract import derive_seed
+from caspo.core.search import SearchConfig
 from caspo.core.metrics import reliability_bins
 from caspo.core.pairs import Pair
 from caspo.evaluation import METRICS as ROUND_METRICS

@@ -4,15 +4,8 @@ import math
 
 import pytest
 
-from caspo.core.cat import (
-    NO_CONFIDENT_ANSWER,
-    ProposedStep,
-    Search,
-    SearchConfig,
-    answer_key,
-    run_searches,
-    search,
-)
+from caspo.core.contract import ProposedStep
+from caspo.core.search import NO_CONFIDENT_ANSWER, Search, SearchConfig, answer_key, run_searches, search
 
 
 def cand(text, c, p=None):
@@ -209,7 +202,7 @@ import asyncio  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from caspo.core.cat import CommittedStep, SearchResult, stream_search  # noqa: E402
+from caspo.core.search import CommittedStep, SearchResult, stream_search  # noqa: E402
 
 
 class AsyncScripted(Scripted):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from caspo.cli import main
-from caspo.core.cat import METHODS
+from caspo.core.search import METHODS
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from caspo.core.cat import ProposedStep, SearchConfig, search
+from caspo.core.contract import ProposedStep
+from caspo.core.search import SearchConfig, search
 from caspo.core.confidence import CRITIC_FLOOR, SCORINGS, StepSignal, log_path_score, log_step_score, step_uncertainty
 
 # a two-step path: step 1 has tokens with H = 0.2, 0.4 and p = 0.5, 1.0; step 2 (the answer) H = 0.6, p = 0.8
@@ -263,7 +264,7 @@ def test_mesh_critic_proposer_sets_the_critic_services_verdicts():
     import asyncio
     from types import SimpleNamespace
 
-    from caspo.core.cat import Prefix
+    from caspo.core.contract import Prefix
     from caspo.mesh.client import MeshCriticProposer
 
     class Gen:

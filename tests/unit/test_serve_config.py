@@ -64,7 +64,7 @@ def test_what_serves_proxies_load_stays_light():
 
 def test_a_cat_request_takes_the_cat_section_and_the_calibration():
     from caspo.config import CatConfig, ServeConfig
-    from caspo.config import Calibration
+    from caspo.models.calibration_file import Calibration
 
     sv, cat, cal = ServeConfig(), CatConfig(), Calibration(0.25, 1.5, "first_entropy")
     p = parse_params(sv, "1+2", cat=cat, calibration=cal).search
