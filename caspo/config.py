@@ -11,8 +11,6 @@ service enforces is a key here. A loaded config is frozen: code that needs a var
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,9 +237,10 @@ class CatConfig:
     window: int = 16  # tokens per window of the group scoring
     calibration: str | None = None  # calibration.json; null: the one next to the policy, when there is one
 
-    def search_config(self, calibration: "Calibration | None" = None, seed: int | None = None, **given) -> SearchConfig:
+    def search_config(self, calibration=None, seed: int | None = None, **given) -> SearchConfig:
         """The SearchConfig of a ``cat`` request: fields in ``given`` (not None) win, then the calibration's
-        τ / threshold / uncertainty (adaptive only), then this section. With ``branching`` always, width and
+        τ / threshold / uncertainty (adaptive only; a ``caspo.models.calibration_file.Calibration``), then
+        this section. With ``branching`` always, width and
         prune_scoring not given are unset (Algorithm 2 exactly). ValueError names a bad field."""
         given = {k: v for k, v in given.items() if v is not None}
         fields = {f: getattr(self, f) for f in ("k", "tau", "max_steps", "temperature", "scoring", "prune_scoring", "branching", "branch_threshold", "uncertainty", "width", "window")}

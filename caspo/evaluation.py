@@ -319,7 +319,7 @@ async def evaluate_async(
     desc: str | None = None,
 ) -> EvalReport:
     """``evaluate`` with an async proposer (e.g. the generator service over gRPC). A ``critic`` scoring
-    needs a proposer that sets verdicts (``caspo.mesh.client.MeshCriticProposer`` in the mesh)."""
+    needs a proposer that sets verdicts (as ``JudgedProposer`` does)."""
     records: list[ProblemRecord] = []
     t0 = time.perf_counter()
     with progress_bar(len(problems), desc or f"eval {cfg.method}", "q", progress) as bar:

@@ -260,7 +260,3 @@ def step_uncertainty(measure: str, entropies: Sequence[float]) -> float:
         return mean_entropy(entropies)
     return float(max(entropies))
 
-
-def cumulative_confidence(log_multipliers: Sequence[float]) -> float:
-    """C = prod c, computed from log c values (so long chains do not underflow to 0 early)."""
-    return math.exp(sum(log_multipliers))

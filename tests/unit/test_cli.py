@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from caspo.cli import main
+from caspo.cli.main import main
 from caspo.core.search import METHODS
 
 

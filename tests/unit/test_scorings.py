@@ -258,28 +258,3 @@ def test_critic_guided_search_with_the_exact_arith_critic():
     # evaluate_with gives a critic scoring the task's critic by itself
     assert evaluate_with(Scripted(script), task, [problem], cfg).accuracy == 1.0
     assert evaluate_with(Scripted(script), task, [problem], SearchConfig(method="cat", k=2, tau=0.5, scoring="entropy", seed=0)).accuracy == 0.0
-
-
-def test_mesh_critic_proposer_sets_the_critic_services_verdicts():
-    import asyncio
-    from types import SimpleNamespace
-
-    from caspo.core.contract import Prefix
-    from caspo.mesh.client import MeshCriticProposer
-
-    class Gen:
-        async def propose(self, prefixes, n, temperature):
-            return [[cand("3*4=12; 2+12", 0.9), cand("", 0.9), cand("3*4=13; 2+13", 0.9)] for _ in prefixes]
-
-    class Client:
-        def __init__(self):
-            self.items = []
-
-        async def judge(self, items):
-            self.items += items
-            return SimpleNamespace(verdicts=[SimpleNamespace(correct="12" in step) for _, _, _, step in items])
-
-    client = Client()
-    out = asyncio.run(MeshCriticProposer(Gen(), client, {"2+3*4": "p1"}).propose([Prefix("2+3*4")], 3, 0.7))
-    assert [c.verdict for c in out[0]] == [1.0, 0.0, 0.0]  # the empty step is not sent, and counts as wrong
-    assert client.items == [("p1", "2+3*4", (), "3*4=12; 2+12"), ("p1", "2+3*4", (), "3*4=13; 2+13")]
