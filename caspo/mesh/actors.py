@@ -198,10 +198,6 @@ class GeneratorActor(ServiceActor):
     def policy_version(self) -> int:
         return min((w.version for w in self.workers), default=0)
 
-    async def replica_pids(self) -> list[int]:
-        return list(await asyncio.gather(*(r.pid.remote() for r in self.replicas)))
-
-
 class ScorerActor(ServiceActor):
     service = "scorer"
 

@@ -20,7 +20,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from caspo.core.cat import ProposedStep
+from caspo.core.contract import ProposedStep
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import Backend, StepScore
 

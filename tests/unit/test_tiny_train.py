@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from caspo.cli import main
+from caspo.cli.main import main
 from caspo.models.tiny import TinyTrainConfig, _packed_batches, build_model, build_tokenizer, lr_at, train_tiny
 from caspo.tasks.arith import ArithTask
 
