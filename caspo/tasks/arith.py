@@ -387,9 +387,10 @@ class ArithTask:
     """Generated problems (2 to 4 operations, split train/val/test by a hash of the question), or the
     problems of a JSONL file; the prompt ``Q:<expression>``; the exact critic above.
 
-    The test split is one question in ``test_fraction`` (by hash); the validation split is another one
-    in ``test_fraction``, held out from base training too, for choosing checkpoints (``caspo train-base
-    --eval-every``) without looking at the test split."""
+    The test split is one question in ``test_fraction`` (by hash). The validation split is another
+    one in ``test_fraction``, part of the train split (CASPO rounds may ask it) but held out from base
+    training, for choosing the base model's checkpoints (``caspo train-base --eval-every``) without
+    looking at the test split."""
 
     name = "arith"
     test_fraction = 10  # one question in this many (by hash) is held out for test, another for validation
@@ -410,8 +411,19 @@ class ArithTask:
         return to_text(node)
 
     def split_of(self, question: str) -> str:
-        h = int(hashlib.sha1(question.encode()).hexdigest(), 16) % self.test_fraction
-        return "test" if h == 0 else "val" if h == 1 else "train"
+        return "test" if self._bucket(question) == 0 else "train"
+
+    def _bucket(self, question: str) -> int:
+        return int(hashlib.sha1(question.encode()).hexdigest(), 16) % self.test_fraction
+
+    def is_validation(self, question: str) -> bool:
+        """In the validation split: a train-split question that base training never sees."""
+        return self._bucket(question) == 1
+
+    def _in_split(self, question: str, split: str) -> bool:
+        if split == "val":
+            return self.is_validation(question)
+        return split == "any" or self.split_of(question) == split
 
     def make_problem(self, question: str, meta: dict | None = None) -> Problem:
         steps = solve(question)
@@ -432,17 +444,17 @@ class ArithTask:
         out = []
         while len(out) < n:
             q = to_text(sample_expression(rng, rng.randint(self.domain.gen_min_ops, self.domain.gen_max_ops), self.domain))
-            if split == "any" or self.split_of(q) == split:
+            if self._in_split(q, split):
                 out.append(self.make_problem(q))
         return out
 
     def iter_train_text(self, seed: int, random_order: float = 0.0):
-        """Endless (prompt, solution) pairs from the train split, for base training; with
+        """Endless (prompt, solution) pairs from the train split less the validation split, for base training; with
         ``random_order`` > 0, that share of solutions take a random allowed operation at each step."""
         rng = random.Random(f"arith-train-stream:{seed}")
         while True:
             q = to_text(sample_expression(rng, rng.randint(self.domain.gen_min_ops, self.domain.gen_max_ops), self.domain))
-            if self.split_of(q) == "train":
+            if self.split_of(q) == "train" and not self.is_validation(q):
                 order = rng if random_order and rng.random() < random_order else None
                 yield self.prompt(q), "".join(s + "\n" for s in solve(q, order))
 

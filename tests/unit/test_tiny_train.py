@@ -45,10 +45,10 @@ def test_packed_rows_with_boundaries_hold_whole_documents_each_seeing_only_itsel
 def test_the_validation_split_is_held_out_from_training_and_from_test():
     task = ArithTask()
     val = task.problems(50, seed=0, split="val")
-    assert all(task.split_of(p.question) == "val" for p in val)
+    assert all(task.is_validation(p.question) and task.split_of(p.question) == "train" for p in val)
     stream = task.iter_train_text(0)
     trained = {next(stream)[0] for _ in range(3000)}
-    assert all(task.split_of(q[2:].strip()) == "train" for q in trained)
+    assert all(task.split_of(q[2:].strip()) == "train" and not task.is_validation(q[2:].strip()) for q in trained)
     assert not trained & {task.prompt(p.question) for p in val}
     assert not {p.question for p in val} & {p.question for p in task.problems(200, seed=0, split="test")}
 
