@@ -319,8 +319,9 @@ def plot_curve(rows: list[dict], path: str | Path, title: str = "") -> Path:
         pts = [r for r in rows if key in r]
         if pts:
             acc = [r[key] for r in pts]
-            lo = [r[key] - r[f"{key}_ci"][0] for r in pts]
-            hi = [r[f"{key}_ci"][1] - r[key] for r in pts]
+            # an interval's end can sit a rounding error inside its point (0 and a lower end of 1e-18)
+            lo = [max(0.0, r[key] - r[f"{key}_ci"][0]) for r in pts]
+            hi = [max(0.0, r[f"{key}_ci"][1] - r[key]) for r in pts]
             ax.errorbar([r["step"] for r in pts], acc, yerr=[lo, hi], marker="o", ms=3, capsize=2, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"validation accuracy (n={rows[0]['n'] if rows else 0})")
@@ -330,7 +331,7 @@ def plot_curve(rows: list[dict], path: str | Path, title: str = "") -> Path:
     lr.plot(steps, [r["lr"] for r in rows], color="grey", lw=1, ls="--", label="learning rate")
     lr.set_ylabel("learning rate")
     lines = ax.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
-    ax.legend(lines, [l.get_label() for l in lines], loc="lower right", fontsize=8)
+    ax.legend(lines, [l.get_label() for l in lines], loc="upper left", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
