@@ -33,7 +33,6 @@ from caspo.mesh.state import MeshError, running_mesh
 from caspo.models.base import ModelLoadError, PromptedProposer
 from caspo.models.hf import HFBackend
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
-from caspo.models.tiny_chat import DEFAULT_DATA as CHAT_DATA
 from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
 from caspo.models.factory import make_backend
 from caspo.models.prompting import detect_format, load_prompter, prompter_for_backend
@@ -305,8 +304,10 @@ def cmd_train_chat(args) -> int:
     """Train the built-in tiny-chat model (a BPE tokenizer and a small Qwen2 on GSM8K in chat form)."""
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if not Path(args.data).is_file():
-        raise UsageError(f"data file not found: {args.data} (GSM8K-format JSONL; --data)")
+    if not args.data:
+        raise UsageError("train-chat needs --data PATH: the GSM8K train split, a JSONL file or a save_to_disk directory")
+    if not Path(args.data).exists():
+        raise UsageError(f"data file not found: {args.data} (--data: GSM8K-format JSONL or a save_to_disk directory)")
     out = args.out or str(caspo_home() / "tiny-chat")
     path = train_tiny_chat(TinyChatTrainConfig(seed=args.seed, steps=args.steps), out, data=args.data, progress=True)
     print(f"saved tiny-chat to {path}")
@@ -338,6 +339,8 @@ def cmd_check_answers(args) -> int:
 def cmd_check_data(args) -> int:
     if args.task != "gsm8k":
         raise UsageError(f"check-data supports --task gsm8k, got {args.task!r}")
+    if not args.data:
+        raise UsageError("check-data needs --data PATH: a GSM8K-format JSONL file or a save_to_disk directory")
     res = check_data(args.data, perturb=args.perturb, seed=args.seed)
     if args.json:
         print(json.dumps(res))
@@ -627,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="'tiny', 'tiny-chat' or a path to a transformers model")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, help="plain: the task's prompt; chat: the model's chat template (default: chat when the model's tokenizer has one)")
     p.add_argument("--task", default="arith", help="arith, gsm8k or math")
-    p.add_argument("--data", help='problems: arith {"question", "answer"} JSONL, GSM8K JSONL, or for math {"problem", "answer"} JSONL, Parquet or a save_to_disk directory')
+    p.add_argument("--data", help='problems: arith {"question", "answer"} JSONL, GSM8K JSONL or a save_to_disk directory, or for math {"problem", "answer"} JSONL, Parquet or a save_to_disk directory')
     _add_search_args(p)
     p.add_argument("-n", type=int, default=None, help=f"number of problems (default: all of --data, else {DEFAULT_EVAL_N} generated)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two methods (greedy, sc, bon, cat) on --model, or two models with --method, "
@@ -685,14 +688,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-chat", help="train the built-in tiny-chat model (chat template, blank-line steps, boxed answers) in about a minute")
     p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny-chat)")
-    p.add_argument("--data", default=CHAT_DATA, help=f"GSM8K-format JSONL to train on (default {CHAT_DATA})")
+    p.add_argument("--data", help="the GSM8K train split to train on: a JSONL file or a save_to_disk directory (required)")
     p.add_argument("--steps", type=int, default=TinyChatTrainConfig.steps)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_chat)
 
     p = sub.add_parser("check-data", help="verify the calculator annotations of a GSM8K-format file")
     p.add_argument("--task", default="gsm8k")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="a GSM8K-format JSONL file or a save_to_disk directory (required)")
     p.add_argument("--perturb", action="store_true", help="change one number per annotation first (a verifier check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
