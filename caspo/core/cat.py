@@ -9,7 +9,7 @@ Methods (all through the same Search):
   * ``cat``    — each active branch proposes K steps; a step multiplies the branch's cumulative
                  confidence C by c; branches with C < τ are pruned, completed branches go to the
                  answer set, the top K survivors by C stay active; answer = completed branch with the
-                 highest C; none → "no confident answer" (DESIGN §4).
+                 highest C; none → "no confident answer" (docs/design.md §5).
   * ``greedy`` — one branch, temperature 0.
   * ``sc``     — K independent samples (self-consistency), majority vote on final answers.
   * ``bon``    — the same K samples, answer = completed sample with the highest C (best-of-K).
