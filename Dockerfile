@@ -29,6 +29,7 @@ COPY --from=build /dist/ /tmp/dist/
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
     && pip install --no-cache-dir /tmp/dist/*.whl \
     && rm -rf /tmp/dist
+# /home/caspo/ is the home of the image's own user (useradd above), not a path of any machine
 WORKDIR /home/caspo/app
 COPY --chown=1000:1000 configs configs
 USER 1000:1000
@@ -54,6 +55,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN wheel="$(ls /tmp/dist/*.whl)" \
     && pip install --no-cache-dir "${wheel}[gpu]" \
     && rm -rf /tmp/dist
+# /home/caspo/ is the home of the image's own user (useradd above), not a path of any machine
 WORKDIR /home/caspo/app
 COPY --chown=1000:1000 configs configs
 USER 1000:1000

@@ -9,7 +9,6 @@ from pathlib import Path
 from caspo.cli.shared import command, print_table
 from caspo.errors import UsageError
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
-from caspo.models.tiny_chat import DEFAULT_DATA as CHAT_DATA
 from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
 from caspo.tasks.answers import DEFAULT_TIMEOUT_S, AnswerChecker, read_answer_pairs
 from caspo.tasks.gsm8k import check_data
@@ -27,8 +26,10 @@ def cmd_train_chat(args) -> int:
     """Train the built-in tiny-chat model (a BPE tokenizer and a small Qwen2 on GSM8K in chat form)."""
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if not Path(args.data).is_file():
-        raise UsageError(f"data file not found: {args.data} (GSM8K-format JSONL; --data)")
+    if not args.data:
+        raise UsageError("train-chat needs --data PATH: the GSM8K train split, a JSONL file or a save_to_disk directory")
+    if not Path(args.data).exists():
+        raise UsageError(f"data file not found: {args.data} (--data: GSM8K-format JSONL or a save_to_disk directory)")
     out = args.out or str(caspo_home() / "tiny-chat")
     path = train_tiny_chat(TinyChatTrainConfig(seed=args.seed, steps=args.steps), out, data=args.data, progress=True)
     print(f"saved tiny-chat to {path}")
@@ -38,6 +39,8 @@ def cmd_train_chat(args) -> int:
 def cmd_check_data(args) -> int:
     if args.task != "gsm8k":
         raise UsageError(f"check-data supports --task gsm8k, got {args.task!r}")
+    if not args.data:
+        raise UsageError("check-data needs --data PATH: a GSM8K-format JSONL file or a save_to_disk directory")
     res = check_data(args.data, perturb=args.perturb, seed=args.seed)
     if args.json:
         print(json.dumps(res))
@@ -79,13 +82,13 @@ def add_parser(sub) -> None:
 
     p = command(sub, "train-chat", help="train the built-in tiny-chat model (chat template, blank-line steps, boxed answers) in about a minute", func=cmd_train_chat)
     p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny-chat)")
-    p.add_argument("--data", default=CHAT_DATA, help=f"GSM8K-format JSONL to train on (default {CHAT_DATA})")
+    p.add_argument("--data", help="the GSM8K train split to train on: a JSONL file or a save_to_disk directory (required)")
     p.add_argument("--steps", type=int, default=TinyChatTrainConfig.steps)
     p.add_argument("--seed", type=int, default=0)
 
     p = command(sub, "check-data", help="verify the calculator annotations of a GSM8K-format file", func=cmd_check_data)
     p.add_argument("--task", default="gsm8k")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="a GSM8K-format JSONL file or a save_to_disk directory (required)")
     p.add_argument("--perturb", action="store_true", help="change one number per annotation first (a verifier check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")

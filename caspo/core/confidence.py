@@ -1,4 +1,4 @@
-"""Token entropy and step confidence (paper eq. 2 and eq. 4; DESIGN §4).
+"""Token entropy and step confidence (paper eq. 2 and eq. 4; docs/design.md §5).
 
 Every entropy and confidence in the project is computed here and nowhere else.
 """

@@ -10,7 +10,7 @@ Methods (all through the same Search):
                  confidence C by c; a step with a final answer puts its branch into the answer set
                  whatever its C (Algorithm 2, lines 10-11), an unfinished branch with C < τ is pruned
                  (line 12), the top K survivors by C stay active; answer = completed branch with the
-                 highest C; none → "no confident answer" (DESIGN §4).
+                 highest C; none → "no confident answer" (docs/design.md §5).
   * ``greedy`` — one branch, temperature 0.
   * ``sc``     — K independent samples (self-consistency), majority vote on final answers.
   * ``bon``    — the same K samples, answer = completed sample with the highest C (best-of-K).

@@ -1,7 +1,7 @@
 """vLLM backend (GPU workers only, extra ``gpu``): step sampling and teacher-forced scoring on ``vllm.LLM``.
 
-Same contract as :class:`caspo.models.hf.HFBackend`, with one documented difference (DESIGN §4, "vLLM
-entropy"): vLLM hands back only the top-k log-probs of a position, not its logits, so every entropy this
+Same contract as :class:`caspo.models.hf.HFBackend`, with one documented difference (docs/design.md §5,
+"vLLM entropy"): vLLM hands back only the top-k log-probs of a position, not its logits, so every entropy this
 backend reports is a **top-k estimate** from :func:`caspo.core.confidence.topk_entropy_estimate` with the
 tail spread uniformly over the rest of the vocabulary (an upper bound that is close for peaked
 distributions), and sampled steps carry ``entropy_estimate=True``. The exact value comes from the

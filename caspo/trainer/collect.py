@@ -1,4 +1,4 @@
-"""One data round through the mesh (DESIGN §3–4), entirely over gRPC.
+"""One data round through the mesh (docs/design.md §3, §5), entirely over gRPC.
 
 For every question, walk the *corrected* trajectory: at sub-question q_j the generator samples K
 candidate steps (the first is the policy's step s_j, the rest are its competitors), the scorer gives

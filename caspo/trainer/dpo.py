@@ -1,4 +1,4 @@
-"""One round of step-wise DPO (DESIGN §4): TRL's ``DPOTrainer`` run data-parallel by Ray Train.
+"""One round of step-wise DPO (docs/design.md §3, §5): TRL's ``DPOTrainer`` run data-parallel by Ray Train.
 
 The reference model is the previous round's policy and stays frozen, so by default its log-probs are computed
 once before training (``precompute_ref_log_probs``) and it is not held in memory while the policy trains.

@@ -194,6 +194,7 @@ def test_serve_config_in_the_rayservice_builds_the_real_application(built, tmp_p
     built_app = import_attr(app.import_path)({**app.args, "config": str(mounted)})
     assert built_app._bound_deployment.name == DEPLOYMENT
     cfg = built_app._bound_deployment.init_args[0]
+    # /shared: the cluster's own volume (the PVC caspo-shared), where the loop publishes and Serve reads
     assert cfg["serve"]["host"] == "0.0.0.0" and cfg["serve"]["policy_file"].startswith("/shared/")
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for caspo.core.pairs: the three-case rule of Algorithm 1 (DESIGN §4)."""
+"""Unit tests for caspo.core.pairs: the three-case rule of Algorithm 1 (docs/design.md §5)."""
 
 from __future__ import annotations
 
