@@ -4,12 +4,13 @@ protobuf (``protos/caspo/v1/cat.proto``). Field names are the same in both."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from caspo.core.cat import CommittedStep, SearchResult
+from caspo.core.cat import CommittedStep, SearchConfig, SearchResult, TreeUpdate
 from caspo.protos.v1 import cat_pb2
 from caspo.serve.params import SolveParams
 
@@ -34,6 +35,13 @@ class SearchFields(BaseModel):
 
 class SolveBody(SearchFields):
     question: StrictStr
+
+
+class StreamBody(SolveBody):
+    """``/v1/solve/stream``: with ``tree_events``, the stream also sends the search's configuration
+    first and the tree as it grows (``search_json``, ``tree_json``)."""
+
+    tree_events: StrictBool = False
 
 
 class ChatMessage(BaseModel):
@@ -78,6 +86,20 @@ def result_json(res: SearchResult, steps: list[CommittedStep], params: SolvePara
 
 def step_json(step: CommittedStep) -> dict:
     return dict(step.__dict__)
+
+
+def tree_json(update: TreeUpdate) -> list[dict]:
+    """A tree update's nodes (``Node.to_dict``: id, parent (0: the question), step, depth, c, C, status,
+    reason, uncertainty, ...)."""
+    return list(update.nodes)
+
+
+def search_json(cfg: SearchConfig) -> dict:
+    """The search a request runs, every field resolved (an infinite branch_threshold as "inf", as in
+    calibration files: JSON has no infinity)."""
+    out = dict(cfg.__dict__)
+    out["branch_threshold"] = "inf" if math.isinf(cfg.branch_threshold) else cfg.branch_threshold
+    return out
 
 
 def chat_content(res: SearchResult, delimiter: str = "\n") -> str:
