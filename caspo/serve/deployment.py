@@ -25,7 +25,9 @@ deadline) is cancelled by Serve, and its search stops at its next step.
 
 Hot reload: each replica watches ``serve.policy_file`` (``runs/NAME/policy.json``, written when
 ``caspo loop`` publishes a policy) and loads the version it names in a thread while it keeps
-answering; model calls already running finish on the weights they started with. Every response
+answering; model calls already running finish on the weights they started with. A publish over the tensor transport (caspo/mesh/publisher.py) reaches
+the replica directly (``caspo.models.worker.receive_published``) and switches it once all of the new
+version has arrived; the watcher then finds the file naming the version it already serves. Every response
 carries the ``policy_version`` that wrote its last step (a search that spans a reload may have taken
 its earlier steps from the previous version).
 """
@@ -49,7 +51,7 @@ from caspo.evaluation import calibration_path_for
 from caspo.models.base import ModelLoadError, prefix_text
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
-from caspo.models.worker import ModelWorker
+from caspo.models.worker import ModelWorker, subscribe
 from caspo.policy_file import read_policy_file
 from caspo.protos.v1 import cat_pb2
 from caspo.serve.http_app import api
@@ -93,6 +95,7 @@ class CaTServer:
         if published is not None:
             version, path = published
         self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms)
+        subscribe(self.worker, self._published_over_transport)  # publishes over the transport land here
         self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         self.prompter = prompter_for_backend(self.worker.backend, self.task)  # model.prompt_format, step_delimiter
         self.calibration = self._calibration(path, strict=True)
@@ -130,6 +133,10 @@ class CaTServer:
                 self._failed = published
                 self.reload_error = f"reloading v{version} from {path} failed: {e}"
                 log.error(self.reload_error)
+
+    def _published_over_transport(self, plan: dict) -> None:
+        self.reload_error = None
+        self.calibration = self._calibration(plan["path"], strict=False)
 
     def _calibration(self, policy_path: str, strict: bool) -> Calibration | None:
         """cat.calibration (must exist), else the calibration next to the served policy when there is one.
