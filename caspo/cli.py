@@ -28,6 +28,7 @@ from caspo.diagnose import diagnose
 from caspo.diagnose import plot as plot_diagnosis
 from caspo.evaluation import METRICS, calibrate, calibration_path_for, compare, evaluate
 from caspo.mesh.client import MeshClient
+from caspo.mesh.publisher import publish_policy
 from caspo.mesh.runner import ON_HEAD, MeshRunner, ensure_mesh, stop_running_mesh
 from caspo.mesh.state import MeshError, running_mesh
 from caspo.models.base import ModelLoadError, PromptedProposer
@@ -452,6 +453,33 @@ def _round_rows(rows: list[dict]) -> list[dict]:
     return [{**r, "pairs": " ".join(f"{c}={n}" for c, n in sorted(r.get("pairs", {}).items())) or "-"} for r in rows]
 
 
+def cmd_publish(args) -> int:
+    """Make a checkpoint policy VERSION on the running mesh and Serve: over the transport (publish.transport)."""
+    cfg = _config(args)
+    if args.version < 0:
+        raise UsageError(f"--version must be >= 0, got {args.version}")
+    if args.path != "tiny" and not (Path(args.path) / "config.json").is_file():
+        raise UsageError(f"path {args.path!r} is not a model directory (config.json is missing)")
+    policy_file = args.policy_file or cfg.serve.policy_file
+    with ensure_mesh(cfg, join_ray=True, progress=False) as st:
+        client = MeshClient(st["registry"])
+
+        async def go():
+            try:
+                return await publish_policy(client, cfg, args.version, args.path, policy_file)
+            finally:
+                await client.close()
+
+        out = asyncio.run(go())
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        b = out["broadcast"]
+        how = f"over the transport: {b['bytes'] / 1e6:.1f} MB in {b['seconds']:.2f} s" if b else "through the file"
+        print(f"published v{args.version} ({args.path}) {how}; services: {out['versions']}" + (f"; from the file: {', '.join(out['fallback'])}" if out["fallback"] else ""))
+    return 0
+
+
 def cmd_loop(args) -> int:
 
     overrides = list(args.set)
@@ -732,6 +760,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", choices=["step", "trajectory", "crew"], help="step: CASPO; trajectory: the final-answer control; crew: CRew-DPO (answer confidence)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loop)
+
+    p = sub.add_parser("publish", help="make a checkpoint the policy everywhere: generators, scorer, Serve (over the tensor transport unless publish.transport=disk)")
+    _add_config_args(p)
+    p.add_argument("path", help="a model directory (a checkpoint `caspo loop` or `caspo train` wrote) or tiny")
+    p.add_argument("--version", type=int, required=True, help="the policy version it becomes")
+    p.add_argument("--policy-file", help="the published-policy record to write (default serve.policy_file)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("serve", help="CaT inference on Ray Serve: HTTP :8000 and gRPC :9000, hot-reloading published policies")
     _add_config_args(p)
