@@ -158,3 +158,49 @@ def test_a_replica_killed_mid_broadcast_and_a_later_serve_replica_come_back_on_i
     assert {k: s["version"] for k, s in states.items()} == {k: 2 for k in states}
     assert ray.util.list_named_actors(all_namespaces=True)  # Serve's replicas are where the publisher looks
     assert any(a["namespace"] == SERVE_NAMESPACE for a in ray.util.list_named_actors(all_namespaces=True))
+
+
+def test_transport_buckets_convert_on_the_receiving_side_and_refuse_a_wrong_checksum():
+    """Two subscribers on threads of this process (their own gloo ranks): bucket by bucket, a bf16 tensor
+    arrives bit-exact and converts to the receiver's float32; a plan whose checksum is not the data's
+    makes the receiver raise after the last bucket, so a backend never switches to it."""
+    import threading
+
+    from caspo.models.transport import TransportError, make_plan, open_store, plan_buckets, send_weights
+
+    g = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(1000, generator=g), "b": torch.randn(300, 30, generator=g).to(torch.bfloat16), "c": torch.arange(7)}
+    state["tied"] = state["a"]  # a tied tensor goes once
+    plan = make_plan(state, 3, "ckpt", bucket_bytes=4096, timeout_s=30)
+    assert [m[0] for m in plan["meta"]] == ["a", "b", "c"]
+    assert len(plan["buckets"]) == len(plan_buckets(weights_meta(state), 4096)) >= 3
+
+    def broadcast(plan):
+        from caspo.models.transport import receive_weights
+
+        store = open_store("127.0.0.1", 3, 30)
+        plan = {**plan, "host": "127.0.0.1", "port": store.port, "world": 3, "group": f"t{plan['checksum'][:6]}"}
+        got, errors = {}, {}
+
+        def sub(rank):
+            into = {"a": torch.zeros(1000), "b": torch.zeros(300, 30), "c": torch.zeros(7, dtype=torch.int64)}
+            try:
+                for name, t in receive_weights(plan, rank):
+                    into[name].copy_(t)  # the receiver's dtype
+                got[rank] = into
+            except TransportError as e:
+                errors[rank] = str(e)
+
+        threads = [threading.Thread(target=sub, args=(r,)) for r in (1, 2)]
+        [t.start() for t in threads]
+        send_weights(state, plan, store)
+        [t.join() for t in threads]
+        return got, errors
+
+    got, errors = broadcast(plan)
+    assert not errors and set(got) == {1, 2}
+    for into in got.values():
+        assert torch.equal(into["a"], state["a"]) and torch.equal(into["c"], state["c"])
+        assert into["b"].dtype == torch.float32 and torch.equal(into["b"], state["b"].float())
+    got, errors = broadcast({**plan, "checksum": "0" * 64})
+    assert not got and set(errors) == {1, 2} and all("checksum" in e for e in errors.values())
