@@ -53,12 +53,22 @@ class PolicySource:
     def __init__(self, cfg_dict: dict):
         self.cfg: Config = config_from_dict(cfg_dict)
         self.held: tuple[str, dict] | None = None
+        self._plan: tuple[str, dict] | None = None
         self.disk_reads = 0  # checkpoints this source had to read (never, when the trainer hands them over)
 
     def hold(self, path: str, state: dict) -> int:
-        """The trainer's weights of the checkpoint it is writing to ``path``; returns how many tensors."""
+        """The trainer's weights of the checkpoint it is writing to ``path``; returns how many tensors. Their
+        wire plan (order, buckets, checksum) is made now, so a publish does not spend a pass over them on it."""
         self.held = (str(Path(path).resolve()), {k: v.detach() for k, v in state.items()})
+        self._plan = None
+        self._plan_for(self.held[0], self.held[1])
         return len(state)
+
+    def _plan_for(self, path: str, state: dict) -> dict:
+        if self._plan is None or self._plan[0] != path:
+            pc = self.cfg.publish
+            self._plan = (path, make_plan(state, 0, path, int(pc.bucket_mb * 2**20), pc.timeout_s))
+        return self._plan[1]
 
     def holds(self) -> str | None:
         return self.held[0] if self.held else None
@@ -84,7 +94,7 @@ class PolicySource:
         pc = self.cfg.publish
         t0 = time.perf_counter()
         state = self._state(path)
-        plan = make_plan(state, version, path, int(pc.bucket_mb * 2**20), pc.timeout_s)
+        plan = {**self._plan_for(self.held[0], state), "version": int(version), "path": path}
         world = len(subscribers) + 1
         store = open_store(get_node_ip_address(), world, pc.timeout_s)
         plan.update(host=get_node_ip_address(), port=store.port, world=world, group=f"caspo-v{version}-{uuid.uuid4().hex[:8]}")
@@ -101,7 +111,7 @@ class PolicySource:
         out = {}
         for (label, _, _), r in zip(subscribers, got):
             ok = not isinstance(r, BaseException) and error is None
-            out[label] = {"ok": ok, **({"version": r["version"], "seconds": r["seconds"]} if not isinstance(r, BaseException) else {"error": _last_line(r)})}
+            out[label] = {"ok": ok, **({"version": r["version"], "seconds": r["seconds"], "wire_s": r.get("wire_s")} if not isinstance(r, BaseException) else {"error": _last_line(r)})}
         return {
             "version": version,
             "checksum": plan["checksum"],
@@ -185,7 +195,7 @@ async def publish_policy(client: MeshClient, cfg: Config, version: int, path: st
     services = {label.split("/")[0] for label in failed} & {"generator", "scorer"}
     if failed:
         log.warning("the broadcast of v%d missed %s: they load %s", version, ", ".join(failed), path)
-    versions = await client.publish(version, path, None) if services else {}
+    versions = {service: await client.reload(service, version, path) for service in sorted(services)}
     try:
         gen = ray.get_actor(ACTOR_NAMES["generator"], namespace=cfg.mesh.namespace)
         versions["generator"] = await gen.refresh_versions.remote()

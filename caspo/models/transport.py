@@ -92,7 +92,7 @@ def state_checksum(state: Mapping[str, torch.Tensor], meta: list[TensorMeta]) ->
     own weights, whatever their dtype, converted to the wire's: equal to the publisher's when it holds them)."""
     h = _hasher(meta)
     for m in meta:
-        h.update(_bytes(state[m.name].detach().to("cpu", DTYPES[m.dtype])).numpy().tobytes())
+        h.update(_bytes(state[m.name].detach().to("cpu", DTYPES[m.dtype])).numpy())
     return h.hexdigest()
 
 
@@ -155,20 +155,27 @@ def send_weights(state: Mapping[str, torch.Tensor], plan: dict, store: dist.Stor
     return {"seconds": time.perf_counter() - t0, "bytes": plan["bytes"], "buckets": len(plan["buckets"])}
 
 
-def receive_weights(plan: dict, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+def receive_weights(plan: dict, rank: int, stats: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """A subscriber's side: ``(name, tensor)`` in wire dtype, bucket by bucket as they arrive (views of the
     bucket: copy them before the next). After the last one, the checksum of everything received is
     compared with the plan's: a mismatch raises TransportError, so a consumer that commits only once this
-    iterator is exhausted never switches to weights that are not the publisher's."""
+    iterator is exhausted never switches to weights that are not the publisher's. ``stats["wire_s"]``
+    (when given) adds up the seconds spent waiting on the wire, joining the group included."""
+    stats = stats if stats is not None else {}
+    stats.setdefault("wire_s", 0.0)
     meta = plan_meta(plan)
     h = _hasher(meta)
     try:
+        t0 = time.perf_counter()
         pg = _group(plan, rank)
         dev = _device(plan)
+        stats["wire_s"] += time.perf_counter() - t0
         for idx in plan["buckets"]:
             buf = torch.empty(sum(meta[i].nbytes for i in idx), dtype=torch.uint8, device=dev)
+            t0 = time.perf_counter()
             pg.broadcast([buf], dist.BroadcastOptions()).wait()
-            h.update(buf.cpu().numpy().tobytes())
+            stats["wire_s"] += time.perf_counter() - t0
+            h.update(buf.cpu().numpy())
             off = 0
             for i in idx:
                 m = meta[i]

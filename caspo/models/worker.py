@@ -110,9 +110,9 @@ class ModelWorker:
         """Join a publish as ``rank`` (caspo.models.transport) and switch to its version once all of it has
         arrived intact; calls running meanwhile finish on the old weights. Returns the version now loaded
         and the seconds it took."""
-        t0 = time.perf_counter()
-        self.backend.load_weights(receive_weights(plan, rank), plan["version"], plan["path"])
-        return {"version": self.backend.version, "seconds": time.perf_counter() - t0}
+        t0, stats = time.perf_counter(), {}
+        self.backend.load_weights(receive_weights(plan, rank, stats), plan["version"], plan["path"])
+        return {"version": self.backend.version, "seconds": time.perf_counter() - t0, "wire_s": stats["wire_s"]}
 
     async def receive(self, plan: dict, rank: int) -> dict:
         """``receive_sync`` in a thread: the loop keeps serving."""
