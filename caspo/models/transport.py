@@ -9,8 +9,9 @@ others fail within ``timeout_s`` instead of hanging. (Ray Direct Transport and `
 were tried first; docs/benchmarks.md, "publish", says why neither is used.)
 
 The wire: the state dict's tensors in a fixed order (tied tensors sent once), packed into byte buckets
-of at most ``bucket_bytes`` (a tensor larger than that travels alone), each bucket one broadcast: the
-publisher holds one bucket beyond its state dict, a subscriber one bucket beyond the copy it fills.
+of at most ``bucket_bytes`` (a tensor larger than that travels alone), each bucket one broadcast, double
+buffered: the publisher packs bucket b+1 while b is on the wire, a subscriber receives b+1 while it
+copies b into its model, so each side holds two buckets beyond its weights.
 Tensors travel in the publisher's dtype; the subscriber converts to its own (``copy_`` into its
 parameters). The checksum (SHA-256 over the names, shapes, dtypes and bytes, in wire order) is sent in
 the plan; a subscriber recomputes it over what it received and refuses to switch on a mismatch.
@@ -144,12 +145,19 @@ def send_weights(state: Mapping[str, torch.Tensor], plan: dict, store: dist.Stor
     try:
         pg = _group(plan, 0, store)
         dev = _device(plan)
+        inflight = None  # (bucket, buffer, work): bucket b+1 is packed while bucket b is on the wire
         for b, idx in enumerate(plan["buckets"]):
             buf = torch.cat([_bytes(state[meta[i].name].detach().to(dev)) for i in idx])
-            pg.broadcast([buf], dist.BroadcastOptions()).wait()
-            del buf
+            work = pg.broadcast([buf], dist.BroadcastOptions())
+            if inflight is not None:
+                inflight[2].wait()
+                if on_bucket is not None:
+                    on_bucket(inflight[0])
+            inflight = (b, buf, work)
+        if inflight is not None:
+            inflight[2].wait()
             if on_bucket is not None:
-                on_bucket(b)
+                on_bucket(inflight[0])
     except (RuntimeError, dist.DistError) as e:
         raise TransportError(f"broadcast of v{plan['version']} failed: {str(e).splitlines()[0]}") from e
     return {"seconds": time.perf_counter() - t0, "bytes": plan["bytes"], "buckets": len(plan["buckets"])}
@@ -170,11 +178,19 @@ def receive_weights(plan: dict, rank: int, stats: dict | None = None) -> Iterato
         pg = _group(plan, rank)
         dev = _device(plan)
         stats["wire_s"] += time.perf_counter() - t0
-        for idx in plan["buckets"]:
-            buf = torch.empty(sum(meta[i].nbytes for i in idx), dtype=torch.uint8, device=dev)
+        buckets = plan["buckets"]
+
+        def post(b):  # the receive of bucket b, started before bucket b-1 is handed out (double buffering)
+            buf = torch.empty(sum(meta[i].nbytes for i in buckets[b]), dtype=torch.uint8, device=dev)
+            return buf, pg.broadcast([buf], dist.BroadcastOptions())
+
+        nxt = post(0) if buckets else None
+        for b, idx in enumerate(buckets):
+            buf, work = nxt
             t0 = time.perf_counter()
-            pg.broadcast([buf], dist.BroadcastOptions()).wait()
+            work.wait()
             stats["wire_s"] += time.perf_counter() - t0
+            nxt = post(b + 1) if b + 1 < len(buckets) else None
             h.update(buf.cpu().numpy())
             off = 0
             for i in idx:
