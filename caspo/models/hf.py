@@ -8,7 +8,6 @@ samples the same tokens whatever else shares its batch (each seeded row draws fr
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import threading
@@ -87,6 +86,21 @@ class _Weights:
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _empty_like(model):
+    """A model of ``model``'s architecture, dtype and device with its memory allocated but not filled
+    (what a publish fills; cheaper than copying the old weights first), non-persistent buffers
+    (rotary frequencies) copied, tied weights tied."""
+    p = next(model.parameters())
+    with torch.device("meta"):
+        empty = type(model)(model.config)
+    empty = empty.to(p.dtype).to_empty(device=p.device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            empty.get_buffer(name).copy_(buf)
+    empty.tie_weights()
+    return empty.eval()
+
+
 class HFBackend:
     name = "hf"
 
@@ -154,8 +168,9 @@ class HFBackend:
         fails or arrives corrupted leaves the replica serving what it had. ``path`` is the checkpoint these
         weights are (what ``path`` reports)."""
         cur = self._w
-        model = copy.deepcopy(cur.model)
+        model = _empty_like(cur.model)
         params = model.state_dict(keep_vars=True)  # every name, tied ones included: the publisher's names
+        filled: set[int] = set()
         with torch.no_grad():
             for name, t in weights:
                 if name not in params:
@@ -164,6 +179,11 @@ class HFBackend:
                 if tuple(p.shape) != tuple(t.shape):
                     raise ModelLoadError(f"received weight {name!r} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
                 p.copy_(t)  # the receiving side's dtype and device
+                filled.add(p.data_ptr())
+            old = cur.model.state_dict()
+            for name, p in params.items():  # what was not sent (and is not tied to what was) stays as it is
+                if p.data_ptr() not in filled:
+                    p.copy_(old[name])
         new = _Weights(model, cur.tok, self.delimiter, version, path)
         with self._lock:
             self._w = new
