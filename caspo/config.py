@@ -11,8 +11,6 @@ service enforces is a key here. A loaded config is frozen: code that needs a var
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +18,7 @@ from typing import Any
 
 import yaml
 
-from caspo.core.cat import SearchConfig
-from caspo.core.confidence import UNCERTAINTIES
+from caspo.core.search import SearchConfig
 
 
 class ConfigError(ValueError):
@@ -229,61 +226,6 @@ class ServeConfig:
     max_temperature: float = 2.0
 
 
-# ---- calibration files (``caspo calibrate``; the rule that fills them is caspo.core.calibration) --------
-class CalibrationError(ConfigError):
-    """A calibration file that is missing or malformed; the message names the file and the field."""
-
-
-@dataclass(frozen=True)
-class Calibration:
-    tau: float
-    branch_threshold: float
-    uncertainty: str
-    path: str = ""  # where it was read from
-
-
-def _threshold_value(v) -> float:
-    return math.inf if v == "inf" else v
-
-
-def read_calibration(path: str | os.PathLike) -> Calibration:
-    """A calibration file (JSON with at least ``tau`` in [0, 1], ``branch_threshold`` >= 0 or the string
-    "inf", and ``uncertainty``; the rest is the warm-up's record). CalibrationError names file and field."""
-    p = Path(path)
-    if not p.is_file():
-        raise CalibrationError(f"calibration file {p} does not exist (write one with `caspo calibrate`)")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CalibrationError(f"calibration file {p} is not readable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CalibrationError(f"calibration file {p} must hold a JSON object, got {type(data).__name__}")
-    for key in ("tau", "branch_threshold", "uncertainty"):
-        if key not in data:
-            raise CalibrationError(f"calibration file {p}: {key} is missing")
-    tau, th, unc = data["tau"], _threshold_value(data["branch_threshold"]), data["uncertainty"]
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
-        raise CalibrationError(f"calibration file {p}: tau must be a number in [0, 1], got {tau!r}")
-    if isinstance(th, bool) or not isinstance(th, (int, float)) or math.isnan(th) or th < 0:
-        raise CalibrationError(f"calibration file {p}: branch_threshold must be a number >= 0 or \"inf\", got {data['branch_threshold']!r}")
-    if unc not in UNCERTAINTIES:
-        raise CalibrationError(f"calibration file {p}: uncertainty must be one of {', '.join(UNCERTAINTIES)}, got {unc!r}")
-    return Calibration(float(tau), float(th), unc, str(p))
-
-
-def write_calibration(path: str | os.PathLike, data: dict) -> Path:
-    """Write ``data`` (with tau, branch_threshold, uncertainty) atomically; inf is written as "inf"."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    out = {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in data.items()}
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2, default=lambda v: "inf" if v == math.inf else str(v)) + "\n")
-    tmp.replace(p)
-    read_calibration(p)  # what is written must read back
-    return p
-
-
-
 @dataclass(frozen=True)
 class CatConfig:
     """The project's recommended CaT (issue 16): what ``caspo eval --method cat`` with no other search flags,
@@ -304,9 +246,10 @@ class CatConfig:
     window: int = 16  # tokens per window of the group scoring
     calibration: str | None = None  # calibration.json; null: the one next to the policy, when there is one
 
-    def search_config(self, calibration: Calibration | None = None, seed: int | None = None, **given) -> SearchConfig:
+    def search_config(self, calibration=None, seed: int | None = None, **given) -> SearchConfig:
         """The SearchConfig of a ``cat`` request: fields in ``given`` (not None) win, then the calibration's
-        τ / threshold / uncertainty (adaptive only), then this section. With ``branching`` always, width and
+        τ / threshold / uncertainty (adaptive only; a ``caspo.models.calibration_file.Calibration``), then
+        this section. With ``branching`` always, width and
         prune_scoring not given are unset (Algorithm 2 exactly). ValueError names a bad field."""
         given = {k: v for k, v in given.items() if v is not None}
         fields = {f: getattr(self, f) for f in ("k", "tau", "max_steps", "temperature", "scoring", "prune_scoring", "branching", "branch_threshold", "uncertainty", "width", "window")}

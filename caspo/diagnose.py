@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from caspo.core import stats
-from caspo.core.cat import Prefix, SearchConfig, StepProposer, derive_seed, run_searches
+from caspo.core.contract import Prefix, StepProposer, derive_seed
+from caspo.core.search import SearchConfig, run_searches
 from caspo.core.confidence import STEP_SCORINGS
 from caspo.core.siblings import Sibling, sibling_report
 from caspo.evaluation import make_searches

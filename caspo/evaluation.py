@@ -30,13 +30,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from caspo.core import metrics, stats
-from caspo.core.calibration import CALIBRATION_FILE, DEFAULT_QUANTILES, DEFAULT_TAUS, choose_point, threshold_grid
-from caspo.core.cat import Prefix, ProposedStep, Search, SearchConfig, SearchResult, derive_seed, run_searches, run_searches_async
+from caspo.core.calibration import DEFAULT_QUANTILES, DEFAULT_TAUS, choose_point, threshold_grid
+from caspo.core.contract import Prefix, ProposedStep, derive_seed
+from caspo.core.search import Search, SearchConfig, SearchResult, run_searches, run_searches_async
 from caspo.core.confidence import step_uncertainty
 from caspo.models.base import PromptedProposer
-from caspo.models.hf import resolve_model_path
 from caspo.models.prompting import prompter_for_backend
-from caspo.models.tiny import SHIPPED_DIR, caspo_home
 from caspo.progress import bar as progress_bar
 from caspo.tasks.base import Problem, Task
 
@@ -183,7 +182,6 @@ def compare_records(records_a: Sequence[ProblemRecord], records_b: Sequence[Prob
     if ids_a != ids_b:
         raise ValueError("compare needs two evaluations of the same problems in the same order")
     ca, cb = _Columns(records_a), _Columns(records_b)
-    idx = np.arange(ca.n)
     out: dict = {"n": ca.n}
     for name in PAIRED:
         if name == "accuracy":
@@ -192,8 +190,7 @@ def compare_records(records_a: Sequence[ProblemRecord], records_b: Sequence[Prob
             fa, fb = _answer_stat(ca, name), _answer_stat(cb, name)
         else:
             fa, fb = _step_stat(ca, name), _step_stat(cb, name)
-        point = fb(idx) - fa(idx)
-        lo, hi = stats.bootstrap_interval(lambda i: fb(i) - fa(i), [idx], resamples, seed=seed)
+        point, (lo, hi) = stats.paired_bootstrap(fa, fb, ca.n, resamples, seed=seed)
         out[name] = _clean(float(point))
         out[f"{name}_ci"] = _ci((lo, hi))
     m = stats.mcnemar(ca.correct.astype(bool), cb.correct.astype(bool))
@@ -322,7 +319,7 @@ async def evaluate_async(
     desc: str | None = None,
 ) -> EvalReport:
     """``evaluate`` with an async proposer (e.g. the generator service over gRPC). A ``critic`` scoring
-    needs a proposer that sets verdicts (``caspo.mesh.client.MeshCriticProposer`` in the mesh)."""
+    needs a proposer that sets verdicts (as ``JudgedProposer`` does)."""
     records: list[ProblemRecord] = []
     t0 = time.perf_counter()
     with progress_bar(len(problems), desc or f"eval {cfg.method}", "q", progress) as bar:
@@ -369,16 +366,6 @@ class JudgedProposer:
 
 
 # ---- warm-up calibration (``caspo calibrate``); the rule is caspo.core.calibration's --------------------
-def calibration_path_for(model: str) -> Path:
-    """Where a policy's calibration file lives: next to the policy (``<dir>/calibration.json``); for the
-    shipped tiny weights and hub ids, under ``$CASPO_HOME/calibration/`` (the package stays read-only)."""
-    path = Path(resolve_model_path(model))
-    if path.is_dir() and path.resolve() != SHIPPED_DIR.resolve():
-        return path / CALIBRATION_FILE
-    name = "tiny-shipped" if path.is_dir() else str(path).replace("/", "--")
-    return caspo_home() / "calibration" / f"{name}.json"
-
-
 class _RecordingProposer:
     """Passes proposals through, recording each greedy step's uncertainty under ``measure``."""
 

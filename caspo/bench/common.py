@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-from caspo.config import load_config
-from caspo.models.base import Backend
-from caspo.models.factory import make_backend as build_backend
+from caspo.config import Config, load_config
 from caspo.plots import pyplot
 
 
@@ -105,9 +103,10 @@ def model_overrides(model: str, backend: str) -> list[str]:
     return [f"model.policy={model}", f"model.backend={backend}"]
 
 
-def make_backend(model: str = "tiny", backend: str = "hf") -> Backend:
-    """The model backend the suites measure: the tiny reasoner on HF by default, any model on vLLM."""
-    return build_backend(load_config(None, model_overrides(model, backend)))
+def suite_model(model: str = "tiny", backend: str = "hf") -> Config:
+    """The config of the model the suites measure (build it with ``caspo.models.factory.make_backend``):
+    the tiny reasoner on HF by default, any model on vLLM."""
+    return load_config(None, model_overrides(model, backend))
 
 
 class Timer:

@@ -8,8 +8,9 @@ per question, with latency and tokens as ratios to greedy measured in the same r
 
 from __future__ import annotations
 
-from caspo.bench.common import SuiteResult, make_backend
-from caspo.core.cat import SearchConfig
+from caspo.models.factory import make_backend
+from caspo.bench.common import SuiteResult, suite_model
+from caspo.core.search import SearchConfig
 from caspo.evaluation import compare, evaluate
 from caspo.tasks import get_task
 
@@ -19,7 +20,7 @@ COLUMNS = ["method", "k", "scoring", "accuracy", "vs_greedy", "p_mcnemar", "ece"
 def run(n: int, ks=(4, 10), model: str = "tiny", engine: str = "hf", seed: int = 0, batch: int = 16, tau: float = 0.5, temperature: float = 0.7, progress: bool = True) -> SuiteResult:
     task = get_task("arith")
     problems = task.problems(n, seed=seed, split="test")
-    backend = make_backend(model, engine)
+    backend = make_backend(suite_model(model, engine))
     configs = [SearchConfig(method="greedy", seed=seed)]
     for k in ks:
         configs += [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from caspo.bench.common import SuiteResult, model_overrides
 from caspo.config import load_config
-from caspo.core.cat import derive_seed
+from caspo.core.contract import derive_seed
 from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import MeshRunner
 from caspo.models.hf import resolve_model_path

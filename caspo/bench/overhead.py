@@ -16,9 +16,10 @@ import os
 
 import torch
 
-from caspo.bench.common import SuiteResult, Timer, make_backend, median
+from caspo.models.factory import make_backend
+from caspo.bench.common import SuiteResult, Timer, suite_model, median
 from caspo.config import load_config
-from caspo.core.cat import SearchConfig, run_searches
+from caspo.core.search import SearchConfig, run_searches
 from caspo.evaluation import evaluate, make_searches
 from caspo.models.base import PromptedProposer, prefix_text
 from caspo.models.prompting import prompter_for_backend
@@ -103,7 +104,7 @@ def _method_rows(backend, task, problems, k: int, seed: int, batch: int) -> list
 def run(n: int, model: str = "tiny", engine: str = "hf", seed: int = 0, repeats: int = 5, batch: int = 16, k: int = 4, progress: bool = True) -> SuiteResult:
     task = get_task("arith")
     problems = task.problems(n, seed=seed, split="test")
-    backend = make_backend(model, engine)
+    backend = make_backend(suite_model(model, engine))
     prompter = prompter_for_backend(backend, task)  # model.prompt_format, step_delimiter
     proposer = PromptedProposer(backend, prompter)
     greedy = SearchConfig(method="greedy", seed=seed)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from caspo.bench.common import SuiteResult, make_backend
-from caspo.config import load_config, read_calibration
-from caspo.core.cat import SearchConfig
-from caspo.evaluation import JudgedProposer, calibration_path_for, compare, evaluate_with, task_judge
+from caspo.models.calibration_file import find_calibration
+from caspo.models.factory import make_backend
+from caspo.bench.common import SuiteResult, suite_model
+from caspo.config import load_config
+from caspo.core.search import SearchConfig
+from caspo.evaluation import JudgedProposer, compare, evaluate_with, task_judge
 from caspo.models.base import PromptedProposer
 from caspo.models.prompting import prompter_for_backend
 from caspo.tasks import get_task
@@ -69,9 +71,8 @@ def run(
     cfg = load_config(config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None))
     t = get_task(task, data, cfg.task if cfg.task.name == task else None)
     problems = t.problems(n or None, seed=seed, split="test" if data is None else "any")
-    cal_path = calibration or cfg.cat.calibration or (str(calibration_path_for(model)) if calibration_path_for(model).is_file() else None)
-    cal = read_calibration(cal_path) if cal_path else None
-    backend = make_backend(model, engine)
+    cal = find_calibration(calibration or cfg.cat.calibration, model)
+    backend = make_backend(suite_model(model, engine))
     proposer = PromptedProposer(backend, prompter_for_backend(backend, t))  # model.prompt_format, step_delimiter
     judged = JudgedProposer(proposer, task_judge(t, problems))
     greedy_cfg = SearchConfig(method="greedy", seed=seed)
@@ -88,6 +89,7 @@ def run(
     for name, sc, rep in reports:
         rows.append(_row(name, sc.k, rep, greedy, g_latency, None if sc.scoring == "critic" else ceiling.get(sc.k)))
     notes = [f"{len(problems)} problems ({'test split, seed ' + str(seed) if data is None else data}); T={temperature}; greedy latency {g_latency * 1000:.1f} ms/question (mean of a run before and after the others: {greedy.latency_s * 1000:.1f}, {greedy_end.latency_s * 1000:.1f})."]
+    cal_path = cal.path if cal else None
     notes.append(f"recommended CaT: {_describe(cfg.cat.search_config(cal, seed=seed))}; calibration: {cal_path or 'none (the cat section as is)'}.")
     if judged.judged:
         notes.append(f"critic cost: {judged.judged} steps judged, {1000 * judged.seconds / judged.judged:.3f} ms per step (exact {task} critic, in process).")

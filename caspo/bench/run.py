@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from caspo.bench import common, inference, mesh_throughput, overhead, pareto, publish, serve_load, tau
-from caspo.config import CalibrationError, ConfigError
+from caspo.config import ConfigError
+from caspo.models.calibration_file import CalibrationError
 from caspo.models.base import ModelLoadError
 from caspo.tasks.base import TaskError
 

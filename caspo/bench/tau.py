@@ -7,8 +7,9 @@ the evaluation ones), take the answer branches' cumulative confidences, and set 
 
 from __future__ import annotations
 
-from caspo.bench.common import SuiteResult, make_backend, percentile
-from caspo.core.cat import SearchConfig, run_searches
+from caspo.models.factory import make_backend
+from caspo.bench.common import SuiteResult, suite_model, percentile
+from caspo.core.search import SearchConfig, run_searches
 from caspo.evaluation import evaluate, make_searches
 from caspo.models.base import PromptedProposer
 from caspo.models.prompting import prompter_for_backend
@@ -21,7 +22,7 @@ def run(n: int, k: int = 4, taus=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9), warmup: int = 1
     task = get_task("arith")
     problems = task.problems(n, seed=seed, split="test")
     warm = task.problems(warmup, seed=seed + 1_000_003, split="test")
-    backend = make_backend(model, engine)
+    backend = make_backend(suite_model(model, engine))
     rows = []
     for scoring in scorings:
         base_tokens = None

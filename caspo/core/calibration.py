@@ -10,7 +10,7 @@ ties going to fewer tokens, then to the larger threshold, then to the smaller τ
 budget, the cheapest point is chosen.
 
 The file itself (``calibration.json``: ``tau``, ``branch_threshold``, ``uncertainty`` and the warm-up's
-record) is read and written by ``caspo.config`` (``read_calibration``, ``write_calibration``); this module
+record) is read, written and looked up by ``caspo.models.calibration_file``; this module
 stays pure.
 """
 

@@ -125,15 +125,19 @@ def mean_probability(logprobs: Sequence[float]) -> float:
 
 def answer_confidence(step: str, token_logprobs: Sequence[float]) -> float:
     """CRew's training-free reward ("Confidence as a Reward", 2025): the mean probability of the tokens
-    that write the final answer of ``step``, located by the answer's share of the step's characters
-    (exact for a character-level tokenizer such as the built-in model's, close for BPE). A step that
-    states no answer (a path still unfinished) gets the mean probability of all its tokens; no
-    tokens, 1."""
+    that write the final answer of ``step``, and of those only.
+
+    ``token_logprobs`` are a step's tokens as every backend reports them: the tokens of its text, then
+    the one token that ended it (the step delimiter, or EOS), which the step's length L counts. The
+    answer's tokens are located among the text's tokens (all but that last one) by the answer's share of
+    the step's characters (exact for a character-level tokenizer such as the built-in model's, close for
+    BPE); the end token is never part of the window. A step that states no answer (a path still
+    unfinished) gets the mean probability of all its tokens; no tokens, 1."""
     lps = [float(x) for x in token_logprobs]
     span = answer_span(step)
-    if span is None or not lps or not step:
+    n = len(lps) - 1  # the text's tokens; the last one ended the step
+    if span is None or n < 1 or not step:
         return mean_probability(lps)
-    n = len(lps)
     lo = min(n - 1, int(n * span[0] / len(step)))
     hi = max(lo + 1, min(n, round(n * span[1] / len(step))))
     return mean_probability(lps[lo:hi])
@@ -256,7 +260,3 @@ def step_uncertainty(measure: str, entropies: Sequence[float]) -> float:
         return mean_entropy(entropies)
     return float(max(entropies))
 
-
-def cumulative_confidence(log_multipliers: Sequence[float]) -> float:
-    """C = prod c, computed from log c values (so long chains do not underflow to 0 early)."""
-    return math.exp(sum(log_multipliers))

@@ -48,7 +48,7 @@ __all__ = [
 
 CASE_UNSURE_CORRECT = "correct_unsure"
 CASE_INCORRECT = "incorrect"
-CASE_TRAJECTORY = "trajectory"  # the control run's pairs: best vs worst full solution of a question
+CASE_TRAJECTORY = "trajectory"  # the control run's pairs: the most likely right vs the most likely wrong full solution
 CASE_CREW = "crew"  # CRew-DPO: the most answer-confident correct vs the most answer-confident wrong solution
 CASES = (CASE_UNSURE_CORRECT, CASE_INCORRECT, CASE_TRAJECTORY, CASE_CREW)
 

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Z95", "wilson_interval", "bootstrap_interval", "paired_bootstrap_interval", "mcnemar", "DEFAULT_RESAMPLES"]
+__all__ = ["Z95", "wilson_interval", "bootstrap_interval", "paired_bootstrap_interval", "paired_bootstrap", "mcnemar", "DEFAULT_RESAMPLES"]
 
 Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 DEFAULT_RESAMPLES = 2000
@@ -93,13 +93,27 @@ def paired_bootstrap_interval(
     ca, cb = _columns(arrays_a), _columns(arrays_b)
     if len(ca[0]) != len(cb[0]):
         raise ValueError(f"paired arrays must cover the same problems, got {len(ca[0])} and {len(cb[0])}")
-    k = len(ca)
+    return paired_bootstrap(lambda i: statistic(*(c[i] for c in ca)), lambda i: statistic(*(c[i] for c in cb)), len(ca[0]), resamples, level, seed)
 
-    def diff(*cols):
-        return statistic(*cols[k:]) - statistic(*cols[:k])
 
-    point = diff(*ca, *cb)
-    return point, bootstrap_interval(diff, [*ca, *cb], resamples, level, seed)
+def paired_bootstrap(
+    statistic_a: Callable[[np.ndarray], float],
+    statistic_b: Callable[[np.ndarray], float],
+    n: int,
+    resamples: int = DEFAULT_RESAMPLES,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, tuple[float, float]]:
+    """The paired bootstrap itself: ``statistic_b(idx) - statistic_a(idx)`` over all ``n`` problems, and its
+    percentile interval over resamples of problem indices, each resample's one index array (integers,
+    repeats allowed) given to both sides. For statistics that read their own per-problem data, e.g.
+    two evaluations' records (``caspo.evaluation.compare_records``)."""
+    def diff(idx: np.ndarray) -> float:
+        i = idx.astype(int)
+        return statistic_b(i) - statistic_a(i)
+
+    idx = np.arange(n)
+    return diff(idx), bootstrap_interval(diff, [idx], resamples, level, seed)
 
 
 def _binom_cdf_half(k: int, n: int) -> float:

@@ -225,9 +225,6 @@ class GeneratorActor(ServiceActor):
             w._version = v
         return self.policy_version()
 
-    async def replica_pids(self) -> list[int]:
-        return list(await asyncio.gather(*(r.pid.remote() for r in self.replicas)))
-
 
 class ScorerActor(ServiceActor):
     service = "scorer"

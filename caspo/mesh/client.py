@@ -9,7 +9,6 @@ scorer and writes the file CaT's Serve replicas watch (over the tensor transport
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ from typing import Sequence
 import grpc
 
 from caspo.config import Config
-from caspo.core.cat import ProposedStep
+from caspo.core.contract import ProposedStep
 from caspo.core.pairs import Pair
 from caspo.mesh.state import MeshError, read_state
 from caspo.models.base import prefix_text
@@ -199,23 +198,3 @@ class MeshProposer:
             ]
             for c in resp.candidates
         ]
-
-
-class MeshCriticProposer:
-    """An async proposer whose candidates carry the mesh critic's verdict (``scoring: critic`` inside the
-    mesh): every proposed step is judged by the critic service in one batched Judge call per step.
-    ``problem_ids`` maps a question to its problem id (file-backed tasks look problems up by id; the
-    arithmetic critic builds the problem from the question)."""
-
-    def __init__(self, proposer, client: MeshClient, problem_ids: dict[str, str] | None = None):
-        self.proposer = proposer
-        self.client = client
-        self.problem_ids = problem_ids or {}
-        self.judged = 0
-
-    async def propose(self, prefixes, n: int, temperature: float):
-        out = await self.proposer.propose(prefixes, n, temperature)
-        items = [(self.problem_ids.get(p.question, ""), p.question, p.steps, c.text) for p, cands in zip(prefixes, out) for c in cands if c.text.strip()]
-        verdicts = iter(j.correct for j in (await self.client.judge(items)).verdicts) if items else iter(())
-        self.judged += len(items)
-        return [[dataclasses.replace(c, verdict=(1.0 if next(verdicts) else 0.0) if c.text.strip() else 0.0) for c in cands] for cands in out]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from caspo.core.cat import Prefix, ProposedStep
+from caspo.core.contract import Prefix, ProposedStep
 from caspo.core.steps import DEFAULT_DELIMITER, join_steps
 
 

@@ -1,18 +1,33 @@
-"""The model backend a config asks for (``model.backend``: hf or vllm), for the mesh and Serve alike."""
+"""The one place a model backend is built (``model.backend``: hf or vllm), for the mesh, Serve, the
+benchmarks and the commands that load a model themselves (``caspo eval``, ``diagnose``, ``calibrate``)."""
 
 from __future__ import annotations
 
-from caspo.config import Config
+from caspo.config import Config, ModelConfig, model_defaults
 from caspo.models.base import Backend
 from caspo.models.hf import HFBackend
+from caspo.models.prompting import detect_format
 from caspo.models.vllm import VLLMBackend
 
 
-def make_backend(cfg: Config, path: str | None = None, version: int = 0) -> Backend:
-    """A backend for ``path`` (default ``model.policy``) labelled ``version``, with the config's prompt
-    format and step delimiter; vLLM needs the gpu extra."""
-    m = cfg.model
+def make_backend(cfg: Config | ModelConfig, path: str | None = None, version: int = 0) -> Backend:
+    """A backend for ``path`` (default ``model.policy``) labelled ``version``, with the model section's
+    prompt format and step delimiter (``cfg`` is a whole config or its model section); vLLM needs the
+    gpu extra."""
+    m = cfg.model if isinstance(cfg, Config) else cfg
     common = dict(version=version, delimiter=m.step_delimiter, max_step_tokens=m.max_step_tokens, prompt_format=m.prompt_format, system_prompt=m.system_prompt)
     if m.backend == "vllm":
         return VLLMBackend(path or m.policy, tensor_parallel_size=m.tensor_parallel_size, **common)
     return HFBackend(path or m.policy, max_batch_rows=m.max_batch_rows, **common)
+
+
+def named_model(model: str, prompt_format: str | None = None) -> ModelConfig:
+    """The model section for a model named on the command line, on HF: its prompt format and step
+    delimiter as given, else what the model was made for (``detect_format``: chat and blank-line steps
+    when its tokenizer has a chat template); steps of up to 32 tokens for the built-in ``tiny``, 256
+    for any other model."""
+    if prompt_format is None:
+        fmt, delim = detect_format(model)
+    else:
+        fmt, delim = model_defaults(model, prompt_format)
+    return ModelConfig(policy=model, prompt_format=fmt, step_delimiter=delim, max_step_tokens=32 if model == "tiny" else 256)

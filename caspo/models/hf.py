@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caspo.config import SYSTEM_PROMPT
-from caspo.core.cat import ProposedStep, derive_seed
+from caspo.core.contract import ProposedStep, derive_seed
 from caspo.core.confidence import token_entropy, token_logprobs
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import ModelLoadError, StepScore

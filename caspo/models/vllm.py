@@ -37,7 +37,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from caspo.config import SYSTEM_PROMPT
-from caspo.core.cat import ProposedStep, derive_seed
+from caspo.core.contract import ProposedStep, derive_seed
 from caspo.core.confidence import topk_entropy_estimate
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import ModelLoadError, StepScore

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from caspo.core.cat import ProposedStep
+from caspo.core.contract import ProposedStep
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import Backend, StepScore
 from caspo.models.transport import plan_meta, receive_weights, state_checksum

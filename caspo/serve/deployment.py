@@ -3,17 +3,17 @@
     caspo serve                                   # Ray Serve on a local Ray (or the running mesh's)
     serve run caspo.serve.deployment:app_builder config=configs/tiny-cpu.yaml   # or a Serve config file
 
-A replica holds one model backend behind a ``ModelWorker``: every request's search runs as an asyncio
-task on the replica and asks the worker for its branch proposals, and the worker merges the proposals
+A replica holds one ``CaTService`` (service.py): a model backend behind a ``ModelWorker``. Every
+request's search runs as an asyncio task on the replica and asks the worker for its branch proposals, and the worker merges the proposals
 of all concurrent requests into one batched model call (``serve.batch_wait_ms``), so ten clients cost
-about one client's model calls per step. The search itself is ``caspo.core.cat``, the same code the
+about one client's model calls per step. The search itself is ``caspo.core.search``, the same code the
 evaluation and the benchmarks run.
 
 * gRPC (``serve.grpc_port``, default 9000): ``caspo.v1.CaT/Solve`` and ``/SolveStream``
   (``protos/caspo/v1/cat.proto``) are this class's methods of those names; Serve's proxy parses
   requests with proxy.py. The stream sends each step as soon as every live branch shares it,
   then the answer. Reflection is on, so ``grpcurl`` needs no proto files.
-* HTTP (``serve.http_port``, default 8000): the routes of http_app.py.
+* HTTP (``serve.http_port``, default 8000): the routes of http_app.py. Both call the same service.
 
 Bad input gets gRPC ``INVALID_ARGUMENT`` or HTTP 422 naming the field and the limit; the replica
 keeps serving. A gRPC message over ``services.server.SERVE_MAX_MESSAGE_BYTES`` is refused by the proxy
@@ -25,180 +25,45 @@ deadline) is cancelled by Serve, and its search stops at its next step.
 
 Hot reload: each replica watches ``serve.policy_file`` (``runs/NAME/policy.json``, written when
 ``caspo loop`` publishes a policy) and loads the version it names in a thread while it keeps
-answering; model calls already running finish on the weights they started with. A publish over the tensor transport (caspo/mesh/publisher.py) reaches
-the replica directly (``caspo.models.worker.receive_published``) and switches it once all of the new
-version has arrived; the watcher then finds the file naming the version it already serves. Every response
-carries the ``policy_version`` that wrote its last step (a search that spans a reload may have taken
+answering; model calls already running finish on the weights they started with. A publish over the
+tensor transport (caspo/mesh/publisher.py) reaches the replica's worker directly
+(``caspo.models.worker.receive_published``) and switches it once all of the new version has arrived;
+the watcher then finds the file naming the version it already serves. Every response carries the
+``policy_version`` that wrote its last step (a search that spans a reload may have taken
 its earlier steps from the previous version).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
-import time
 from pathlib import Path
 
 import grpc
-import torch
 from ray import serve
 
-from caspo.config import Calibration, CalibrationError, Config, config_from_dict, load_config, read_calibration
-from caspo.core.cat import CommittedStep, Search, SearchResult, stream_search
+from caspo.config import Config, config_from_dict, load_config
+from caspo.core.search import CommittedStep
 from caspo.errors import BadRequest
-from caspo.evaluation import calibration_path_for
-from caspo.models.base import ModelLoadError, prefix_text
-from caspo.models.factory import make_backend
-from caspo.models.prompting import prompter_for_backend
-from caspo.models.worker import ModelWorker, subscribe
-from caspo.policy_file import read_policy_file
 from caspo.protos.v1 import cat_pb2
+from caspo.serve.encoders import response_proto, step_proto
 from caspo.serve.http_app import api
-from caspo.serve.params import SolveParams, params_from_grpc
-from caspo.serve.protocol import response_proto, step_proto
-from caspo.serve.proxy import Unauthenticated
+from caspo.serve.params import SolveParams
+from caspo.serve.request_errors import Unauthenticated
+from caspo.serve.service import CaTService
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
-from caspo.tasks import get_task
-
-log = logging.getLogger(__name__)
 
 GRPC_SERVICER = "caspo.serve.proxy.add_CaTServicer_to_server"  # parse errors -> INVALID_ARGUMENT
 DEPLOYMENT = "CaT"
 
 
-class _RequestProposer:
-    """CaT's StepProposer over the replica's ModelWorker, for one request: it remembers which policy
-    version wrote the request's latest proposals."""
-
-    def __init__(self, worker, prompt, delimiter: str):
-        self.worker, self.prompt, self.delimiter = worker, prompt, delimiter
-        self.version = worker.version
-
-    async def propose(self, prefixes, n: int, temperature: float):
-        texts = [prefix_text(self.prompt, p.question, p.steps, self.delimiter) for p in prefixes]
-        out, self.version = await self.worker.sample_steps_versioned(texts, n, temperature, [p.seed for p in prefixes])
-        return out
-
-
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(api)
 class CaTServer:
-    """One replica: a model, its micro-batching worker, and the policy watcher."""
+    """One replica: its ``CaTService`` (``self.service``), which the HTTP routes (http_app.py) reach
+    through Serve's replica context and the gRPC methods below call."""
 
     def __init__(self, cfg_dict: dict):
-        self.cfg: Config = config_from_dict(cfg_dict)
-        sv = self.cfg.serve
-        torch.set_num_threads(max(1, int(sv.num_cpus)))
-        path, version = self.cfg.model.policy, 0
-        published = self._published()
-        if published is not None:
-            version, path = published
-        self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms)
-        subscribe(self.worker, self._published_over_transport)  # publishes over the transport land here
-        self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
-        self.prompter = prompter_for_backend(self.worker.backend, self.task)  # model.prompt_format, step_delimiter
-        self.calibration = self._calibration(path, strict=True)
-        self.model_id = f"caspo-{self.cfg.task.name}"
-        self._watcher: asyncio.Task | None = None
-        self.reload_error: str | None = None
-        self._failed: tuple[int, str] | None = None  # a publication that failed to load: not retried
-        try:
-            self._start_watcher()
-        except RuntimeError:  # no running loop here; the first request starts it
-            pass
-
-    # ---- policy ------------------------------------------------------------------------------
-    def _published(self) -> tuple[int, str] | None:
-        pf = self.cfg.serve.policy_file
-        return read_policy_file(pf) if pf else None
-
-    def _start_watcher(self) -> None:
-        if self.cfg.serve.policy_file and (self._watcher is None or self._watcher.done()):
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.serve.watch_interval_s)
-            published = self._published()
-            if published is None or published[0] == self.worker.version or published == self._failed:
-                continue
-            version, path = published
-            log.info("policy v%d published at %s: reloading", version, path)
-            try:
-                await self.worker.reload(path, version)
-                self.reload_error = None
-                self.calibration = self._calibration(path, strict=False)
-            except Exception as e:  # noqa: BLE001 - keep serving the weights we have
-                self._failed = published
-                self.reload_error = f"reloading v{version} from {path} failed: {e}"
-                log.error(self.reload_error)
-
-    def _published_over_transport(self, plan: dict) -> None:
-        self.reload_error = None
-        self.calibration = self._calibration(plan["path"], strict=False)
-
-    def _calibration(self, policy_path: str, strict: bool) -> Calibration | None:
-        """cat.calibration (must exist), else the calibration next to the served policy when there is one.
-        A malformed file stops a starting replica (``strict``) with its one-line message; after a reload it
-        is reported as the reload error and cat requests use the cat section alone."""
-        try:
-            named = self.cfg.cat.calibration
-            if named:
-                return read_calibration(named)
-            found = calibration_path_for(policy_path)
-            return read_calibration(found) if found.is_file() else None
-        except (CalibrationError, ModelLoadError) as e:
-            if strict:
-                raise
-            self.reload_error = str(e)
-            log.error(self.reload_error)
-            return None
-
-    def search_defaults(self) -> dict:
-        """What a request's unset fields fall back on beyond serve.*: the cat section and the calibration."""
-        return {"cat": self.cfg.cat, "calibration": self.calibration}
-
-    # ---- the search --------------------------------------------------------------------------
-    def _proposer(self) -> _RequestProposer:
-        self._start_watcher()
-        return _RequestProposer(self.worker, self.prompter, self.worker.delimiter)
-
-    async def events(self, params: SolveParams):
-        """Committed steps as the search makes them, then (result, steps, version, seconds)."""
-        t0 = time.perf_counter()
-        proposer = self._proposer()
-        steps: list[CommittedStep] = []
-        async for ev in stream_search(Search(params.question, params.search), proposer, with_tree=params.with_tree):
-            if isinstance(ev, CommittedStep):
-                steps.append(ev)
-                yield ev
-            else:
-                yield ev, steps, proposer.version, time.perf_counter() - t0
-
-    async def solve(self, params: SolveParams) -> tuple[SearchResult, list[CommittedStep], int, float]:
-        final = None
-        async for ev in self.events(params):
-            if not isinstance(ev, CommittedStep):
-                final = ev
-        return final
-
-    # ---- what the HTTP routes (http_app.py) ask of the replica --------------------------------
-    def prompt_tokens(self, question: str) -> int:
-        backend = self.worker.backend
-        return len(backend.tokenizer(self.prompter(question))["input_ids"]) if hasattr(backend, "tokenizer") else 0
-
-    def health(self) -> dict:
-        self._start_watcher()
-        return {
-            "status": "ok",
-            "policy_version": self.worker.version,
-            "policy_path": self.worker.path,
-            "reload_error": self.reload_error,
-            "calibration": self.calibration.path if self.calibration else None,
-            "model_calls": self.worker.backend_calls,  # batched model calls so far
-            "proposals_waiting": self.worker.in_flight,  # searches waiting on a model call right now
-        }
+        self.service = CaTService(config_from_dict(cfg_dict))
 
     # ---- gRPC (method names are the RPC names of caspo.v1.CaT) -------------------------------
     def _grpc_params(self, request, grpc_context) -> SolveParams:
@@ -207,7 +72,7 @@ class CaTServer:
             grpc_context.set_details(UNAUTHENTICATED_MESSAGE)
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         try:
-            return params_from_grpc(self.cfg.serve, request, self.task.question, **self.search_defaults())
+            return self.service.grpc_params(request)
         except BadRequest as e:
             # Serve answers with the code set on the context when the method then raises
             grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
@@ -216,12 +81,12 @@ class CaTServer:
 
     async def Solve(self, request, grpc_context):  # noqa: N802 - the RPC's name
         params = self._grpc_params(request, grpc_context)
-        res, steps, version, seconds = await self.solve(params)
+        res, steps, version, seconds = await self.service.solve(params)
         return response_proto(res, steps, params, version, seconds)
 
     async def SolveStream(self, request, grpc_context):  # noqa: N802 - the RPC's name
         params = self._grpc_params(request, grpc_context)
-        async for ev in self.events(params):
+        async for ev in self.service.events(params):
             if isinstance(ev, CommittedStep):
                 yield cat_pb2.SolveEvent(step=step_proto(ev))
             else:
@@ -229,8 +94,7 @@ class CaTServer:
                 yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
 
     def check_health(self) -> None:  # Serve calls this; a replica whose watcher died is restarted
-        if self._watcher is not None and self._watcher.done() and not self._watcher.cancelled() and self._watcher.exception():
-            raise RuntimeError(f"policy watcher died: {self._watcher.exception()}")
+        self.service.check()
 
 
 # ---- the application -------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """CaT over HTTP: the FastAPI app Serve's ingress runs on every replica — its routes, the guard
 middleware (bearer token, body size) and the error bodies.
 
-Routes reach their replica (``caspo.serve.deployment.CaTServer``) through Serve's replica context,
-parse the body into parameters (params.py), run the search on the replica and encode the answer
-(protocol.py):
+Routes reach their replica's ``CaTService`` (service.py, the one the gRPC methods call too) through
+Serve's replica context, have it parse the body and run the search, and encode the answer (encoders.py):
 
 * ``POST /v1/solve`` — JSON in, the fields of ``SolveResponse`` out; ``POST /v1/solve/stream`` — NDJSON,
   a ``{"step": ...}`` line per committed step, then ``{"result": ...}``;
@@ -18,18 +17,17 @@ body over ``MAX_BODY_BYTES`` gets 413, counted as it arrives.
 from __future__ import annotations
 
 import json
-import time
-import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from caspo.core.cat import CommittedStep
-from caspo.serve.params import params_from_body
-from caspo.serve.proxy import ParamError
-from caspo.serve.protocol import ChatBody, SolveBody, chat_chunk, chat_completion, models_list, result_json, step_json
+from caspo.core.search import CommittedStep
+from caspo.serve.encoders import result_json, step_json
+from caspo.serve.request_errors import ModelNotFound, ParamError
+from caspo.serve.schemas import ChatBody, SolveBody
+from caspo.serve.service import CaTService
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
 
 # A transport size like the gRPC message limits (services/server.py): a question is at most
@@ -40,9 +38,9 @@ PUBLIC_PATHS = frozenset({"/healthz"})  # reachable without the token (probes)
 api = FastAPI(title="caspo CaT", description="CaT inference (confidence-aware tree search) over HTTP")
 
 
-def replica():
-    """The CaT replica serving this request (a FastAPI dependency)."""
-    return serve.get_replica_context().servable_object
+def service() -> CaTService:
+    """The CaT service of the replica serving this request (a FastAPI dependency)."""
+    return serve.get_replica_context().servable_object.service
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -109,24 +107,28 @@ class GuardMiddleware:
 api.add_middleware(GuardMiddleware)
 
 
-# ---- routes ----------------------------------------------------------------------------------------
+# ---- routes: each parses its body, asks the replica's CaTService and encodes the answer ---------------
+def _unprocessable(e: ParamError) -> JSONResponse:
+    return unprocessable(e.field, e.text)
+
+
 @api.post("/v1/solve")
-async def solve(body: SolveBody, cat=Depends(replica)):
+async def solve(body: SolveBody, cat: CaTService = Depends(service)):
     try:
-        params = params_from_body(cat.cfg.serve, body.question, body, cat.task.question, **cat.search_defaults())
+        params = cat.solve_params(body.question, body)
     except ParamError as e:
-        return unprocessable(e.field, str(e))
+        return _unprocessable(e)
     res, steps, version, seconds = await cat.solve(params)
     return result_json(res, steps, params, version, seconds)
 
 
 @api.post("/v1/solve/stream")
-async def solve_stream(body: SolveBody, cat=Depends(replica)):
+async def solve_stream(body: SolveBody, cat: CaTService = Depends(service)):
     """NDJSON: one {"step": ...} line per committed step, then {"result": ...}."""
     try:
-        params = params_from_body(cat.cfg.serve, body.question, body, cat.task.question, **cat.search_defaults())
+        params = cat.solve_params(body.question, body)
     except ParamError as e:
-        return unprocessable(e.field, str(e))
+        return _unprocessable(e)
 
     async def lines():
         async for ev in cat.events(params):
@@ -140,57 +142,30 @@ async def solve_stream(body: SolveBody, cat=Depends(replica)):
 
 
 @api.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, cat=Depends(replica)):
-    if body.model != cat.model_id:
-        return JSONResponse(status_code=404, content={"error": {"message": f"model {body.model!r} is not served here; GET /v1/models lists {cat.model_id!r}", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})
-    if body.n != 1:
-        return unprocessable("n", f"must be 1 (one answer per request; use method sc or k for more samples), got {body.n}")
-    users = [m.content for m in body.messages if m.role == "user"]
-    if not users:
-        return unprocessable("messages", "must contain a message with role 'user' (the question)")
+async def chat_completions(body: ChatBody, cat: CaTService = Depends(service)):
     try:
-        params = params_from_body(cat.cfg.serve, users[-1], body, cat.task.question, **cat.search_defaults())
+        params = cat.chat_params(body)
+    except ModelNotFound as e:
+        return JSONResponse(status_code=404, content={"error": {"message": str(e), "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})
     except ParamError as e:
-        if e.field == "question":  # the question is the last user message here
-            return unprocessable("messages", str(e).replace("question", "the last user message", 1))
-        return unprocessable(e.field, str(e))
-    delimiter = cat.prompter.delimiter
+        return _unprocessable(e)
     if body.stream:
-        return StreamingResponse(_chat_events(cat, params, delimiter), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    res, steps, version, seconds = await cat.solve(params)
-    return chat_completion(cat.model_id, res, result_json(res, steps, params, version, seconds), cat.prompt_tokens(params.question), delimiter)
+        return StreamingResponse(_sse(cat.stream_chat(params)), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await cat.chat(params)
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-async def _chat_events(cat, params, delimiter: str):
-    """Server-sent events of a streamed chat completion: a first chunk with the role, one chunk per
-    committed step (its text, after the step delimiter from the second on), then the last chunk with
-    ``finish_reason`` and the ``caspo`` answer object (and usage), then ``data: [DONE]``. The deltas add
-    up to the non-streamed message."""
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    yield _sse(chat_chunk(cid, created, cat.model_id, {"role": "assistant", "content": ""}))
-    async for ev in cat.events(params):
-        if isinstance(ev, CommittedStep):
-            text = ev.text if ev.index == 0 else delimiter + ev.text
-            yield _sse(chat_chunk(cid, created, cat.model_id, {"content": text}))
-            continue
-        res, steps, version, seconds = ev
-        tail = "" if res.answer is not None else (delimiter if steps else "") + f"({res.reason})"
-        prompt_tokens = cat.prompt_tokens(params.question)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": res.tokens_generated, "total_tokens": prompt_tokens + res.tokens_generated}
-        answer = result_json(res, steps, params, version, seconds)
-        yield _sse(chat_chunk(cid, created, cat.model_id, {"content": tail} if tail else {}, "stop", caspo=answer, usage=usage))
+async def _sse(chunks):
+    """Server-sent events: one ``data:`` event per chunk, then ``data: [DONE]``."""
+    async for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"
 
 
 @api.get("/v1/models")
-async def models(cat=Depends(replica)):
-    return models_list(cat.model_id, cat.worker.version)
+async def models(cat: CaTService = Depends(service)):
+    return cat.models()
 
 
 @api.get("/healthz")
-async def healthz(cat=Depends(replica)):
+async def healthz(cat: CaTService = Depends(service)):
     return cat.health()

@@ -7,10 +7,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from caspo.config import Calibration, CatConfig, ServeConfig
-from caspo.core.cat import BRANCHINGS, METHODS, SearchConfig
+from caspo.config import CatConfig, ServeConfig
+from caspo.models.calibration_file import Calibration
+from caspo.core.search import BRANCHINGS, METHODS, SearchConfig
 from caspo.core.confidence import INTRINSIC
-from caspo.serve.proxy import ParamError, UndecodableRequest
+from caspo.serve.request_errors import ParamError, UndecodableRequest
 from caspo.tasks.base import TaskError
 
 
@@ -110,7 +111,7 @@ def params_from_grpc(sv: ServeConfig, request, question_of: Callable[[str], str]
 
 
 def params_from_body(sv: ServeConfig, question: Any, body, question_of: Callable[[str], str] | None = None, **defaults) -> SolveParams:
-    """An HTTP body's search fields (``protocol.SearchFields``) for ``question``. ``defaults``: ``cat`` and
+    """An HTTP body's search fields (``schemas.SearchFields``) for ``question``. ``defaults``: ``cat`` and
     ``calibration`` for parse_params."""
     fields = {name: getattr(body, name) for name in SEARCH_FIELDS}
     return parse_params(sv, question, with_tree=body.with_tree, question_of=question_of, **fields, **defaults)

@@ -1,8 +1,6 @@
-"""What crosses between Serve's proxies and a CaT replica, kept in a module of its own because the
-proxy process loads it: the registration of ``caspo.v1.CaT`` with Serve's gRPC proxy
-(``grpc_options.grpc_servicer_functions``), and the errors a replica raises back through the proxy.
-Ray pickles those errors, and unpickling one imports the module that defines it: defined here, they
-do not pull the model stack (torch, transformers) into the proxy.
+"""What Serve's gRPC proxy loads: the registration of ``caspo.v1.CaT`` (``grpc_options.grpc_servicer_functions``),
+kept in a module of its own, like the errors a replica raises back through the proxy
+(request_errors.py), so that the proxy does not load the model stack (torch, transformers).
 
 The registration uses the same handlers as the generated ``cat_pb2_grpc.add_CaTServicer_to_server``,
 with one difference: a request that does not parse (truncated bytes, a string field that is not
@@ -14,35 +12,10 @@ from __future__ import annotations
 
 import grpc
 
-from caspo.errors import BadRequest
 from caspo.protos.v1 import cat_pb2
+from caspo.serve.request_errors import UndecodableRequest
 
 SERVICE = "caspo.v1.CaT"
-
-
-class UndecodableRequest:
-    """Stands in for a request the proxy could not parse; Serve pickles it to the replica."""
-
-    def __init__(self, error: str):
-        self.error = error
-
-
-class ParamError(BadRequest):
-    """A request field out of its limits; ``field`` names it (HTTP 422 ``loc``, gRPC details)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field} {message}")
-        self.field, self.message = field, message
-
-    def __reduce__(self):  # Ray pickles exceptions between the replica and the proxy
-        return (ParamError, (self.field, self.message))
-
-
-class Unauthenticated(PermissionError):
-    """The call carried no or the wrong bearer token (gRPC UNAUTHENTICATED)."""
-
-    def __reduce__(self):
-        return (Unauthenticated, self.args)
 
 
 def parse_request(data: bytes):

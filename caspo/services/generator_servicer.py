@@ -15,7 +15,7 @@ from typing import Sequence
 import grpc
 
 from caspo.config import GeneratorConfig
-from caspo.core.cat import ProposedStep, derive_seed
+from caspo.core.contract import ProposedStep, derive_seed
 from caspo.core.steps import DEFAULT_DELIMITER, final_answer, join_steps
 from caspo.errors import BadRequest, check_range, check_text
 from caspo.protos.v1 import common_pb2, generator_pb2, generator_pb2_grpc

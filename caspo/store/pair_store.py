@@ -95,8 +95,7 @@ class PutResult(NamedTuple):
 
 class PairStore:
     """Preference pairs (:class:`caspo.core.pairs.Pair`, in and out) per round in Redis: idempotent
-    ``put``, exactly-once ``read``/``ack`` per consumer group, ``round_pairs`` for reading one whole
-    round, ``stats``.
+    ``put``, exactly-once ``read``/``ack`` per consumer group, ``stats``.
 
     Limits come from the config's ``pair_store`` section. Thread-safe (one connection pool); every call
     blocks until Redis replied. A Redis that cannot be reached raises :class:`~caspo.errors.Unavailable`;
@@ -350,20 +349,6 @@ class PairStore:
             per_case = {k: int(v) for k, v in c.items() if k != "total"}
             out.append({"round": r, "total": int(c.get("total", 0)), "per_case": per_case})
         return out
-
-    def round_pairs(self, round: int, batch: int = 1000) -> list[Pair]:
-        """Every pair of ``round`` in stream (ingestion) order, whether or not a group consumed it."""
-        round_ = self._check_round(round)
-        stream = self.stream_key(round_)
-        out: list[Pair] = []
-        start = "-"
-        with self._redis():
-            while True:
-                entries = self.client.xrange(stream, min=start, max="+", count=batch)
-                out += [p for _, p in self._load(round_, entries)]
-                if len(entries) < batch:
-                    return out
-                start = "(" + entries[-1][0]  # exclusive: after the last id seen
 
     def ping(self) -> bool:
         with self._redis():

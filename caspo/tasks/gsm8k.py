@@ -13,7 +13,7 @@ evaluate to the value it states (and the number written right after it must be t
 step's numeric result must equal the result of the gold step at the same position. A final-answer
 step is judged by its answer alone.
 
-Expressions are evaluated by :func:`safe_eval`, an AST walker over a small arithmetic grammar with
+Expressions are evaluated by :func:`eval_fraction`, an AST walker over a small arithmetic grammar with
 exact rational arithmetic (never ``eval``).
 """
 
@@ -153,7 +153,13 @@ def _walk(node: ast.AST, src: str) -> Fraction:
 
 
 def eval_fraction(expr: str) -> Fraction:
-    """The exact rational value of a calculator expression; see :func:`safe_eval`."""
+    """The exact rational value of a calculator expression as written in GSM8K annotations.
+
+    Allowed: numeric literals (``1,200`` thousands commas, ``$``, ``15%`` = 15/100 before an operator
+    or at the end), ``+ - * / // % **``, unary ``+``/``-``, parentheses. ``**`` takes
+    ``|exponent| <= 100`` and every intermediate value must stay under ``10**100``.
+    Arithmetic is rational (``0.1*3`` is exactly ``0.3``). Anything else raises ValueError.
+    """
     if not isinstance(expr, str):
         raise ValueError(f"expression must be a string, got {type(expr).__name__}")
     if len(expr) > MAX_EXPR_LEN:
@@ -175,18 +181,6 @@ def _to_decimal(v: Fraction, prec: int = 50) -> Decimal:
     with localcontext() as ctx:
         ctx.prec = prec
         return Decimal(v.numerator) / Decimal(v.denominator)
-
-
-def safe_eval(expr: str) -> Decimal:
-    """Evaluate a calculator expression as written in GSM8K annotations, exactly.
-
-    Allowed: numeric literals (``1,200`` thousands commas, ``$``, ``15%`` = 15/100 before an operator
-    or at the end), ``+ - * / // % **``, unary ``+``/``-``, parentheses. ``**`` takes
-    ``|exponent| <= 100`` and every intermediate value must stay under ``10**100``.
-    Arithmetic is rational (``0.1*3`` is exactly ``0.3``); the result is a Decimal, exact when it
-    terminates, else rounded to 50 significant digits. Anything else raises ValueError.
-    """
-    return _to_decimal(eval_fraction(expr))
 
 
 # ---- calculator annotations -------------------------------------------------------------------

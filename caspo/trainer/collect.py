@@ -20,7 +20,7 @@ from typing import Sequence
 
 from caspo.progress import bar as progress_bar
 from caspo.config import PairsConfig
-from caspo.core.cat import derive_seed
+from caspo.core.contract import derive_seed
 from caspo.core.pairs import (
     CASE_CREW,
     CASE_TRAJECTORY,

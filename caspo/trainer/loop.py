@@ -3,7 +3,8 @@
 Round k (k = 1, 2, ...):
   pairs    fresh seeded questions → corrected-trajectory rollouts with policy k-1 at the scheduled
            temperature → exact confidence + critic → three-case rule → pair store (round k)
-           (or, with ``loop.pairs: trajectory``, best vs worst full solution per question: the control)
+           (or, with ``loop.pairs: trajectory``, the most likely right against the most likely wrong of K
+           independently sampled full solutions per question: the control)
   train    exactly round k's pairs, read from the pair store over gRPC (consumer group "trainer") →
            DPO on Ray Train, reference = policy k-1 → checkpoint runs/NAME/policies/vk
   publish  version k goes from the trainer's memory to the generator pool, the scorer and Serve's replicas
@@ -37,7 +38,8 @@ import ray
 import redis
 
 from caspo.config import Config, PairsConfig, config_from_dict
-from caspo.core.cat import SearchConfig, derive_seed
+from caspo.core.contract import derive_seed
+from caspo.core.search import SearchConfig
 from caspo.core.metrics import reliability_bins
 from caspo.core.pairs import Pair
 from caspo.evaluation import METRICS as ROUND_METRICS

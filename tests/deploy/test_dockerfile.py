@@ -31,7 +31,7 @@ def test_targets_user_entrypoint_and_healthcheck():
 
 
 def test_what_the_image_runs_exists():
-    from caspo.cli import build_parser
+    from caspo.cli.main import build_parser
 
     cmd = re.findall(r'^CMD (\[.*\])$', DOCKERFILE, re.M)
     import json

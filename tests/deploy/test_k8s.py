@@ -198,7 +198,7 @@ def test_serve_config_in_the_rayservice_builds_the_real_application(built, tmp_p
 
 
 def test_loop_entrypoint_is_a_real_caspo_command(built):
-    from caspo.cli import build_parser
+    from caspo.cli.main import build_parser
 
     _, docs = built
     argv = shlex.split(_one(docs, "RayJob")["spec"]["entrypoint"])
@@ -407,6 +407,7 @@ def test_the_redis_statefulset_command_runs_and_its_acl_fits_the_pair_store(tmp_
 
     from caspo.core.pairs import Pair
     from caspo.store.pair_store import PairStore
+    from tests.pair_rounds import round_pairs
     from caspo.trainer.loop import RunState
 
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
@@ -438,7 +439,7 @@ def test_the_redis_statefulset_command_runs_and_its_acl_fits_the_pair_store(tmp_
         assert (got.chosen, got.rejected, store.client.hget(store.pair_redis_key(1, got.key), "round")) == ("4", "5", "1")
         assert store.ack(1, "dpo", [sid]) == 1 and store.pending(1, "dpo") == 0
         assert store.stats() == [{"round": 1, "total": 1, "per_case": {"incorrect": 1}}]
-        assert [p.key for p in store.round_pairs(1)] == put.keys[:1]
+        assert [p.key for p in round_pairs(store, 1)] == put.keys[:1]
         (tmp_path / "run").mkdir()
         RunState(tmp_path / "run", url, run="caspo").mark(1, "generate")
         client = redis.Redis.from_url(url, decode_responses=True)

@@ -20,6 +20,7 @@ from caspo.core.pairs import Pair, pair_key
 from caspo.protos.v1 import pair_store_pb2 as pb
 from caspo.protos.v1 import pair_store_pb2_grpc as pb_grpc
 from caspo.errors import BadRequest, Unavailable
+from tests.pair_rounds import round_pairs
 from caspo.services.server import MESSAGE_OPTIONS, new_server
 from caspo.services.pair_store_servicer import add_to_server
 
@@ -71,7 +72,7 @@ def test_put_stats_and_idempotent_reput(store):
     core = Pair(p.prompt, p.chosen, p.rejected, p.case, -0.1, -0.5, policy_version=7, critic="exact")
     assert store.put(2, [core, p]) == (1, 1, [keys[0], keys[0]])
     assert [s["round"] for s in store.stats()] == [1, 2]
-    (stored,) = store.round_pairs(2)
+    (stored,) = round_pairs(store, 2)
     assert stored.policy_version == 7 and stored.critic == "exact" and stored.question_id == ""
     assert store.client.hget(store.pair_redis_key(2, stored.key), "round") == "2"
     assert stored.confidence == pytest.approx(-0.1) and stored.key == keys[0]
@@ -143,11 +144,11 @@ def test_round_pairs_returns_exactly_the_round(store):
     store.put(1, r1)
     store.put(2, r2)
     store.read(1, "trainer", "c", count=3)  # consumption does not change what a round holds
-    got = store.round_pairs(1)
+    got = round_pairs(store, 1)
     assert got == r1
     assert {store.client.hget(store.pair_redis_key(1, p.key), "round") for p in got} == {"1"}
-    assert len(store.round_pairs(2)) == 4 and store.round_pairs(9) == []
-    assert len(store.round_pairs(1, batch=2)) == 5  # pagination
+    assert len(round_pairs(store, 2)) == 4 and round_pairs(store, 9) == []
+    assert len(round_pairs(store, 1, batch=2)) == 5  # pagination
 
 
 def test_bad_input_names_the_field_and_writes_nothing(store):
@@ -187,7 +188,7 @@ def test_acknowledged_pairs_survive_sigkill_of_redis(tmp_path):
     with LocalRedis(data_dir) as again:  # a new port: nothing depends on the old URL
         revived = PairStore(again.url)
         assert revived.stats(4) == [{"round": 4, "total": 50, "per_case": {"correct_unsure": 17, "incorrect": 17, "trajectory": 16}}]
-        assert [p.key for p in revived.round_pairs(4)] == keys
+        assert [p.key for p in round_pairs(revived, 4)] == keys
         revived.close()
     store.close()
 

@@ -62,7 +62,7 @@ def test_serve_the_real_config_with_tiny_chat_and_stream_with_openai(tmp_path):
     from ray import serve
 
     from caspo.config import load_config
-    from caspo.core.cat import SearchConfig, search
+    from caspo.core.search import SearchConfig, search
     from caspo.models.base import PromptedProposer
     from caspo.models.hf import HFBackend
     from caspo.models.prompting import prompter_for_backend

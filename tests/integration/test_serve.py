@@ -11,7 +11,7 @@ import pytest
 
 from caspo.netutil import free_port
 from caspo.config import load_config
-from caspo.core.cat import SearchConfig, search
+from caspo.core.search import SearchConfig, search
 from caspo.models.base import PromptedProposer
 from caspo.models.hf import HFBackend, resolve_model_path
 from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
@@ -93,7 +93,7 @@ def test_grpc_solve_equals_the_core_search_for_the_same_seed(served):
 
 
 def test_a_cat_request_without_search_fields_runs_the_recommended_cat(served):
-    from caspo.config import read_calibration
+    from caspo.models.calibration_file import read_calibration
 
     cfg, _ = served
     with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:

@@ -102,7 +102,7 @@ def system(tmp_path_factory):
         serve.start(**serve_options(cfg))
         serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
         procs = {name: ray.get(actor.pid.remote()) for name, actor in runner.actors.items()}
-        procs.update({f"replica{i}": p for i, p in enumerate(ray.get(runner.actors["generator"].replica_pids.remote()))})
+        procs.update({f"replica{i}": p for i, p in enumerate(alive_actor_pids("ReplicaActor"))})
         procs.update({f"serve{i}": p for i, p in enumerate(alive_actor_pids("ServeReplica:caspo:CaT"))})
         procs.update({f"proxy{i}": p for i, p in enumerate(alive_actor_pids("ProxyActor"))})
         system = {"cfg": cfg, "runner": runner, "procs": procs, "rss": {}}

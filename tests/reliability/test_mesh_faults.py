@@ -29,6 +29,7 @@ from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import MeshRunner
 from caspo.tasks import get_task
 from caspo.trainer.collect import collect_round, make_pairs
+from tests.ray_actors import alive_actor_pids
 
 pytestmark = pytest.mark.skipif(
     not any(os.access(os.path.join(p, "redis-server"), os.X_OK) for p in os.environ["PATH"].split(":")),
@@ -117,10 +118,9 @@ def test_round_completes_when_generator_scorer_and_critic_die_mid_round(mesh, lo
     task = get_task("arith")
     problems = task.problems(48 if long_mode else 16, seed=21, split="train")
     round_ = 7
-    gen = runner.actors["generator"]
 
     def pid_of(service: str) -> int:  # "generator" means its first model replica: the pool only routes
-        return ray.get(gen.replica_pids.remote())[0] if service == "generator" else ray.get(runner.actors[service].pid.remote())
+        return alive_actor_pids("ReplicaActor")[0] if service == "generator" else ray.get(runner.actors[service].pid.remote())
 
     async def run_round(plan: dict[str, set[int]], store: bool):
         client = KillingClient(runner.registry_address, plan, pid_of)

@@ -7,9 +7,10 @@ import math
 
 import pytest
 
-from caspo.config import Calibration, CalibrationError, CatConfig, ConfigError, load_config, read_calibration, write_calibration
+from caspo.config import CatConfig, ConfigError, load_config
+from caspo.models.calibration_file import Calibration, CalibrationError, read_calibration, write_calibration
 from caspo.core.calibration import choose_point, threshold_grid
-from caspo.core.cat import ProposedStep
+from caspo.core.contract import ProposedStep
 from caspo.evaluation import calibrate, evaluate_with
 from caspo.tasks.base import Judgement, Problem
 

@@ -4,15 +4,8 @@ import math
 
 import pytest
 
-from caspo.core.cat import (
-    NO_CONFIDENT_ANSWER,
-    ProposedStep,
-    Search,
-    SearchConfig,
-    answer_key,
-    run_searches,
-    search,
-)
+from caspo.core.contract import ProposedStep
+from caspo.core.search import NO_CONFIDENT_ANSWER, Search, SearchConfig, answer_key, run_searches, search
 
 
 def cand(text, c, p=None):
@@ -75,6 +68,16 @@ def test_cat_no_confident_answer_when_every_branch_dies():
     res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.6))
     assert res.answer is None and res.reason == NO_CONFIDENT_ANSWER and res.confidence == 0.0
     assert res.branches_pruned == 2
+
+
+def test_cat_answers_a_completed_branch_below_tau():
+    # Algorithm 2, lines 10-13: a step with a final answer joins the answer set whatever its C; τ prunes
+    # only branches that go on. "#### 1" ends at C = 0.4 < τ = 0.5 and is the answer; "b" (C = 0.3) is pruned.
+    script = {(): [cand("#### 1", 0.4), cand("b", 0.3)]}
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5), with_tree=True)
+    assert res.answer == "1" and res.reason == "" and res.confidence == pytest.approx(0.4)
+    assert res.branches_completed == 1 and res.branches_pruned == 1
+    assert {n["step"]: n["status"] for n in res.tree} == {"#### 1": "completed", "b": "pruned"}
 
 
 def test_cat_max_steps_truncates():
@@ -199,7 +202,7 @@ import asyncio  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from caspo.core.cat import CommittedStep, SearchResult, stream_search  # noqa: E402
+from caspo.core.search import CommittedStep, SearchResult, stream_search  # noqa: E402
 
 
 class AsyncScripted(Scripted):

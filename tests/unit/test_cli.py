@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from caspo.cli import main
-from caspo.core.cat import METHODS
+from caspo.cli.main import main
+from caspo.core.search import METHODS
 
 
 @pytest.fixture(scope="module")

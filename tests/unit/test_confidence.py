@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from caspo.core.confidence import (
-    cumulative_confidence,
     log_step_score,
     step_confidence,
     step_multiplier,
@@ -72,7 +71,6 @@ def test_step_confidence_and_multiplier():
     assert step_confidence(ents) == pytest.approx(-0.3)
     assert step_multiplier(ents) == pytest.approx(math.exp(-0.3))
     assert step_multiplier([]) == 1.0
-    assert cumulative_confidence([math.log(0.5), math.log(0.5)]) == pytest.approx(0.25)
 
 
 def test_scorings():

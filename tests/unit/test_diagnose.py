@@ -1,6 +1,6 @@
 """caspo diagnose's driver on a scripted proposer whose sibling sets are known: it must find the ties."""
 
-from caspo.core.cat import ProposedStep
+from caspo.core.contract import ProposedStep
 from caspo.diagnose import diagnose
 from caspo.tasks.arith import ArithTask, state_after, reference_step
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from caspo.core.cat import SearchConfig
+from caspo.core.search import SearchConfig
 from caspo.core.stats import wilson_interval
 from caspo.evaluation import ProblemRecord, compare, read_records, report_of, write_records
 

@@ -19,7 +19,7 @@ from caspo.tasks.gsm8k import (
     calc_annotations,
     check_data,
     load_jsonl,
-    safe_eval,
+    eval_fraction,
     verify_step_annotations,
 )
 
@@ -77,7 +77,7 @@ def test_perturbation_is_caught_by_arithmetic():
     assert "is wrong" in r["examples"][0]["reason"]
 
 
-# ---- safe_eval --------------------------------------------------------------------------------
+# ---- eval_fraction --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -101,14 +101,14 @@ def test_perturbation_is_caught_by_arithmetic():
         ("100-50-30-15", "5"),
     ],
 )
-def test_safe_eval_values(expr, value):
-    assert safe_eval(expr) == Decimal(value)
+def test_eval_fraction_values(expr, value):
+    assert eval_fraction(expr) == Decimal(value)
 
 
-def test_safe_eval_is_exact():
-    assert safe_eval("0.1*3") == Decimal("0.3")
-    assert safe_eval("0.1+0.2") == Decimal("0.3")
-    assert safe_eval("1/3*3") == 1
+def test_eval_fraction_is_exact():
+    assert eval_fraction("0.1*3") == Decimal("0.3")
+    assert eval_fraction("0.1+0.2") == Decimal("0.3")
+    assert eval_fraction("1/3*3") == 1
 
 
 @pytest.mark.parametrize(
@@ -131,9 +131,9 @@ def test_safe_eval_is_exact():
         ("1+" * 400 + "1", "too long"),
     ],
 )
-def test_safe_eval_rejects(expr, msg):
+def test_eval_fraction_rejects(expr, msg):
     with pytest.raises(ValueError, match=msg):
-        safe_eval(expr)
+        eval_fraction(expr)
 
 
 # ---- annotations ------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_a_fraction_written_after_an_annotation_is_read_whole():
 def test_only_decimal_numbers_are_numbers(literal):
     # Python's other literal forms are not calculator notation: 1_000 became 10, 0x10 became 16
     with pytest.raises(ValueError, match="not a decimal number"):
-        safe_eval(literal)
+        eval_fraction(literal)
     assert not verify_step_annotations(f"<<{literal}+0={literal}>>")[0]
     assert not verify_step_annotations("<<1_000=10>>10")[0]
     assert not verify_step_annotations("<<8+8=0x10>>16")[0]

@@ -2,30 +2,42 @@
 point down, no import cycle between rooms, no two modules with one name, imports at module level.
 
 A room is a folder (package) of ``caspo``, or a module directly in ``caspo/`` (``caspo/config.py``).
-README's Layout section describes the rooms; ``LAYERS`` below is the order it states.
+The rule has one source, the code block of README's Layout section, which this test reads: a line
+that starts with a path names a room, a blank line starts the next group down.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections import Counter
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "caspo"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "caspo"
 
-# Rooms from the top down: a module may import its own room and the rooms of lower layers only.
-LAYERS = [
-    ["caspo.cli"],
-    ["caspo.bench"],
-    ["caspo.trainer", "caspo.report"],
-    ["caspo.mesh", "caspo.serve", "caspo.diagnose"],
-    ["caspo.services"],
-    ["caspo.evaluation", "caspo.store"],
-    ["caspo.models"],
-    ["caspo.tasks"],
-    ["caspo.answer_worker", "caspo.config", "caspo.errors", "caspo.netutil", "caspo.plots", "caspo.policy_file", "caspo.progress", "caspo.protogen", "caspo.protos"],
-    ["caspo.core"],
-]
+
+def read_layers(readme: str) -> list[list[str]]:
+    """Rooms from the top down, as README's Layout block lists them: a module may import its own room and
+    the rooms of lower groups only."""
+    section = readme.split("\n## Layout\n", 1)[1]
+    block = section.split("```\n", 1)[1].split("```", 1)[0]
+    layers: list[list[str]] = [[]]
+    for line in block.splitlines():
+        if not line.strip():
+            if layers[-1]:
+                layers.append([])
+            continue
+        if line[0].isspace():
+            continue  # a room's description, continued
+        path = line.split()[0]
+        if not re.fullmatch(r"caspo/\w+(/|\.py)", path):
+            raise AssertionError(f"README's Layout block: {path!r} is not a room (caspo/<folder>/ or caspo/<module>.py)")
+        layers[-1].append(path.removesuffix("/").removesuffix(".py").replace("/", "."))
+    return [group for group in layers if group]
+
+
+LAYERS = read_layers((ROOT / "README.md").read_text())
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 
 # Imports that may stay inside a function, each with its reason. Nothing of the project is here.
@@ -91,8 +103,9 @@ def _room_graph() -> dict[str, set[str]]:
 
 
 def test_every_room_has_a_place_in_the_layers():
-    rooms = {_room(m) for m in MODULES} - {"caspo"}
-    assert not rooms - set(LAYER), f"rooms missing from LAYERS (and README's Layout): {sorted(rooms - set(LAYER))}"
+    missing = unplaced(MODULES)
+    assert not missing, f"rooms missing from README's Layout block: {missing}"
+    assert not set(LAYER) - {_room(m) for m in MODULES}, f"README's Layout block lists rooms that do not exist: {sorted(set(LAYER) - {_room(m) for m in MODULES})}"
 
 
 def test_no_import_cycle_between_rooms():
@@ -112,13 +125,41 @@ def test_no_import_cycle_between_rooms():
             visit(room, [room])
 
 
-def test_imports_point_down():
-    up = sorted(
+def upward(imports, layer: dict[str, int] = LAYER) -> list[str]:
+    """The imports that break the rule: into a room of the same or a higher group."""
+    return sorted(
         f"{module} (line {line}) imports {target}"
-        for module, target, line, _ in _imports()
-        if _room(module) != _room(target) and _room(module) in LAYER and LAYER[_room(module)] >= LAYER.get(_room(target), -1)
+        for module, target, line, _ in imports
+        if _room(module) != _room(target) and _room(module) in layer and layer[_room(module)] >= layer.get(_room(target), -1)
     )
+
+
+def unplaced(modules, layer: dict[str, int] = LAYER) -> list[str]:
+    """Rooms of the package that README's Layout block does not list."""
+    return sorted({_room(m) for m in modules} - {"caspo"} - set(layer))
+
+
+def test_imports_point_down():
+    up = upward(_imports())
     assert not up, "imports that do not point to a lower layer:\n" + "\n".join(up)
+
+
+def test_the_rule_fails_a_forbidden_import_and_an_unlisted_room():
+    # a test of the test: what README forbids must fail here
+    assert LAYER["caspo.report"] == LAYER["caspo.diagnose"] < LAYER["caspo.mesh"] < LAYER["caspo.core"]
+    found = _imports()
+    assert upward([*found, ("caspo.report", "caspo.diagnose", 1, True)]) == ["caspo.report (line 1) imports caspo.diagnose"]
+    assert upward([*found, ("caspo.core.search", "caspo.models.hf", 7, True)]) == ["caspo.core.search (line 7) imports caspo.models.hf"]
+    assert unplaced([*MODULES, "caspo.newroom.x"]) == ["caspo.newroom"]
+    # the reader takes groups and rooms as README writes them, and refuses a line that names no room
+    text = "## Layout\n\n```\ncaspo/cli/   the command\n             more words\n\ncaspo/a.py  x\ncaspo/b/    y\n```\n"
+    assert read_layers("intro\n" + text) == [["caspo.cli"], ["caspo.a", "caspo.b"]]
+    try:
+        read_layers("intro\n" + text.replace("caspo/a.py", "a.py"))
+    except AssertionError as e:
+        assert "'a.py' is not a room" in str(e)
+    else:
+        raise AssertionError("a line that names no room was read")
 
 
 def test_no_two_modules_share_a_name():

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
-from caspo.cli import main
+from caspo.cli.main import main
 from caspo.config import ConfigError, load_config
 from caspo.tasks import TaskError, get_task
 from caspo.tasks.answers import AnswerChecker

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from caspo.config import ConfigError, config_from_dict, load_config
-from caspo.core.cat import Prefix
+from caspo.core.contract import Prefix
 from caspo.models.base import ModelLoadError, PromptedProposer, prefix_text
 from caspo.models.prompting import Prompter, load_prompter
 from caspo.models.tiny import SHIPPED_DIR

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from caspo.cli import main
+from caspo.cli.main import main
 from caspo.core.metrics import reliability_bins
 from caspo.report import format_markdown_table, load_rounds, write_report
 

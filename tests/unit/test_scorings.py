@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from caspo.core.cat import ProposedStep, SearchConfig, search
+from caspo.core.contract import ProposedStep
+from caspo.core.search import SearchConfig, search
 from caspo.core.confidence import CRITIC_FLOOR, SCORINGS, StepSignal, log_path_score, log_step_score, step_uncertainty
 
 # a two-step path: step 1 has tokens with H = 0.2, 0.4 and p = 0.5, 1.0; step 2 (the answer) H = 0.6, p = 0.8
@@ -127,10 +128,23 @@ def test_group_scoring_ranks_by_the_worst_window():
 def test_critic_scoring_prunes_the_step_the_critic_rejects():
     # the wrong step is the more confident one; the critic's verdict prunes it (C = 1e-6 < tau)
     script = {
-        (): (None, [cand("#### 5", 0.95, verdict=0.0), cand("#### 4", 0.6, verdict=1.0)]),
+        (): (None, [cand("x=5", 0.95, verdict=0.0), cand("x=4", 0.6, verdict=1.0)]),
+        ("x=5",): (None, [cand("#### 5", 1.0, verdict=1.0)]),
+        ("x=4",): (None, [cand("#### 4", 1.0, verdict=1.0)]),
     }
     res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5, scoring="critic"))
     assert res.answer == "4" and res.branches_pruned == 1
+    assert search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5, scoring="entropy")).answer == "5"
+
+
+def test_critic_scoring_answers_with_the_final_step_the_critic_accepts():
+    # final steps join the answer set whatever their C (Algorithm 2); the critic's rejection makes the
+    # wrong one the least confident there (C = 1e-6), so the answer is the one it accepts
+    script = {
+        (): (None, [cand("#### 5", 0.95, verdict=0.0), cand("#### 4", 0.6, verdict=1.0)]),
+    }
+    res = search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5, scoring="critic"))
+    assert res.answer == "4" and res.branches_completed == 2 and res.branches_pruned == 0
     assert search("q", Scripted(script), SearchConfig(method="cat", k=2, tau=0.5, scoring="entropy")).answer == "5"
 
 
@@ -244,28 +258,3 @@ def test_critic_guided_search_with_the_exact_arith_critic():
     # evaluate_with gives a critic scoring the task's critic by itself
     assert evaluate_with(Scripted(script), task, [problem], cfg).accuracy == 1.0
     assert evaluate_with(Scripted(script), task, [problem], SearchConfig(method="cat", k=2, tau=0.5, scoring="entropy", seed=0)).accuracy == 0.0
-
-
-def test_mesh_critic_proposer_sets_the_critic_services_verdicts():
-    import asyncio
-    from types import SimpleNamespace
-
-    from caspo.core.cat import Prefix
-    from caspo.mesh.client import MeshCriticProposer
-
-    class Gen:
-        async def propose(self, prefixes, n, temperature):
-            return [[cand("3*4=12; 2+12", 0.9), cand("", 0.9), cand("3*4=13; 2+13", 0.9)] for _ in prefixes]
-
-    class Client:
-        def __init__(self):
-            self.items = []
-
-        async def judge(self, items):
-            self.items += items
-            return SimpleNamespace(verdicts=[SimpleNamespace(correct="12" in step) for _, _, _, step in items])
-
-    client = Client()
-    out = asyncio.run(MeshCriticProposer(Gen(), client, {"2+3*4": "p1"}).propose([Prefix("2+3*4")], 3, 0.7))
-    assert [c.verdict for c in out[0]] == [1.0, 0.0, 0.0]  # the empty step is not sent, and counts as wrong
-    assert client.items == [("p1", "2+3*4", (), "3*4=12; 2+12"), ("p1", "2+3*4", (), "3*4=13; 2+13")]

@@ -54,8 +54,8 @@ def test_what_serves_proxies_load_stays_light():
     """The proxy unpickles the errors a replica raises, which imports the module that defines them: a
     model stack imported that way grew the proxy by over 100 MiB."""
     code = (
-        "import pickle, sys; from caspo.serve import proxy; "
-        "[pickle.loads(pickle.dumps(e)) for e in (proxy.ParamError('k', 'is bad'), proxy.Unauthenticated('no token'))]; "
+        "import pickle, sys; from caspo.serve import proxy, request_errors as r; "
+        "[pickle.loads(pickle.dumps(e)) for e in (r.ParamError('k', 'is bad'), r.ModelNotFound('m', 'caspo-arith'), r.Unauthenticated('no token'))]; "
         "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'ray') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -64,7 +64,7 @@ def test_what_serves_proxies_load_stays_light():
 
 def test_a_cat_request_takes_the_cat_section_and_the_calibration():
     from caspo.config import CatConfig, ServeConfig
-    from caspo.config import Calibration
+    from caspo.models.calibration_file import Calibration
 
     sv, cat, cal = ServeConfig(), CatConfig(), Calibration(0.25, 1.5, "first_entropy")
     p = parse_params(sv, "1+2", cat=cat, calibration=cal).search
@@ -89,7 +89,7 @@ def test_a_cat_request_takes_the_cat_section_and_the_calibration():
 )
 def test_bad_cat_fields_name_field_and_limit(fields, message):
     from caspo.config import CatConfig, ServeConfig
-    from caspo.serve.proxy import ParamError
+    from caspo.serve.request_errors import ParamError
 
     with pytest.raises(ParamError) as e:
         parse_params(ServeConfig(), "1+2", cat=CatConfig(), **fields)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from caspo.core.drift import logprob_change, mean_token_kl, relative_change
-from caspo.core.confidence import answer_confidence
+from caspo.core.confidence import StepSignal, answer_confidence, log_path_score
 from caspo.core.pairs import SKIP_ALL_CORRECT, SKIP_ALL_WRONG, Skip, Solution, solution_pair
 from caspo.core.steps import answer_span
 
@@ -39,14 +39,24 @@ def test_answer_span_finds_the_answer_after_the_marker_and_in_a_box():
 
 
 def test_answer_confidence_is_the_mean_probability_of_the_answer_tokens():
-    # one token per character (the built-in tokenizer): "#### 28" -> the last two tokens write "28"
-    lps = [0.0, 0.0, 0.0, 0.0, 0.0, math.log(0.5), math.log(0.25)]
+    # one token per character (the built-in tokenizer), then the token that ended the step (the delimiter):
+    # "#### 28\n" -> tokens 5 and 6 write "28"
+    end = math.log(0.99)
+    lps = [0.0, 0.0, 0.0, 0.0, 0.0, math.log(0.5), math.log(0.25), end]
     assert answer_confidence("#### 28", lps) == pytest.approx(0.375)
     # a confident marker does not dilute it: the same answer tokens after a longer preamble
-    assert answer_confidence("so #### 28", [0.0] * 8 + lps[-2:]) == pytest.approx(0.375)
+    assert answer_confidence("so #### 28", [0.0] * 8 + lps[-3:]) == pytest.approx(0.375)
     # a step that states no answer yet (an unfinished path): all its tokens
     assert answer_confidence("12+7=19", [0.0] * 6 + [math.log(0.3)]) == pytest.approx(0.9)
     assert answer_confidence("#### 28", []) == 1.0
+
+
+def test_the_answer_window_is_the_answers_tokens_without_the_end_token():
+    # CRew on "#### 33": answer tokens with p = 0.5 and 0.6 give 0.55; the delimiter that ended the step
+    # (p = 0.99) is not the answer (counting it gave 0.697)
+    lps = [math.log(1.0)] * 5 + [math.log(0.5), math.log(0.6), math.log(0.99)]
+    assert answer_confidence("#### 33", lps) == pytest.approx(0.55)
+    assert math.exp(log_path_score("crew", [StepSignal((0.0,) * 8, tuple(lps), True, None, "#### 33")])) == pytest.approx(0.55)
 
 
 def test_relative_weight_change_and_token_kl_against_hand_values():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from caspo.bench.sweep import markdown, parse_setting
+from caspo.trainer.sweep import markdown, parse_setting
 from caspo.errors import UsageError
 
 

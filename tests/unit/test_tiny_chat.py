@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from caspo.cli import main
+from caspo.cli.main import main
 from caspo.models.hf import HFBackend, resolve_model_path
 from caspo.models.prompting import prompter_for_backend
 from caspo.models.tiny_chat import SHIPPED_CHAT_DIR

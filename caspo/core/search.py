@@ -1,4 +1,4 @@
-"""CaT inference (paper Algorithm 2) and the baselines it is compared with, on one code path.
+"""The search: CaT inference (paper Algorithm 2) and the baselines it is compared with, on one code path.
 
 A search is a small state machine: ``pending()`` says which prefixes need next-step proposals,
 ``feed()`` takes them. ``run_searches`` drives many searches together and batches every pending
@@ -7,8 +7,9 @@ questions (or of concurrent requests, in Serve) costs one model call per step.
 
 Methods (all through the same Search):
   * ``cat``    — each active branch proposes K steps; a step multiplies the branch's cumulative
-                 confidence C by c; branches with C < τ are pruned, completed branches go to the
-                 answer set, the top K survivors by C stay active; answer = completed branch with the
+                 confidence C by c; a step with a final answer puts its branch into the answer set
+                 whatever its C (Algorithm 2, lines 10-11), an unfinished branch with C < τ is pruned
+                 (line 12), the top K survivors by C stay active; answer = completed branch with the
                  highest C; none → "no confident answer" (DESIGN §4).
   * ``greedy`` — one branch, temperature 0.
   * ``sc``     — K independent samples (self-consistency), majority vote on final answers.
@@ -31,11 +32,10 @@ calibration is measured on the same quantity for every method.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 from caspo.core.confidence import (
     CUMULATIVE,
@@ -48,40 +48,12 @@ from caspo.core.confidence import (
     mean_entropy,
     step_uncertainty,
 )
+from caspo.core.contract import Prefix, ProposedStep, StepProposer, derive_seed
 from caspo.core.steps import final_answer, number_text, parse_number
 
 METHODS = ("greedy", "sc", "bon", "cat", "wsc")
 BRANCHINGS = ("always", "adaptive")
 NO_CONFIDENT_ANSWER = "no confident answer"
-
-
-@dataclass(frozen=True)
-class Prefix:
-    """A question plus the steps taken so far. ``seed`` (when set) makes the proposer's sampling for
-    this prefix reproducible whatever else shares its batch."""
-
-    question: str
-    steps: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class ProposedStep:
-    text: str  # the step, without its delimiter; "" when the model produced no step
-    token_entropies: tuple[float, ...]
-    token_logprobs: tuple[float, ...]
-    ended: bool = False  # the model ended its output (EOS / length) instead of a delimiter
-    entropy_estimate: bool = False  # entropies are a top-k estimate, not the full vocabulary
-    verdict: float | None = None  # a critic's probability that the step is right (``critic`` scoring only)
-
-    @property
-    def tokens(self) -> int:
-        return len(self.token_logprobs)
-
-
-class StepProposer(Protocol):
-    def propose(self, prefixes: Sequence[Prefix], n: int, temperature: float) -> list[list[ProposedStep]]:
-        """For each prefix, n sampled next steps (temperature 0: greedy, n must be 1)."""
 
 
 @dataclass(frozen=True)
@@ -189,12 +161,6 @@ class SearchResult:
     branch_points: int = 0  # steps at which a branch expanded into several candidates
     votes: dict[str, int] = field(default_factory=dict)
     tree: list[dict] = field(default_factory=list)
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts, stable across processes (unlike hash())."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") >> 1
 
 
 def answer_key(answer: str) -> str:
@@ -311,13 +277,15 @@ class Search:
                 if not text:
                     node.status = "dead"  # the model ended without a step
                     continue
-                if node.log_P < _log(self._tau):
-                    node.status = "pruned"
-                    self.counters["branches_pruned"] += 1
-                    continue
+                # Algorithm 2, lines 10-13: a step with a final answer joins the answer set whatever its C;
+                # only a branch that goes on is held to τ
                 if final_answer(text) is not None:
                     node.status = "completed"
                     self.completed.append(node.id)
+                    continue
+                if node.log_P < _log(self._tau):
+                    node.status = "pruned"
+                    self.counters["branches_pruned"] += 1
                     continue
                 if cand.ended:
                     node.status = "dead"  # output ended without a final answer

@@ -31,20 +31,22 @@ from pathlib import Path
 import ray
 
 from caspo.config import DPOTrainConfig, PairsConfig
-from caspo.core.cat import SearchConfig, derive_seed
+from caspo.core.contract import derive_seed
 from caspo.core.pairs import Candidate, Pair
+from caspo.core.search import SearchConfig
 from caspo.errors import UsageError
 from caspo.evaluation import METRICS, compare, evaluate, write_records
 from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import MeshRunner
-from caspo.models.hf import HFBackend, resolve_model_path
+from caspo.models.factory import make_backend
+from caspo.models.hf import resolve_model_path
 from caspo.models.prompting import load_prompter
 from caspo.plots import pyplot, save
 from caspo.progress import say
 from caspo.trainer.collect import StepRecord, collect_round, make_pairs, solution_pairs
 from caspo.trainer.dpo import train_dpo
-from caspo.trainer.shift import round_drift
 from caspo.trainer.loop import temperature_for
+from caspo.trainer.shift import round_drift
 
 DATA_KEYS = ("pairs", "questions", "tau_quantile", "tau")
 OTHER_KEYS = ("name", "cases")
@@ -165,8 +167,7 @@ class RoundData:
 
 
 def _judge(path: str, task, problems, cfg, progress: bool, desc: str):
-    m = cfg.model
-    backend = HFBackend(path, delimiter=m.step_delimiter, max_step_tokens=m.max_step_tokens, prompt_format=m.prompt_format, system_prompt=m.system_prompt)
+    backend = make_backend(cfg, path)
     return evaluate(backend, task, problems, SearchConfig(method="greedy", seed=cfg.loop.eval_seed), batch=64, progress=progress, desc=desc)
 
 

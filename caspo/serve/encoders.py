@@ -1,54 +1,15 @@
-"""CaT's wire formats: the HTTP request bodies (pydantic, strict: a wrong JSON type is a 422 naming the
-field) and the encoders of an answer to JSON (``/v1/solve``, NDJSON, OpenAI chat completions) and to
-protobuf (``protos/caspo/v1/cat.proto``). Field names are the same in both."""
+"""CaT's answers on the wire: JSON (``/v1/solve``, NDJSON, OpenAI chat completions and their chunks) and
+protobuf (``protos/caspo/v1/cat.proto``). Field names are the same in both; the request bodies are
+schemas.py."""
 
 from __future__ import annotations
 
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
-
-from caspo.core.cat import CommittedStep, SearchResult
+from caspo.core.search import CommittedStep, SearchResult
 from caspo.protos.v1 import cat_pb2
 from caspo.serve.params import SolveParams
-
-
-# ---- HTTP bodies -----------------------------------------------------------------------------------
-class SearchFields(BaseModel):
-    """The search fields every solving endpoint takes (OpenAI extension fields on chat completions)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: StrictStr | None = None
-    k: StrictInt | None = None
-    tau: StrictFloat | StrictInt | None = None
-    max_steps: StrictInt | None = None
-    temperature: StrictFloat | StrictInt | None = None
-    scoring: StrictStr | None = None
-    seed: StrictInt | None = None
-    branching: StrictStr | None = None
-    branch_threshold: StrictFloat | StrictInt | None = None
-    with_tree: StrictBool = False
-
-
-class SolveBody(SearchFields):
-    question: StrictStr
-
-
-class ChatMessage(BaseModel):
-    role: StrictStr
-    content: StrictStr
-
-
-class ChatBody(SearchFields):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (top_p, user, ...)
-
-    model: StrictStr
-    messages: list[ChatMessage] = Field(min_length=1)
-    n: StrictInt = 1
-    stream: StrictBool = False
-    max_tokens: StrictInt | None = None  # accepted and ignored: a step budget is max_steps
 
 
 # ---- JSON ------------------------------------------------------------------------------------------

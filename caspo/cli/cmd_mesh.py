@@ -1,0 +1,68 @@
+"""``caspo up``, ``caspo status`` and ``caspo down``: the service mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from caspo.cli.shared import wait_until_set, command, stop_on_signals, print_table, config_of
+from caspo.errors import UsageError
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner, stop_running_mesh
+from caspo.mesh.state import MeshError
+from caspo.netutil import redact_url
+
+
+def cmd_up(args) -> int:
+
+    cfg = config_of(args)
+    runner = MeshRunner(cfg)
+    stop = stop_on_signals()
+    print(f"starting the mesh (run dir {cfg.mesh.run_dir}) ...", flush=True)
+    try:
+        st = runner.start(progress=True)
+        print(f"  {'registry':10s} {st['registry']}\n  {'redis':10s} {redact_url(st['redis_url'])}", flush=True)
+        print("mesh is up; `caspo status` to inspect, `caspo down` (or Ctrl-C) to stop", flush=True)
+        wait_until_set(stop)
+    finally:
+        print("stopping the mesh ...", flush=True)
+        runner.stop()
+        print("mesh stopped", flush=True)
+    return 0
+
+
+def cmd_status(args) -> int:
+
+    cfg = config_of(args)
+    try:
+        client = MeshClient.from_state(cfg)
+        services = asyncio.run(client.registry())
+    except MeshError as e:
+        raise UsageError(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - grpc errors: the registry is gone
+        raise UsageError(f"the mesh registry at {client.registry_address} does not answer ({type(e).__name__}); is `caspo up` still running?") from e
+    if args.json:
+        print(json.dumps({"registry": client.registry_address, "services": services}))
+    else:
+        print(f"registry {client.registry_address}")
+        print_table(services, ["name", "address", "policy_version", "healthy", "restarts"])
+    return 0 if all(s["healthy"] for s in services) else 1
+
+
+def cmd_down(args) -> int:
+    cfg = config_of(args)
+    if stop_running_mesh(cfg):
+        print("mesh stopped")
+    else:
+        print(f"no mesh is running from {cfg.mesh.run_dir}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """The up, status, down subcommands."""
+    p = command(sub, "up", help="start Ray, Redis and every mesh service; stay up until stopped", func=cmd_up, config=True)
+
+    p = command(sub, "status", help="services, addresses, policy versions and health", func=cmd_status, config=True)
+    p.add_argument("--json", action="store_true")
+
+    p = command(sub, "down", help="stop the running mesh", func=cmd_down, config=True)
