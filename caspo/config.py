@@ -189,6 +189,15 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    # collective: a new policy goes from the trainer's memory to every replica over a tensor transport
+    # (gloo on CPU, NCCL on GPU; caspo/mesh/publisher.py); disk: every replica reads the checkpoint
+    transport: str = "collective"
+    bucket_mb: float = 256.0  # the broadcast's unit: one bucket more than the weights in memory per side
+    timeout_s: float = 120.0  # a broadcast a subscriber drops out of fails after this; it then goes by the file
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     app_name: str = "caspo"  # the Serve application (gRPC clients may send it as "application" metadata)
     host: str = "127.0.0.1"  # HTTP bind address (0.0.0.0 in a cluster)
@@ -266,6 +275,7 @@ class Config:
     dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     cat: CatConfig = field(default_factory=CatConfig)
 
     def to_dict(self) -> dict:
@@ -387,6 +397,10 @@ def validate(cfg: Config) -> None:
         ct.search_config()
     except ValueError as e:
         raise ConfigError(f"cat.{e}") from None
+    pb = cfg.publish
+    need(pb.transport in ("collective", "disk"), f"publish.transport must be collective or disk, got {pb.transport!r}")
+    need(0 < pb.bucket_mb <= 65536, f"publish.bucket_mb must be in (0, 65536], got {pb.bucket_mb}")
+    need(pb.timeout_s > 0, f"publish.timeout_s must be > 0, got {pb.timeout_s}")
     sv = cfg.serve
     need(ct.k <= sv.max_k, f"cat.k must be in [1, serve.max_k={sv.max_k}], got {ct.k}")
     need(ct.max_steps <= sv.max_max_steps, f"cat.max_steps must be in [1, serve.max_max_steps={sv.max_max_steps}], got {ct.max_steps}")

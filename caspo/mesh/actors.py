@@ -30,6 +30,7 @@ from caspo.mesh.registry import HEARTBEAT_S, advertised_address
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker
+from caspo.policy_file import read_policy_file
 from caspo.services import critic_servicer, generator_servicer, mesh_servicer, pair_store_servicer, scorer_servicer
 from caspo.services.server import add_port, new_server
 from caspo.store.pair_store import PairStore
@@ -114,13 +115,28 @@ class ServiceActor:
         return os.getpid()
 
 
+def published_or(cfg: Config, path: str | None, version: int) -> tuple[str | None, int]:
+    """What a starting (or restarted) policy holder loads: the policy the record (``serve.policy_file``)
+    names when there is one, so a replica that missed a publish comes back on it; else ``path``."""
+    published = read_policy_file(cfg.serve.policy_file) if cfg.serve.policy_file else None
+    return (published[1], published[0]) if published is not None else (path, version)
+
+
 class ReplicaActor:
     """One policy replica: a model backend behind a micro-batching ``ModelWorker``."""
 
     def __init__(self, cfg_dict: dict, num_cpus: float = 1.0, path: str | None = None, version: int = 0):
         cfg = config_from_dict(cfg_dict)
         _torch_threads(num_cpus)
+        path, version = published_or(cfg, path, version)
         self.worker = ModelWorker(make_backend(cfg, path, version), batch_wait_ms=cfg.generator.batch_wait_ms)
+
+    async def receive_policy(self, plan: dict, rank: int) -> dict:
+        """Join a publish (caspo/mesh/publisher.py) and switch to its version once all of it is here."""
+        return await self.worker.receive(plan, rank)
+
+    async def state(self, meta: list | None = None) -> dict:
+        return self.worker.state(meta)
 
     async def sample_steps_versioned(self, prompts, n, temperature, seeds):
         return await self.worker.sample_steps_versioned(prompts, n, temperature, seeds)
@@ -129,7 +145,8 @@ class ReplicaActor:
         return await self.worker.score_steps_versioned(prompts, steps)
 
     async def reload(self, path: str, version: int) -> int:
-        await self.worker.reload(path, version)
+        if (path, version) != (self.worker.path, self.worker.version):  # not when the broadcast got here
+            await self.worker.reload(path, version)
         return self.worker.version
 
     async def version(self) -> int:
@@ -198,6 +215,17 @@ class GeneratorActor(ServiceActor):
     def policy_version(self) -> int:
         return min((w.version for w in self.workers), default=0)
 
+    async def replica_handles(self) -> list:
+        return list(self.replicas)
+
+    async def refresh_versions(self) -> int:
+        """Ask every replica its version (after a publish that went to them directly)."""
+        versions = await asyncio.gather(*(r.version.remote() for r in self.replicas))
+        for w, v in zip(self.workers, versions):
+            w._version = v
+        return self.policy_version()
+
+
 class ScorerActor(ServiceActor):
     service = "scorer"
 
@@ -207,12 +235,21 @@ class ScorerActor(ServiceActor):
 
     async def build(self, server):
         _torch_threads(self.num_cpus)
-        backend = await asyncio.to_thread(make_backend, self.cfg)
+        path, version = published_or(self.cfg, None, 0)
+        backend = await asyncio.to_thread(make_backend, self.cfg, path, version)
         self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
         scorer_servicer.add_to_server(server, scorer_servicer.ScorerServicer(self.worker, self.cfg.scorer))
 
     def policy_version(self) -> int:
         return self.worker.version if hasattr(self, "worker") else 0
+
+    async def receive_policy(self, plan: dict, rank: int) -> dict:
+        await self._ready.wait()
+        return await self.worker.receive(plan, rank)
+
+    async def state(self, meta: list | None = None) -> dict:
+        await self._ready.wait()
+        return self.worker.state(meta)
 
 
 class CriticActor(ServiceActor):
@@ -224,7 +261,7 @@ class CriticActor(ServiceActor):
             _torch_threads(0.5)
             backend = await asyncio.to_thread(make_backend, self.cfg, self.cfg.critic.model)
             prompter = prompter_for_backend(backend, task)
-            worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
+            worker = self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
             if self.cfg.critic.kind == "judge":
                 critic = JudgeCritic(worker, prompter.chat, prompter, self.cfg.critic.threshold)
             else:
@@ -232,6 +269,12 @@ class CriticActor(ServiceActor):
         else:
             critic = ExactCritic(task)
         critic_servicer.add_to_server(server, critic_servicer.CriticServicer(critic, self.cfg.critic))
+
+
+    async def receive_policy(self, plan: dict, rank: int) -> dict:
+        """When the critic's model is the policy (caspo/mesh/publisher.py subscribes it then)."""
+        await self._ready.wait()
+        return await self.worker.receive(plan, rank)
 
 
 class PairStoreActor(ServiceActor):

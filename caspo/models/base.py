@@ -47,6 +47,10 @@ class Backend(Protocol):
     def reload(self, path: str, version: int) -> None:
         """Swap weights; requests already running finish on the weights they started with."""
 
+    def load_weights(self, weights, version: int, path: str) -> None:
+        """Swap to weights given as ``(name, tensor)`` pairs (a publish over caspo.models.transport), once
+        all of them have arrived; requests already running finish on the weights they started with."""
+
 
 def prefix_text(prompt: Callable[[str], str], question: str, steps: Sequence[str], delimiter: str | None = None) -> str:
     """What a policy continues: the prompt for the question plus the steps so far, each ended by the

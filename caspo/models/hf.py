@@ -12,7 +12,7 @@ import inspect
 import logging
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -86,6 +86,21 @@ class _Weights:
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _empty_like(model):
+    """A model of ``model``'s architecture, dtype and device with its memory allocated but not filled
+    (what a publish fills; cheaper than copying the old weights first), non-persistent buffers
+    (rotary frequencies) copied, tied weights tied."""
+    p = next(model.parameters())
+    with torch.device("meta"):
+        empty = type(model)(model.config)
+    empty = empty.to(p.dtype).to_empty(device=p.device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            empty.get_buffer(name).copy_(buf)
+    empty.tie_weights()
+    return empty.eval()
+
+
 class HFBackend:
     name = "hf"
 
@@ -116,6 +131,7 @@ class HFBackend:
         self.share_prefill = True
         self.forward_passes = 0  # model forward calls so far (prefills and decode steps)
         self.prefill_rows = 0  # prompt rows prefilled so far
+        self.disk_loads = 1  # checkpoints read from disk so far (a publish over the transport reads none)
 
     def _load(self, path: str, version: int) -> _Weights:
         resolved = resolve_model_path(path)
@@ -140,9 +156,41 @@ class HFBackend:
 
     def reload(self, path: str, version: int) -> None:
         new = self._load(path, version)  # load outside the lock: serving goes on meanwhile
+        self.disk_loads += 1
         with self._lock:
             self._w = new
         log.info("reloaded policy version %d from %s", version, new.path)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int, path: str) -> None:
+        """Switch to ``version`` from tensors (name, tensor) as they arrive (caspo.models.transport): they
+        fill a copy of the current model, converted to its dtype and device, while requests keep running on
+        the current one; the switch happens once ``weights`` is exhausted without error, so a broadcast that
+        fails or arrives corrupted leaves the replica serving what it had. ``path`` is the checkpoint these
+        weights are (what ``path`` reports)."""
+        cur = self._w
+        model = _empty_like(cur.model)
+        params = model.state_dict(keep_vars=True)  # every name, tied ones included: the publisher's names
+        filled: set[int] = set()
+        with torch.no_grad():
+            for name, t in weights:
+                if name not in params:
+                    raise ModelLoadError(f"received weight {name!r} is not a parameter of the served model")
+                p = params[name]
+                if tuple(p.shape) != tuple(t.shape):
+                    raise ModelLoadError(f"received weight {name!r} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
+                p.copy_(t)  # the receiving side's dtype and device
+                filled.add(p.data_ptr())
+            old = cur.model.state_dict()
+            for name, p in params.items():  # what was not sent (and is not tied to what was) stays as it is
+                if p.data_ptr() not in filled:
+                    p.copy_(old[name])
+        new = _Weights(model, cur.tok, self.delimiter, version, path)
+        with self._lock:
+            self._w = new
+        log.info("switched to policy version %d over the transport", version)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._w.model.state_dict()
 
     # ---- sampling ----------------------------------------------------------------------------
     def _encode_left(self, w: _Weights, texts: Sequence[str]):

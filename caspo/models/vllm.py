@@ -69,11 +69,20 @@ class WeightReloadExtension:
                     for name in st.keys():
                         yield name, st.get_tensor(name)
 
-        runner = self.model_runner  # type: ignore[attr-defined]  (set by vLLM's worker)
-        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-        model.load_weights(weights=weights())
+        self._caspo_model().load_weights(weights=weights())
         torch.cuda.synchronize()
         return len(files)
+
+    def caspo_load_tensors(self, named: list) -> int:
+        """One bucket of a publish over the transport (caspo.models.transport): ``(name, tensor)`` pairs
+        handed to the model's ``load_weights``, which converts them to the engine's dtype and device."""
+        self._caspo_model().load_weights(weights=iter(named))
+        torch.cuda.synchronize()
+        return len(named)
+
+    def _caspo_model(self):
+        runner = self.model_runner  # type: ignore[attr-defined]  (set by vLLM's worker)
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
 
 def _step_end(text: str, delimiter: str) -> int | None:
@@ -213,6 +222,30 @@ class VLLMBackend:
             self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
             self._path, self._version = resolved, version
         log.info("reloaded policy version %d from %s (vllm, in place)", version, resolved)
+
+    def load_weights(self, weights, version: int, path: str, bucket_bytes: int = 1 << 28) -> None:
+        """Switch to ``version`` from received tensors (caspo.models.transport): staged on the CPU until the
+        whole version is here and its checksum holds, then handed to the engine's ``load_weights`` through
+        ``collective_rpc`` bucket by bucket (the reload path without the file), then the prefix cache is
+        reset. Not run here yet: vLLM needs a GPU (docs/benchmarks.md says what has run)."""
+        staged = [(name, t.to("cpu", copy=True)) for name, t in weights]  # exhausting it checks the checksum
+        with self._lock:
+            try:
+                bucket, size = [], 0
+                for name, t in staged:
+                    bucket.append((name, t))
+                    size += t.numel() * t.element_size()
+                    if size >= bucket_bytes:
+                        self.llm.collective_rpc("caspo_load_tensors", args=(bucket,))
+                        bucket, size = [], 0
+                if bucket:
+                    self.llm.collective_rpc("caspo_load_tensors", args=(bucket,))
+            except Exception as e:  # noqa: BLE001 - the worker's error arrives wrapped; keep its first line
+                why = str(e).splitlines()[0] if str(e) else repr(e)
+                raise ModelLoadError(f"cannot load received weights of v{version}: {why}") from e
+            self.llm.reset_prefix_cache()
+            self._path, self._version = path, version
+        log.info("switched to policy version %d over the transport (vllm, in place)", version)
 
     # ---- sampling ----------------------------------------------------------------------------
     def _position(self, lps: dict, token_id: int) -> tuple[float, float]:

@@ -17,12 +17,14 @@ model, one accelerator), so under load the next batch grows while the current on
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from caspo.core.contract import ProposedStep
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import Backend, StepScore
+from caspo.models.transport import plan_meta, receive_weights, state_checksum
 
 
 @dataclass
@@ -96,6 +98,26 @@ class ModelWorker:
         await asyncio.to_thread(self.backend.reload, path, version)
         return self.backend.version
 
+    def state(self, meta: list | None = None) -> dict:
+        """Version, path, checkpoints read from disk so far, and with ``meta`` (a publish plan's) the
+        checksum of the weights now served, as the publisher computes it."""
+        out = {"version": self.version, "path": self.path, "disk_loads": getattr(self.backend, "disk_loads", None)}
+        if meta is not None:
+            out["checksum"] = state_checksum(self.backend.state_dict(), plan_meta({"meta": meta}))
+        return out
+
+    def receive_sync(self, plan: dict, rank: int) -> dict:
+        """Join a publish as ``rank`` (caspo.models.transport) and switch to its version once all of it has
+        arrived intact; calls running meanwhile finish on the old weights. Returns the version now loaded
+        and the seconds it took."""
+        t0, stats = time.perf_counter(), {}
+        self.backend.load_weights(receive_weights(plan, rank, stats), plan["version"], plan["path"])
+        return {"version": self.backend.version, "seconds": time.perf_counter() - t0, "wire_s": stats["wire_s"]}
+
+    async def receive(self, plan: dict, rank: int) -> dict:
+        """``receive_sync`` in a thread: the loop keeps serving."""
+        return await asyncio.to_thread(self.receive_sync, plan, rank)
+
     # ---- the batcher -------------------------------------------------------------------------
     async def _submit(self, key: tuple, items: list, call: Callable[[list], list]) -> tuple[list, int]:
         if not items:
@@ -147,3 +169,31 @@ class ModelWorker:
         if len(out) != len(items):
             raise RuntimeError(f"backend returned {len(out)} results for {len(items)} inputs")
         return out, version
+
+
+# ---- publishes into processes the mesh does not own (Serve's replicas) ------------------------------
+_SUBSCRIBED: list[tuple[ModelWorker, Callable[[dict], None] | None]] = []
+
+
+def subscribe(worker: ModelWorker, after: Callable[[dict], None] | None = None) -> None:
+    """Make ``worker`` the one this process's publishes go to; ``after(plan)`` runs once it has switched."""
+    _SUBSCRIBED[:] = [(worker, after)]
+
+
+def receive_published(_actor, plan: dict, rank: int) -> dict:
+    """Run in an actor's process through ``actor.__ray_call__`` (a sync call: Ray runs it off the actor's
+    event loop, which keeps serving): the subscribed worker receives ``plan`` as ``rank``."""
+    if not _SUBSCRIBED:
+        raise RuntimeError("no model worker in this process takes publishes")
+    worker, after = _SUBSCRIBED[0]
+    out = worker.receive_sync(plan, rank)
+    if after is not None:
+        after(plan)
+    return out
+
+
+def replica_state(_actor, meta: list | None = None) -> dict:
+    """Through ``__ray_call__``: the subscribed worker's version, path, checkpoints read from disk, and
+    (given a plan's ``meta``) the checksum of its weights in wire order and dtypes."""
+    worker, _ = _SUBSCRIBED[0]
+    return worker.state(meta)

@@ -25,8 +25,11 @@ deadline) is cancelled by Serve, and its search stops at its next step.
 
 Hot reload: each replica watches ``serve.policy_file`` (``runs/NAME/policy.json``, written when
 ``caspo loop`` publishes a policy) and loads the version it names in a thread while it keeps
-answering; model calls already running finish on the weights they started with. Every response
-carries the ``policy_version`` that wrote its last step (a search that spans a reload may have taken
+answering; model calls already running finish on the weights they started with. A publish over the
+tensor transport (caspo/mesh/publisher.py) reaches the replica's worker directly
+(``caspo.models.worker.receive_published``) and switches it once all of the new version has arrived;
+the watcher then finds the file naming the version it already serves. Every response carries the
+``policy_version`` that wrote its last step (a search that spans a reload may have taken
 its earlier steps from the previous version).
 """
 

@@ -20,7 +20,7 @@ from caspo.models.base import ModelLoadError, prefix_text
 from caspo.models.calibration_file import Calibration, CalibrationError, find_calibration
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
-from caspo.models.worker import ModelWorker
+from caspo.models.worker import ModelWorker, subscribe
 from caspo.policy_file import read_policy_file
 from caspo.serve.encoders import chat_chunk, chat_completion, models_list, result_json
 from caspo.serve.params import SolveParams, params_from_body, params_from_grpc
@@ -58,6 +58,7 @@ class CaTService:
         if published is not None:
             version, path = published
         self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms)
+        subscribe(self.worker, self._published_over_transport)  # publishes over the tensor transport land here
         self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         self.prompter = prompter_for_backend(self.worker.backend, self.task)  # model.prompt_format, step_delimiter
         self.calibration = self._calibration(path, strict=True)
@@ -95,6 +96,12 @@ class CaTService:
                 self._failed = published
                 self.reload_error = f"reloading v{version} from {path} failed: {e}"
                 log.error(self.reload_error)
+
+    def _published_over_transport(self, plan: dict) -> None:
+        """After a publish over the transport (caspo/mesh/publisher.py) switched the worker: the
+        calibration that goes with the new policy."""
+        self.reload_error = None
+        self.calibration = self._calibration(plan["path"], strict=False)
 
     def _calibration(self, policy_path: str, strict: bool) -> Calibration | None:
         """cat.calibration (must exist), else the calibration next to the served policy when there is one.

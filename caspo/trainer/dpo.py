@@ -516,7 +516,10 @@ def _train_loop(config: dict) -> dict:
     state = trainer.accelerator.get_state_dict(trainer.model)  # every rank: under FSDP the shards gather on rank 0
     if rank == 0:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        save_policy(model, tok, state, staging, torch.bfloat16 if bf16 else torch.float32)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        if config.get("source") is not None:  # the publisher gets the weights from memory, before the disk has them
+            ray.get(config["source"].hold.remote(config["out_dir"], {k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in state.items()}))
+        save_policy(model, tok, state, staging, dtype)
         os.replace(staging, config["out_dir"])  # one rename: readers see no model or the whole model
     barrier()
     ray.train.report(summary)
@@ -542,6 +545,7 @@ def train_dpo(
     out_dir: str,
     cfg: DPOTrainConfig,
     progress: bool = True,
+    source=None,
 ) -> dict:
     """Train ``policy_path`` with DPO against ``ref_path`` on ``pairs``; write the result to ``out_dir``.
 
@@ -556,6 +560,9 @@ def train_dpo(
     reference precomputation), ``loss_start``/``loss_end`` and ``reward_margin_start``/``reward_margin_end`` (TRL's
     ``loss`` and ``rewards/margins`` at the first and last logged steps, averaged over workers), ``workers``,
     ``seconds`` (wall time of this call) and ``history`` (TRL's log history).
+
+    ``source``: a :class:`caspo.mesh.publisher.PolicySource` handle; rank 0 hands it the trained weights
+    (in the checkpoint's dtype) before writing the checkpoint, so a publish over the transport reads no file.
 
     Resume: a call that finds the scratch directory of an earlier call with the same fingerprint (same rows, models
     and result-changing settings; it died or raised) continues from its newest complete checkpoint, as does Ray
@@ -599,6 +606,7 @@ def train_dpo(
                 "run_dir": str(run_dir),
                 "settings": asdict(cfg),
                 "progress": progress,
+                "source": source,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers,

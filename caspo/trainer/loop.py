@@ -7,7 +7,9 @@ Round k (k = 1, 2, ...):
            independently sampled full solutions per question: the control)
   train    exactly round k's pairs, read from the pair store over gRPC (consumer group "trainer") →
            DPO on Ray Train, reference = policy k-1 → checkpoint runs/NAME/policies/vk
-  publish  the generator pool and the scorer reload version k; runs/NAME/policy.json names it for Serve
+  publish  version k goes from the trainer's memory to the generator pool, the scorer and Serve's replicas
+           over a tensor transport (caspo/mesh/publisher.py; ``publish.transport: disk``: they read the
+           checkpoint); runs/NAME/policy.json names it for whoever missed it
   eval     the fixed held-out set through the generator service: greedy metrics, CaT@K with entropy and
            with logprob scoring → one row appended to runs/NAME/rounds.jsonl
 
@@ -32,6 +34,7 @@ import time
 import zlib
 from pathlib import Path
 
+import ray
 import redis
 
 from caspo.config import Config, PairsConfig, config_from_dict
@@ -42,6 +45,7 @@ from caspo.core.pairs import Pair
 from caspo.evaluation import METRICS as ROUND_METRICS
 from caspo.evaluation import evaluate_async, write_records
 from caspo.mesh.client import MeshClient, MeshProposer
+from caspo.mesh.publisher import policy_source, publish_policy
 from caspo.models.hf import resolve_model_path
 from caspo.models.prompting import load_prompter
 from caspo.netutil import redact_url
@@ -132,6 +136,8 @@ class RoundController:
         self.prompter = load_prompter(self.cfg.model, self.task)
         self.eval_problems = self.task.problems(self.cfg.loop.eval_n, seed=self.cfg.loop.eval_seed, split="test")
         self.rows_path = self.run_dir / "rounds.jsonl"
+        # rank 0 of DPO hands its weights to this source; publishing broadcasts them from its memory
+        self.source = policy_source(self.cfg) if self.cfg.publish.transport == "collective" and ray.is_initialized() else None
 
     def _sr(self, k: int) -> int:
         return store_round(self.cfg.loop.run, k)
@@ -175,7 +181,7 @@ class RoundController:
         """After a restart the services may hold an older policy: publish the newest trained one."""
         services = {s["name"]: s for s in await self.client.registry()}
         if services.get("generator", {}).get("policy_version") != version:
-            await self.client.publish(version, self.state.policy(version), self.run_dir / "policy.json")
+            await publish_policy(self.client, self.cfg, version, self.state.policy(version), self.run_dir / "policy.json", self.source)
 
     # ---- stages -------------------------------------------------------------------------------
     async def _pairs(self, k: int, progress: bool) -> None:
@@ -235,7 +241,7 @@ class RoundController:
             metrics = {"pairs": 0, "carried_over": True}
         else:
             dpo = dataclasses.replace(self.cfg.dpo, seed=k)
-            metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), dpo, progress)
+            metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), dpo, progress, self.source)
             metrics.pop("history", None)
             if self.cfg.loop.drift:
                 heldout = [(self.prompter(p.question), "".join(s + self.cfg.dpo.delimiter for s in p.gold_steps)) for p in self.eval_problems[:200]]
@@ -247,8 +253,9 @@ class RoundController:
         (self.run_dir / f"round{k}_train.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
     async def _publish(self, k: int) -> None:
-        await self.client.publish(k, self.state.policy(k), self.run_dir / "policy.json")
-        self.state.mark(k, "publish", {"version": k, "path": self.state.policy(k)})
+        out = await publish_policy(self.client, self.cfg, k, self.state.policy(k), self.run_dir / "policy.json", self.source)
+        b = out["broadcast"] or {}
+        self.state.mark(k, "publish", {"version": k, "path": self.state.policy(k), "transport": out["transport"], "fallback": out["fallback"], "seconds": b.get("seconds"), "bytes": b.get("bytes")})
 
     async def _eval(self, k: int, progress: bool) -> dict:
         lc = self.cfg.loop

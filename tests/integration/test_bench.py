@@ -43,6 +43,11 @@ def test_suite_runs_and_writes_json_markdown_and_plot(suite, out):
         assert rows[0]["diff_vs_greedy"] == 0.0 and rows[0]["tokens_x_greedy"] == 1.0
         assert all(len(r["accuracy_ci"]) == 2 and r["latency_x_greedy"] > 0 for r in rows)
         assert rows[-1]["ceiling_share"] is None and any("critic cost" in n for n in data["notes"])
+    elif suite == "publish":
+        assert [(r["model"], r["path"]) for r in rows] == [("tiny", "disk"), ("tiny", "transport")]
+        assert all(r["seconds"] > 0 and len(r["replica_s"]) == 2 for r in rows)
+        disk, wire = rows
+        assert abs(wire["MB_moved"] - disk["MB_moved"] * 2 / 3) <= 0.1  # 2 copies over the wire vs a write and 2 reads
     elif suite == "mesh":
         assert rows[0]["replicas"] == 1 and rows[0]["questions_per_min"] > 0
         assert isinstance(rows[0]["pairs"], int) and rows[0]["steps_per_min"] >= rows[0]["questions_per_min"]  # >= 1 step each

@@ -64,6 +64,12 @@ def test_one_round_end_to_end_and_publication(mesh):
     run_dir = ctl.run_dir
     assert (run_dir / "policies" / "v1" / "model.safetensors").exists()
     assert json.loads((run_dir / "policy.json").read_text())["version"] == 1
+    # published over the transport from what DPO's rank 0 handed the source: no checkpoint read on the path
+    published = ctl.state.info(1, "publish")
+    assert published["transport"] == "collective" and published["fallback"] == [], published
+    import ray
+
+    assert ray.get(ctl.source.stats.remote())["disk_reads"] == 0
     # every pair of the round was read by the trainer and acknowledged
     total, pending = _store_stats(runner.redis_url, "one", 1)
     train = json.loads((run_dir / "round1_train.json").read_text())
