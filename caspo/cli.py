@@ -54,6 +54,7 @@ from caspo.tasks.base import TaskError
 from caspo.tasks.gsm8k import check_data
 from caspo.trainer.collect import collect_round
 from caspo.trainer.loop import RoundController, drift_line
+from caspo.trainer.serving import RunError, promote, rollback, serving, status_line
 
 EXIT_USAGE = 2
 
@@ -392,6 +393,10 @@ def cmd_down(args) -> int:
 def cmd_status(args) -> int:
 
     cfg = _config(args)
+    run_dir = Path(args.run) if args.run else Path(cfg.loop.runs_dir) / cfg.loop.run
+    served = serving(run_dir)
+    if not args.json and (served or args.run):
+        print(f"run {run_dir}: {status_line(served)}", flush=True)
     try:
         client = MeshClient.from_state(cfg)
         services = asyncio.run(client.registry())
@@ -400,7 +405,7 @@ def cmd_status(args) -> int:
     except Exception as e:  # noqa: BLE001 - grpc errors: the registry is gone
         raise UsageError(f"the mesh registry at {client.registry_address} does not answer ({type(e).__name__}); is `caspo up` still running?") from e
     if args.json:
-        print(json.dumps({"registry": client.registry_address, "services": services}))
+        print(json.dumps({"registry": client.registry_address, "services": services, "run": str(run_dir), "serving": served}))
     else:
         print(f"registry {client.registry_address}")
         print_table(services, ["name", "address", "policy_version", "healthy", "restarts"])
@@ -489,6 +494,31 @@ def cmd_loop(args) -> int:
     return 0
 
 
+def _version(text: str) -> int:
+    v = text[1:] if text[:1] in ("v", "V") else text
+    if not v.isdigit():
+        raise UsageError(f"VERSION must be a policy version like 3 or v3, got {text!r}")
+    return int(v)
+
+
+def cmd_promote(args) -> int:
+    try:
+        info = promote(Path(args.run_dir), _version(args.version))
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    print(f"serving v{info['version']} ({info['path']}); Serve's replicas reload it within serve.watch_interval_s")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    try:
+        info = rollback(Path(args.run_dir))
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    print(f"{info['decision']['reason']}: serving v{info['version']} ({info['path']})")
+    return 0
+
+
 def cmd_report(args) -> int:
     try:
         res = write_report(args.run_dir, out_dir=args.out, compare=args.compare)
@@ -514,7 +544,8 @@ def cmd_serve(args) -> int:
         where = "the running mesh's Ray"
     else:
         limit_proxy_messages()
-        ray.init(num_cpus=cfg.mesh.num_cpus, include_dashboard=False, logging_level="WARNING")
+        port = {"_metrics_export_port": cfg.mesh.metrics_export_port} if cfg.mesh.metrics_export_port else {}
+        ray.init(num_cpus=cfg.mesh.num_cpus, include_dashboard=False, logging_level="WARNING", **port)
         where = "a local Ray"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -708,8 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("status", help="services, addresses, policy versions and health")
+    p = sub.add_parser("status", help="services, addresses, policy versions and health; what Serve serves and why")
     _add_config_args(p)
+    p.add_argument("--run", metavar="RUN_DIR", help="the loop run whose served policy to show (default loop.runs_dir/loop.run)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -732,6 +764,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", choices=["step", "trajectory", "crew"], help="step: CASPO; trajectory: the final-answer control; crew: CRew-DPO (answer confidence)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loop)
+
+    p = sub.add_parser("promote", help="serve a trained version of a loop run now (Serve hot-reloads it), whatever the gate said")
+    p.add_argument("run_dir", metavar="RUN", help="the run directory (runs/NAME)")
+    p.add_argument("version", metavar="VERSION", help="the policy version, e.g. 2 or v2 (0: the base policy)")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="serve the version a loop run served before the current one")
+    p.add_argument("run_dir", metavar="RUN", help="the run directory (runs/NAME)")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("serve", help="CaT inference on Ray Serve: HTTP :8000 and gRPC :9000, hot-reloading published policies")
     _add_config_args(p)

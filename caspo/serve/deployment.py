@@ -42,6 +42,7 @@ import grpc
 import torch
 from ray import serve
 
+from caspo import telemetry
 from caspo.config import Calibration, CalibrationError, Config, config_from_dict, load_config, read_calibration
 from caspo.core.cat import CommittedStep, Search, SearchResult, stream_search
 from caspo.errors import BadRequest
@@ -50,7 +51,7 @@ from caspo.models.base import ModelLoadError, prefix_text
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker
-from caspo.policy_file import read_policy_file
+from caspo.policy_file import read_policy_file, read_policy_info
 from caspo.protos.v1 import cat_pb2
 from caspo.serve.http_app import api
 from caspo.serve.params import SolveParams, params_from_grpc
@@ -92,7 +93,8 @@ class CaTServer:
         published = self._published()
         if published is not None:
             version, path = published
-        self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms)
+        self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms, name="serve")
+        telemetry.policy_version("serve", version)
         self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         self.prompter = prompter_for_backend(self.worker.backend, self.task)  # model.prompt_format, step_delimiter
         self.calibration = self._calibration(path, strict=True)
@@ -124,6 +126,7 @@ class CaTServer:
             log.info("policy v%d published at %s: reloading", version, path)
             try:
                 await self.worker.reload(path, version)
+                telemetry.policy_version("serve", self.worker.version)
                 self.reload_error = None
                 self.calibration = self._calibration(path, strict=False)
             except Exception as e:  # noqa: BLE001 - keep serving the weights we have
@@ -167,6 +170,7 @@ class CaTServer:
                 steps.append(ev)
                 yield ev
             else:
+                telemetry.cat_answer("serve", ev.tokens_generated, ev.branches_pruned)
                 yield ev, steps, proposer.version, time.perf_counter() - t0
 
     async def solve(self, params: SolveParams) -> tuple[SearchResult, list[CommittedStep], int, float]:
@@ -181,6 +185,15 @@ class CaTServer:
         backend = self.worker.backend
         return len(backend.tokenizer(self.prompter(question))["input_ids"]) if hasattr(backend, "tokenizer") else 0
 
+    def promotion(self) -> dict | None:
+        """The latest promotion decision of the policy file (the gate's, or an operator's promote or
+        rollback), with its reason; None without a policy file."""
+        pf = self.cfg.serve.policy_file
+        info = read_policy_info(pf) if pf else None
+        if info is None:
+            return None
+        return {"published_version": info["version"], "decision": info.get("decision"), "previous_versions": [h["version"] for h in info.get("history", [])]}
+
     def health(self) -> dict:
         self._start_watcher()
         return {
@@ -191,6 +204,7 @@ class CaTServer:
             "calibration": self.calibration.path if self.calibration else None,
             "model_calls": self.worker.backend_calls,  # batched model calls so far
             "proposals_waiting": self.worker.in_flight,  # searches waiting on a model call right now
+            "promotion": self.promotion(),
         }
 
     # ---- gRPC (method names are the RPC names of caspo.v1.CaT) -------------------------------
@@ -208,22 +222,43 @@ class CaTServer:
             raise
 
     async def Solve(self, request, grpc_context):  # noqa: N802 - the RPC's name
-        params = self._grpc_params(request, grpc_context)
-        res, steps, version, seconds = await self.solve(params)
-        return response_proto(res, steps, params, version, seconds)
+        t0, status = time.perf_counter(), "INTERNAL"
+        try:
+            params = self._grpc_params(request, grpc_context)
+            res, steps, version, seconds = await self.solve(params)
+            status = "OK"
+            return response_proto(res, steps, params, version, seconds)
+        except (BadRequest, Unauthenticated):
+            status = _code_name(grpc_context)
+            raise
+        finally:
+            telemetry.grpc_request(DEPLOYMENT, "Solve", time.perf_counter() - t0, status)
 
     async def SolveStream(self, request, grpc_context):  # noqa: N802 - the RPC's name
-        params = self._grpc_params(request, grpc_context)
-        async for ev in self.events(params):
-            if isinstance(ev, CommittedStep):
-                yield cat_pb2.SolveEvent(step=step_proto(ev))
-            else:
-                res, steps, version, seconds = ev
-                yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
+        t0, status = time.perf_counter(), "INTERNAL"
+        try:
+            params = self._grpc_params(request, grpc_context)
+            async for ev in self.events(params):
+                if isinstance(ev, CommittedStep):
+                    yield cat_pb2.SolveEvent(step=step_proto(ev))
+                else:
+                    res, steps, version, seconds = ev
+                    yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
+            status = "OK"
+        except (BadRequest, Unauthenticated):
+            status = _code_name(grpc_context)
+            raise
+        finally:
+            telemetry.grpc_request(DEPLOYMENT, "SolveStream", time.perf_counter() - t0, status)
 
     def check_health(self) -> None:  # Serve calls this; a replica whose watcher died is restarted
         if self._watcher is not None and self._watcher.done() and not self._watcher.cancelled() and self._watcher.exception():
             raise RuntimeError(f"policy watcher died: {self._watcher.exception()}")
+
+
+def _code_name(grpc_context) -> str:
+    code = grpc_context.code() if hasattr(grpc_context, "code") else None
+    return getattr(code, "name", None) or "UNKNOWN"
 
 
 # ---- the application -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ LAYERS = [
     ["caspo.evaluation", "caspo.store"],
     ["caspo.models"],
     ["caspo.tasks"],
-    ["caspo.answer_worker", "caspo.config", "caspo.errors", "caspo.netutil", "caspo.plots", "caspo.policy_file", "caspo.progress", "caspo.protogen", "caspo.protos"],
+    ["caspo.answer_worker", "caspo.config", "caspo.errors", "caspo.netutil", "caspo.plots", "caspo.policy_file", "caspo.progress", "caspo.protogen", "caspo.protos", "caspo.telemetry"],
     ["caspo.core"],
 ]
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}

@@ -1,0 +1,135 @@
+"""Prometheus metrics of every caspo service, through Ray's metrics API (``ray.util.metrics``).
+
+Each process records into Ray's per-node metrics agent, which serves them with Ray's and Serve's own on
+the node's metrics export port (``ray start --metrics-export-port``, ``ray.init(_metrics_export_port=)``,
+``mesh.metrics_export_port``). Ray prefixes every name with ``ray_``: ``caspo_grpc_requests_total``
+is scraped as ``ray_caspo_grpc_requests_total``. Metrics reach the endpoint at Ray's report interval
+(``RAY_metrics_report_interval_ms``, 10 s by default).
+
+Outside Ray (a unit test, a CLI process that joined no cluster) every function here does nothing, and a
+failure to record is logged once and never reaches the caller: metrics must not break a service.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import ray
+from ray.util import metrics as ray_metrics
+
+log = logging.getLogger(__name__)
+
+LATENCY_S = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+BATCH = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+TOKENS = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+# name -> (kind, description, tag keys, histogram boundaries)
+SPECS: dict[str, tuple] = {
+    "caspo_grpc_requests_total": ("counter", "gRPC requests per service and method", ("service", "method"), None),
+    "caspo_grpc_errors_total": ("counter", "gRPC requests answered with a status other than OK", ("service", "method", "code"), None),
+    "caspo_grpc_latency_seconds": ("histogram", "gRPC request latency in seconds", ("service", "method"), LATENCY_S),
+    "caspo_worker_batch_size": ("histogram", "items in one batched model call of a micro-batching worker", ("worker", "kind"), BATCH),
+    "caspo_worker_queue_depth": ("gauge", "calls waiting on a micro-batching worker's model calls", ("worker",), None),
+    "caspo_policy_version": ("gauge", "the policy version a service holds", ("service",), None),
+    "caspo_pairs_stored": ("gauge", "DPO pairs stored for a round, per case", ("run", "round", "case"), None),
+    "caspo_round_stage_seconds": ("gauge", "seconds a stage of a loop round took", ("run", "round", "stage"), None),
+    "caspo_loop_round": ("gauge", "the last round whose stage finished", ("run", "stage"), None),
+    "caspo_dpo_loss": ("gauge", "a round's DPO training loss (TRL's train_loss)", ("run", "round"), None),
+    "caspo_dpo_drift": ("gauge", "a round's drift measures (caspo.trainer.shift)", ("run", "round", "measure"), None),
+    "caspo_serving_policy_version": ("gauge", "the policy version the promotion gate lets Serve serve", ("run",), None),
+    "caspo_promotions_total": ("counter", "promotion decisions (promoted, kept, manual promote, rollback)", ("run", "decision"), None),
+    "caspo_cat_tokens_per_answer": ("histogram", "tokens CaT generated for one answer", ("service",), TOKENS),
+    "caspo_cat_branches_pruned_total": ("counter", "CaT branches pruned (cumulative confidence below tau)", ("service",), None),
+}
+
+_made: dict[str, object] = {}
+_warned = False
+
+
+def _metric(name: str):
+    if not ray.is_initialized():
+        return None
+    m = _made.get(name)
+    if m is None:
+        kind, desc, tags, bounds = SPECS[name]
+        if kind == "counter":
+            m = ray_metrics.Counter(name, desc, tag_keys=tags)
+        elif kind == "gauge":
+            m = ray_metrics.Gauge(name, desc, tag_keys=tags)
+        else:
+            m = ray_metrics.Histogram(name, desc, boundaries=bounds, tag_keys=tags)
+        _made[name] = m
+    return m
+
+
+def record(name: str, value: float, tags: Mapping[str, object]) -> None:
+    """Add (counter), set (gauge) or observe (histogram) ``value`` under ``tags``; never raises."""
+    global _warned
+    try:
+        m = _metric(name)
+        if m is None:
+            return
+        t = {k: str(v) for k, v in tags.items()}
+        kind = SPECS[name][0]
+        if kind == "counter":
+            if value > 0:
+                m.inc(value, tags=t)
+        elif kind == "gauge":
+            m.set(value, tags=t)
+        else:
+            m.observe(value, tags=t)
+    except Exception as e:  # noqa: BLE001 - a metric must never fail a request
+        if not _warned:
+            _warned = True
+            log.warning("could not record metric %s: %s", name, e)
+
+
+# ---- what the services record ----------------------------------------------------------------------
+def grpc_request(service: str, method: str, seconds: float, code: str = "OK") -> None:
+    tags = {"service": service, "method": method}
+    record("caspo_grpc_requests_total", 1, tags)
+    record("caspo_grpc_latency_seconds", seconds, tags)
+    if code != "OK":
+        record("caspo_grpc_errors_total", 1, {**tags, "code": code})
+
+
+def worker_batch(worker: str, kind: str, size: int) -> None:
+    record("caspo_worker_batch_size", size, {"worker": worker, "kind": kind})
+
+
+def worker_queue(worker: str, depth: int) -> None:
+    record("caspo_worker_queue_depth", depth, {"worker": worker})
+
+
+def policy_version(service: str, version: int) -> None:
+    record("caspo_policy_version", version, {"service": service})
+
+
+def cat_answer(service: str, tokens: int, pruned: int) -> None:
+    record("caspo_cat_tokens_per_answer", tokens, {"service": service})
+    record("caspo_cat_branches_pruned_total", pruned, {"service": service})
+
+
+def round_stage(run: str, round_: int, stage: str, seconds: float) -> None:
+    record("caspo_round_stage_seconds", seconds, {"run": run, "round": round_, "stage": stage})
+    record("caspo_loop_round", round_, {"run": run, "stage": stage})
+
+
+def round_pairs(run: str, round_: int, per_case: Mapping[str, int]) -> None:
+    for case, n in per_case.items():
+        record("caspo_pairs_stored", n, {"run": run, "round": round_, "case": case})
+
+
+def round_training(run: str, round_: int, metrics: Mapping) -> None:
+    loss = metrics.get("train_loss")
+    if isinstance(loss, (int, float)):
+        record("caspo_dpo_loss", loss, {"run": run, "round": round_})
+    for measure, v in (metrics.get("drift") or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            record("caspo_dpo_drift", v, {"run": run, "round": round_, "measure": measure})
+
+
+def promotion(run: str, decision: str, serving: int) -> None:
+    record("caspo_promotions_total", 1, {"run": run, "decision": decision})
+    record("caspo_serving_policy_version", serving, {"run": run})
