@@ -99,7 +99,7 @@ def gate_round(run_dir: Path, run: str, round_: int, path: str, sv: ServeConfig,
                 comparison = None
     decision = decide(sv.promotion, list(sv.promotion_metrics), comparison)
     if served == round_:  # resumed after the decision was applied
-        decision.update(promote=True, reason=current.get("decision", {}).get("reason", decision["reason"]))
+        decision.update(promote=True, reason=(current.get("decision") or {}).get("reason", decision["reason"]))
     decision.update(by="gate", round=round_, candidate=round_, compared_with=served, at=time.time())
     if decision["promote"]:
         write_policy_file(run_dir / POLICY_FILE, round_, path, decision)
