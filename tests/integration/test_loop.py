@@ -13,6 +13,7 @@ from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import MeshRunner
 from caspo.netutil import free_port
 from caspo.trainer.loop import ROW_KEYS, RoundController, store_round
+from tests.prom import fast_metrics_export
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
@@ -34,16 +35,8 @@ def mesh(tmp_path_factory):
     port = free_port()
     cfg = load_config(None, [f"mesh.run_dir={root}/mesh", "mesh.num_cpus=2", "mesh.namespace=caspo-loop-test", f"loop.runs_dir={root}", f"mesh.metrics_export_port={port}", *SMALL])
     runner = MeshRunner(cfg)
-    # Ray's processes export metrics every second instead of every ten (read when Ray starts)
-    old = os.environ.get("RAY_metrics_report_interval_ms")
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"
-    try:
+    with fast_metrics_export():
         runner.start(progress=False)
-    finally:
-        if old is None:
-            os.environ.pop("RAY_metrics_report_interval_ms")
-        else:
-            os.environ["RAY_metrics_report_interval_ms"] = old
     yield cfg, runner
     runner.stop()
 

@@ -1,9 +1,7 @@
 """CaT on a real Ray Serve (local Ray, 2 CPUs) with the tiny model: gRPC, HTTP, OpenAI, bad input, reload."""
 
 import concurrent.futures as cf
-import contextlib
 import json
-import os
 import shutil
 import time
 import urllib.request
@@ -19,6 +17,7 @@ from caspo.models.hf import HFBackend, resolve_model_path
 from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
 from caspo.serve.cat_client import SolveError, solve_grpc, solve_http
 from caspo.tasks import get_task
+from tests.prom import fast_metrics_export
 
 QUESTION = "12+7*3-5"
 
@@ -43,8 +42,7 @@ def served(tmp_path_factory):
         ],
     )
     metrics_port = free_port()
-    # metrics reach Ray's endpoint at this interval (10 s by default); read by the processes Ray starts
-    with _env("RAY_metrics_report_interval_ms", "1000"):
+    with fast_metrics_export():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _metrics_export_port=metrics_port)
     try:
         serve.start(**serve_options(cfg))
@@ -53,19 +51,6 @@ def served(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-@contextlib.contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _http(cfg):

@@ -140,3 +140,13 @@ def test_promote_refuses_a_checkpoint_whose_weights_are_gone(run, capsys):
     (run / "policies" / "v1" / "model.safetensors").unlink()
     assert main(["rollback", str(run)]) == 2  # v1 was served before, but its weights are gone
     assert read_policy_info(run / "policy.json")["version"] == 0
+
+
+def test_status_says_what_is_served_and_why(run, tmp_path, capsys):
+    sv = load_config(None, []).serve
+    gate_round(run, "r", 2, str(run / "policies" / "v2"), sv)  # collapsed: kept on v0
+    # no mesh runs from this run dir: the served policy is shown all the same, then the error
+    assert main(["status", "--run", str(run), "--set", f"mesh.run_dir={tmp_path}/mesh"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"run {run}: serving v0 (")
+    assert "latest decision (gate): worse than serving on 40 held-out problems: accuracy -0.750 [" in out
