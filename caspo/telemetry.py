@@ -6,6 +6,11 @@ the node's metrics export port (``ray start --metrics-export-port``, ``ray.init(
 is scraped as ``ray_caspo_grpc_requests_total``. Metrics reach the endpoint at Ray's report interval
 (``RAY_metrics_report_interval_ms``, 10 s by default).
 
+Gauges: Ray's agent forgets a gauge series that was not set again within two report intervals, so a
+value set once (a round's stage duration, the queue depth after the last call) would vanish from the
+endpoint. Each process therefore keeps the last value of each of its gauge series and sets it again
+every half report interval from a daemon thread, for as long as the process lives.
+
 Outside Ray (a unit test, a CLI process that joined no cluster) every function here does nothing, and a
 failure to record is logged once and never reaches the caller: metrics must not break a service.
 """
@@ -13,6 +18,9 @@ failure to record is logged once and never reaches the caller: metrics must not 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from typing import Mapping
 
 import ray
@@ -45,11 +53,51 @@ SPECS: dict[str, tuple] = {
 
 _made: dict[str, object] = {}
 _warned = False
+_gauges: dict[tuple[str, tuple], float] = {}  # (name, sorted tags) -> the last value set in this process
+_lock = threading.Lock()
+_refresher: threading.Thread | None = None
+
+
+def _refresh_every() -> float:
+    return max(0.5, float(os.environ.get("RAY_metrics_report_interval_ms", "10000")) / 2000.0)
+
+
+def _refresh_loop() -> None:
+    while True:
+        time.sleep(_refresh_every())
+        if not ray.is_initialized():
+            continue
+        with _lock:
+            last = list(_gauges.items())
+        for (name, tags), value in last:
+            try:
+                _made[name].set(value, tags=dict(tags))
+            except Exception:  # noqa: BLE001 - the next round tries again
+                pass
+
+
+def _keep(name: str, tags: dict, value: float) -> None:
+    global _refresher
+    with _lock:
+        _gauges[(name, tuple(sorted(tags.items())))] = value
+        if _refresher is None:
+            _refresher = threading.Thread(target=_refresh_loop, name="caspo-gauges", daemon=True)
+            _refresher.start()
+
+
+_job: str | None = None  # the Ray job the metric objects belong to (a test process may init Ray again)
 
 
 def _metric(name: str):
+    global _job
     if not ray.is_initialized():
         return None
+    job = ray.get_runtime_context().get_job_id()
+    if job != _job:
+        with _lock:
+            _made.clear()
+            _gauges.clear()
+            _job = job
     m = _made.get(name)
     if m is None:
         kind, desc, tags, bounds = SPECS[name]
@@ -77,6 +125,7 @@ def record(name: str, value: float, tags: Mapping[str, object]) -> None:
                 m.inc(value, tags=t)
         elif kind == "gauge":
             m.set(value, tags=t)
+            _keep(name, t, value)
         else:
             m.observe(value, tags=t)
     except Exception as e:  # noqa: BLE001 - a metric must never fail a request
