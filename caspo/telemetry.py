@@ -92,7 +92,10 @@ def _metric(name: str):
     global _job
     if not ray.is_initialized():
         return None
-    job = ray.get_runtime_context().get_job_id()
+    try:
+        job = ray.get_runtime_context().get_job_id()
+    except Exception:  # noqa: BLE001 - a thread outside any task: the objects made so far serve
+        job = _job
     if job != _job:
         with _lock:
             _made.clear()

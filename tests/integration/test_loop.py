@@ -216,8 +216,9 @@ def test_a_collapsed_round_keeps_serving_the_old_version_and_says_why(mesh):
     case = max(pairs, key=pairs.get)
     stage = json.loads((run_dir / "state.json").read_text())["done"]["1"]
     wanted = {
-        "requests": ("ray_caspo_grpc_requests_total", {"service": "Generator", "method": "Rollout"}, lambda v: v and max(v) >= 1),
-        "latency": ("ray_caspo_grpc_latency_seconds_count", {"service": "Generator", "method": "ProposeSteps"}, lambda v: v and max(v) >= 1),
+        "requests": ("ray_caspo_grpc_requests_total", {"service": "Generator", "method": "ProposeSteps"}, lambda v: v and max(v) >= 1),
+        "reload": ("ray_caspo_grpc_requests_total", {"service": "Scorer", "method": "Reload"}, lambda v: v and max(v) >= 1),  # the round's publish
+        "latency": ("ray_caspo_grpc_latency_seconds_count", {"service": "Critic", "method": "Judge"}, lambda v: v and max(v) >= 1),
         "batches": ("ray_caspo_worker_batch_size_count", {"worker": "generator", "kind": "sample"}, lambda v: v and max(v) >= 1),
         "queue": ("ray_caspo_worker_queue_depth", {"worker": "generator"}, lambda v: bool(v)),
         "scorer": ("ray_caspo_worker_batch_size_count", {"worker": "scorer", "kind": "score"}, lambda v: v and max(v) >= 1),

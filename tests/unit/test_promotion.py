@@ -150,3 +150,15 @@ def test_status_says_what_is_served_and_why(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"run {run}: serving v0 (")
     assert "latest decision (gate): worse than serving on 40 held-out problems: accuracy -0.750 [" in out
+
+
+def test_report_to_names_only_installed_trackers():
+    import importlib.util
+
+    assert load_config(None, []).dpo.report_to == ["tensorboard"]
+    for name in ("wandb", "mlflow"):
+        if importlib.util.find_spec(name) is None:
+            with pytest.raises(ConfigError, match=f"dpo.report_to names {name} but it is not installed"):
+                load_config(None, [f"dpo.report_to=[tensorboard, {name}]"])
+    with pytest.raises(ConfigError, match="dpo.report_to must list some of tensorboard, wandb, mlflow"):
+        load_config(None, ["dpo.report_to=[comet]"])
