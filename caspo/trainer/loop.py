@@ -310,10 +310,10 @@ class RoundController:
             f.write(json.dumps(row) + "\n")
         self.state.mark(k, "eval", True)
         say(summary_line(row))
-        if row.get("promotion"):
+        if row.get("promotion"):  # in the records and `caspo status`; the printed output stays one line a round
             g = row["promotion"]
             outcome = "promoted to Serve" if g["promote"] else f"not promoted, Serve keeps v{g['serving']}"
-            say(f"round {k}: {outcome}: {g['reason']}")
+            log.info("round %d: %s: %s", k, outcome, g["reason"])
         return row
 
 
