@@ -33,11 +33,13 @@ its earlier steps from the previous version).
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import grpc
 from ray import serve
 
+from caspo import telemetry
 from caspo.config import Config, config_from_dict, load_config
 from caspo.core.search import CommittedStep
 from caspo.errors import BadRequest
@@ -77,21 +79,42 @@ class CaTServer:
             raise
 
     async def Solve(self, request, grpc_context):  # noqa: N802 - the RPC's name
-        params = self._grpc_params(request, grpc_context)
-        res, steps, version, seconds = await self.service.solve(params)
-        return response_proto(res, steps, params, version, seconds)
+        t0, status = time.perf_counter(), "INTERNAL"
+        try:
+            params = self._grpc_params(request, grpc_context)
+            res, steps, version, seconds = await self.service.solve(params)
+            status = "OK"
+            return response_proto(res, steps, params, version, seconds)
+        except (BadRequest, Unauthenticated):
+            status = _code_name(grpc_context)
+            raise
+        finally:
+            telemetry.grpc_request(DEPLOYMENT, "Solve", time.perf_counter() - t0, status)
 
     async def SolveStream(self, request, grpc_context):  # noqa: N802 - the RPC's name
-        params = self._grpc_params(request, grpc_context)
-        async for ev in self.service.events(params):
-            if isinstance(ev, CommittedStep):
-                yield cat_pb2.SolveEvent(step=step_proto(ev))
-            else:
-                res, steps, version, seconds = ev
-                yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
+        t0, status = time.perf_counter(), "INTERNAL"
+        try:
+            params = self._grpc_params(request, grpc_context)
+            async for ev in self.service.events(params):
+                if isinstance(ev, CommittedStep):
+                    yield cat_pb2.SolveEvent(step=step_proto(ev))
+                else:
+                    res, steps, version, seconds = ev
+                    yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
+            status = "OK"
+        except (BadRequest, Unauthenticated):
+            status = _code_name(grpc_context)
+            raise
+        finally:
+            telemetry.grpc_request(DEPLOYMENT, "SolveStream", time.perf_counter() - t0, status)
 
     def check_health(self) -> None:  # Serve calls this; a replica whose watcher died is restarted
         self.service.check()
+
+
+def _code_name(grpc_context) -> str:
+    code = grpc_context.code() if hasattr(grpc_context, "code") else None
+    return getattr(code, "name", None) or "UNKNOWN"
 
 
 # ---- the application -------------------------------------------------------------------------------
