@@ -50,6 +50,7 @@ from caspo.serve.params import SolveParams
 from caspo.serve.request_errors import Unauthenticated
 from caspo.serve.service import CaTService
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
+from caspo.services.server import status_name
 
 GRPC_SERVICER = "caspo.serve.proxy.add_CaTServicer_to_server"  # parse errors -> INVALID_ARGUMENT
 DEPLOYMENT = "CaT"
@@ -86,7 +87,7 @@ class CaTServer:
             status = "OK"
             return response_proto(res, steps, params, version, seconds)
         except (BadRequest, Unauthenticated):
-            status = _code_name(grpc_context)
+            status = status_name(grpc_context)
             raise
         finally:
             telemetry.grpc_request(DEPLOYMENT, "Solve", time.perf_counter() - t0, status)
@@ -103,18 +104,13 @@ class CaTServer:
                     yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
             status = "OK"
         except (BadRequest, Unauthenticated):
-            status = _code_name(grpc_context)
+            status = status_name(grpc_context)
             raise
         finally:
             telemetry.grpc_request(DEPLOYMENT, "SolveStream", time.perf_counter() - t0, status)
 
     def check_health(self) -> None:  # Serve calls this; a replica whose watcher died is restarted
         self.service.check()
-
-
-def _code_name(grpc_context) -> str:
-    code = grpc_context.code() if hasattr(grpc_context, "code") else None
-    return getattr(code, "name", None) or "UNKNOWN"
 
 
 # ---- the application -------------------------------------------------------------------------------

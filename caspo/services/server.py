@@ -44,6 +44,12 @@ class _Undecodable:
         self.error = error
 
 
+def status_name(context) -> str:
+    """The name of the status code a servicer set on its gRPC context (UNKNOWN when it set none)."""
+    code = context.code() if hasattr(context, "code") else None
+    return getattr(code, "name", None) or "UNKNOWN"
+
+
 def rpc(method):
     """Decorator for async servicer methods: exceptions → gRPC statuses, the server keeps serving. Every
     call is counted with its latency and status (caspo_grpc_* metrics, caspo/telemetry.py)."""
@@ -60,8 +66,7 @@ def rpc(method):
                 return await method(self, request, context)
             except grpc.aio.AbortError:
                 if status == "OK":  # the servicer aborted with its own status
-                    code = context.code() if hasattr(context, "code") else None
-                    status = getattr(code, "name", None) or "UNKNOWN"
+                    status = status_name(context)
                 raise
             except Exception as e:  # noqa: BLE001 - every failure must become a status
                 for exc_type, code in _STATUS:
