@@ -11,6 +11,7 @@ service enforces is a key here. A loaded config is frozen: code that needs a var
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from caspo.core.gate import DEFAULT_GATE_METRICS, check_gate
 from caspo.core.search import SearchConfig
 
 
@@ -35,6 +37,8 @@ class MeshConfig:
     # custom Ray resources each service's actors ask for, so a cluster can pin them to worker groups,
     # e.g. {generator: {generator: 1}} with a worker group started with resources {"generator": N}
     placement: dict = field(default_factory=dict)
+    # the port where the head's Ray exports Prometheus metrics (Ray's, Serve's and caspo's own); null: Ray picks
+    metrics_export_port: int | None = None
 
 
 # the zero-shot CoT prompt of the Qwen-Math evaluation suite, which the paper's evaluation follows
@@ -165,6 +169,9 @@ class DPOTrainConfig:
     fsdp_config: dict = field(default_factory=dict)
     checkpoint_steps: int = 20  # optimizer steps between resumable checkpoints in the scratch dir (0: none)
     max_failures: int = 3  # Ray Train restarts of the worker group after a worker dies (resumes from a checkpoint)
+    # TRL's logging integrations: tensorboard writes the curves under runs/NAME/tb/dpo/roundK when the loop
+    # trains; wandb and mlflow may be named when installed (not dependencies of caspo)
+    report_to: list = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,10 @@ class ServeConfig:
     max_k: int = 32
     max_max_steps: int = 32
     max_temperature: float = 2.0
+    # the promotion gate between the loop and Serve (caspo.core.gate.py): always | not_worse | better,
+    # judged by the paired 95% intervals of these metrics, the round's evaluation against the serving policy's
+    promotion: str = "not_worse"
+    promotion_metrics: list = field(default_factory=lambda: list(DEFAULT_GATE_METRICS))
 
 
 @dataclass(frozen=True)
@@ -410,6 +421,16 @@ def validate(cfg: Config) -> None:
     need(1 <= sv.max_steps <= sv.max_max_steps, f"serve.max_steps must be in [1, serve.max_max_steps={sv.max_max_steps}], got {sv.max_steps}")
     need(0.0 <= sv.tau <= 1.0, f"serve.tau must be in [0, 1], got {sv.tau}")
     need(sv.request_timeout_s > 0, f"serve.request_timeout_s must be > 0, got {sv.request_timeout_s}")
+    try:
+        check_gate(sv.promotion, sv.promotion_metrics)
+    except ValueError as e:
+        raise ConfigError(f"serve.{e}") from None
+    reporters = ("tensorboard", "wandb", "mlflow")
+    need(isinstance(cfg.dpo.report_to, list) and set(cfg.dpo.report_to) <= set(reporters), f"dpo.report_to must list some of {', '.join(reporters)}, got {cfg.dpo.report_to!r}")
+    for name in cfg.dpo.report_to:
+        found = any(importlib.util.find_spec(m) is not None for m in (("tensorboardX", "tensorboard") if name == "tensorboard" else (name,)))
+        need(found, f"dpo.report_to names {name} but it is not installed (pip install {name})")
+    need(cfg.mesh.metrics_export_port is None or 1 <= cfg.mesh.metrics_export_port <= 65535, f"mesh.metrics_export_port must be in [1, 65535], got {cfg.mesh.metrics_export_port}")
 
 
 def config_from_dict(data: dict) -> Config:

@@ -1,9 +1,11 @@
-"""``caspo up``, ``caspo status`` and ``caspo down``: the service mesh."""
+"""``caspo up``, ``caspo status`` and ``caspo down``: the service mesh (and, in status, what Serve serves from a
+loop run and why)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from caspo.cli.shared import wait_until_set, command, stop_on_signals, print_table, config_of
 from caspo.errors import UsageError
@@ -11,6 +13,7 @@ from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import MeshRunner, stop_running_mesh
 from caspo.mesh.state import MeshError
 from caspo.netutil import redact_url
+from caspo.trainer.serving import serving, status_line
 
 
 def cmd_up(args) -> int:
@@ -34,6 +37,10 @@ def cmd_up(args) -> int:
 def cmd_status(args) -> int:
 
     cfg = config_of(args)
+    run_dir = Path(args.run) if args.run else Path(cfg.loop.runs_dir) / cfg.loop.run
+    served = serving(run_dir)
+    if not args.json and (served or args.run):
+        print(f"run {run_dir}: {status_line(served)}", flush=True)
     try:
         client = MeshClient.from_state(cfg)
         services = asyncio.run(client.registry())
@@ -42,7 +49,7 @@ def cmd_status(args) -> int:
     except Exception as e:  # noqa: BLE001 - grpc errors: the registry is gone
         raise UsageError(f"the mesh registry at {client.registry_address} does not answer ({type(e).__name__}); is `caspo up` still running?") from e
     if args.json:
-        print(json.dumps({"registry": client.registry_address, "services": services}))
+        print(json.dumps({"registry": client.registry_address, "services": services, "run": str(run_dir), "serving": served}))
     else:
         print(f"registry {client.registry_address}")
         print_table(services, ["name", "address", "policy_version", "healthy", "restarts"])
@@ -62,7 +69,8 @@ def add_parser(sub) -> None:
     """The up, status, down subcommands."""
     p = command(sub, "up", help="start Ray, Redis and every mesh service; stay up until stopped", func=cmd_up, config=True)
 
-    p = command(sub, "status", help="services, addresses, policy versions and health", func=cmd_status, config=True)
+    p = command(sub, "status", help="services, addresses, policy versions and health; what Serve serves and why", func=cmd_status, config=True)
+    p.add_argument("--run", metavar="RUN_DIR", help="the loop run whose served policy to show (default loop.runs_dir/loop.run)")
     p.add_argument("--json", action="store_true")
 
     p = command(sub, "down", help="stop the running mesh", func=cmd_down, config=True)

@@ -24,6 +24,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
+from caspo import telemetry
 from caspo.config import Config, config_from_dict
 from caspo.errors import Unavailable
 from caspo.mesh.registry import HEARTBEAT_S, advertised_address
@@ -95,9 +96,11 @@ class ServiceActor:
         await self._heartbeat()
 
     async def _heartbeat(self):
-        if not self.registry_name:
-            return
         while True:
+            telemetry.policy_version(self.service, self.policy_version())  # caspo_policy_version
+            if not self.registry_name:
+                await asyncio.sleep(HEARTBEAT_S)
+                continue
             try:
                 reg = ray.get_actor(self.registry_name, namespace=self.cfg.mesh.namespace)
                 await reg.register.remote(self.service, self.address, self.policy_version())
@@ -129,7 +132,7 @@ class ReplicaActor:
         cfg = config_from_dict(cfg_dict)
         _torch_threads(num_cpus)
         path, version = published_or(cfg, path, version)
-        self.worker = ModelWorker(make_backend(cfg, path, version), batch_wait_ms=cfg.generator.batch_wait_ms)
+        self.worker = ModelWorker(make_backend(cfg, path, version), batch_wait_ms=cfg.generator.batch_wait_ms, name="generator")
 
     async def receive_policy(self, plan: dict, rank: int) -> dict:
         """Join a publish (caspo/mesh/publisher.py) and switch to its version once all of it is here."""
@@ -237,7 +240,7 @@ class ScorerActor(ServiceActor):
         _torch_threads(self.num_cpus)
         path, version = published_or(self.cfg, None, 0)
         backend = await asyncio.to_thread(make_backend, self.cfg, path, version)
-        self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
+        self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms, name="scorer")
         scorer_servicer.add_to_server(server, scorer_servicer.ScorerServicer(self.worker, self.cfg.scorer))
 
     def policy_version(self) -> int:
@@ -261,7 +264,7 @@ class CriticActor(ServiceActor):
             _torch_threads(0.5)
             backend = await asyncio.to_thread(make_backend, self.cfg, self.cfg.critic.model)
             prompter = prompter_for_backend(backend, task)
-            worker = self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
+            worker = self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms, name="critic")
             if self.cfg.critic.kind == "judge":
                 critic = JudgeCritic(worker, prompter.chat, prompter, self.cfg.critic.threshold)
             else:

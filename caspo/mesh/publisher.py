@@ -149,10 +149,18 @@ def critic_is_policy(cfg: Config) -> bool:
     return cfg.critic.kind in ("llm", "judge") and cfg.critic.model == cfg.model.policy
 
 
-async def subscribers(cfg: Config) -> list:
-    """Every process that serves the policy now: [(label, actor handle, kind)]."""
+TARGETS = ("all", "mesh", "serve")  # everyone; the mesh's model services; Serve's replicas
+
+
+async def subscribers(cfg: Config, targets: str = "all") -> list:
+    """Every process that serves the policy now: [(label, actor handle, kind)]. ``targets`` "mesh": the
+    generator replicas, the scorer (and the critic when it is the policy); "serve": Serve's replicas."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     ns = cfg.mesh.namespace
     out = []
+    if targets == "serve":
+        return _serve_replicas(cfg)
     try:
         gen = ray.get_actor(ACTOR_NAMES["generator"], namespace=ns)
         for i, h in enumerate(await gen.replica_handles.remote()):
@@ -165,6 +173,11 @@ async def subscribers(cfg: Config) -> list:
             out.append((name, ray.get_actor(ACTOR_NAMES[name], namespace=ns), "actor"))
         except ValueError:
             pass
+    return out if targets == "mesh" else out + _serve_replicas(cfg)
+
+
+def _serve_replicas(cfg: Config) -> list:
+    out = []
     prefix = f"SERVE_REPLICA::{cfg.serve.app_name}#{SERVE_DEPLOYMENT}#"
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith(prefix):
@@ -175,18 +188,24 @@ async def subscribers(cfg: Config) -> list:
     return out
 
 
-async def publish_policy(client: MeshClient, cfg: Config, version: int, path: str, policy_file, source=None, on_bucket=None) -> dict:
-    """Make the checkpoint at ``path`` policy ``version`` everywhere, over the transport when
-    ``publish.transport`` is collective and Ray is reachable, else through the file. Returns
+async def publish_policy(client: MeshClient, cfg: Config, version: int, path: str, policy_file, source=None, on_bucket=None, targets: str = "all") -> dict:
+    """Make the checkpoint at ``path`` policy ``version`` everywhere (``targets``: see ``subscribers``; the
+    loop publishes a round's policy to the mesh, and to Serve only when the promotion gate passes), over
+    the transport when ``publish.transport`` is collective and Ray is reachable, else through the file
+    (``policy_file``, which Serve's replicas watch, when given). Returns
     ``{"transport", "versions": {service: version}, "broadcast": PolicySource.publish's report or None,
     "fallback": [labels that loaded the file instead]}``."""
     if cfg.publish.transport == "disk" or not ray.is_initialized():
         if cfg.publish.transport != "disk":
             log.warning("publish.transport is collective but this process is not connected to Ray: publishing through the file")
+        if targets == "serve":  # Serve's replicas watch the policy file
+            if policy_file is not None:
+                write_policy_file(policy_file, version, path)
+            return {"transport": "disk", "versions": {}, "broadcast": None, "fallback": []}
         versions = await client.publish(version, path, policy_file)
         return {"transport": "disk", "versions": versions, "broadcast": None, "fallback": []}
     path = str(Path(path).resolve()) if path != "tiny" else path
-    subs = await subscribers(cfg)
+    subs = await subscribers(cfg, targets)
     source = source or policy_source(cfg)
     report = await source.publish.remote(version, path, subs, on_bucket)
     if policy_file is not None:  # the record: what a replica that missed this broadcast loads

@@ -64,6 +64,8 @@ class MeshRunner:
             if address:
                 ray.init(address=address, **kwargs)
             else:
+                if cfg.mesh.metrics_export_port is not None:  # where Prometheus scrapes this node
+                    kwargs["_metrics_export_port"] = cfg.mesh.metrics_export_port
                 ray.init(num_cpus=cfg.mesh.num_cpus, **kwargs)
             self._started_ray = True
         ns = cfg.mesh.namespace

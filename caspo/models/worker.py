@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from caspo import telemetry
 from caspo.core.contract import ProposedStep
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import Backend, StepScore
@@ -34,9 +35,10 @@ class _Batch:
 
 
 class ModelWorker:
-    def __init__(self, backend: Backend, batch_wait_ms: float = 5.0):
+    def __init__(self, backend: Backend, batch_wait_ms: float = 5.0, name: str = "model"):
         if batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        self.name = name  # the worker label of its metrics (caspo_worker_batch_size, caspo_worker_queue_depth)
         self.backend = backend
         self.batch_wait_ms = batch_wait_ms
         self.in_flight = 0  # calls accepted and not yet answered (what a router balances on)
@@ -134,11 +136,13 @@ class ModelWorker:
         start = len(batch.items)
         batch.items.extend(items)
         self.in_flight += 1
+        telemetry.worker_queue(self.name, self.in_flight)
         try:
             # shield: a caller that gives up (client cancelled) must not cancel its batch-mates
             results, version = await asyncio.shield(batch.future)
         finally:
             self.in_flight -= 1
+            telemetry.worker_queue(self.name, self.in_flight)
         return results[start : start + len(items)], version
 
     async def _dispatch(self, key: tuple, batch: _Batch, call: Callable[[list], list]) -> None:
@@ -147,6 +151,7 @@ class ModelWorker:
             async with self._compute:
                 if self._open.get(key) is batch:  # close it: later callers open the next batch
                     del self._open[key]
+                telemetry.worker_batch(self.name, key[0], len(batch.items))
                 out = await asyncio.to_thread(self._call, call, batch.items)
         except asyncio.CancelledError:  # the loop is shutting down
             if self._open.get(key) is batch:

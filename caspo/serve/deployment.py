@@ -36,11 +36,13 @@ its earlier steps from the previous version).
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import grpc
 from ray import serve
 
+from caspo import telemetry
 from caspo.config import Config, config_from_dict, load_config
 from caspo.core.search import CommittedStep
 from caspo.errors import BadRequest
@@ -51,6 +53,7 @@ from caspo.serve.params import SolveParams
 from caspo.serve.request_errors import Unauthenticated
 from caspo.serve.service import CaTService
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
+from caspo.services.server import status_name
 
 GRPC_SERVICER = "caspo.serve.proxy.add_CaTServicer_to_server"  # parse errors -> INVALID_ARGUMENT
 DEPLOYMENT = "CaT"
@@ -80,18 +83,34 @@ class CaTServer:
             raise
 
     async def Solve(self, request, grpc_context):  # noqa: N802 - the RPC's name
-        params = self._grpc_params(request, grpc_context)
-        res, steps, version, seconds = await self.service.solve(params)
-        return response_proto(res, steps, params, version, seconds)
+        t0, status = time.perf_counter(), "INTERNAL"
+        try:
+            params = self._grpc_params(request, grpc_context)
+            res, steps, version, seconds = await self.service.solve(params)
+            status = "OK"
+            return response_proto(res, steps, params, version, seconds)
+        except (BadRequest, Unauthenticated):
+            status = status_name(grpc_context)
+            raise
+        finally:
+            telemetry.grpc_request(DEPLOYMENT, "Solve", time.perf_counter() - t0, status)
 
     async def SolveStream(self, request, grpc_context):  # noqa: N802 - the RPC's name
-        params = self._grpc_params(request, grpc_context)
-        async for ev in self.service.events(params):
-            if isinstance(ev, CommittedStep):
-                yield cat_pb2.SolveEvent(step=step_proto(ev))
-            else:
-                res, steps, version, seconds = ev
-                yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
+        t0, status = time.perf_counter(), "INTERNAL"
+        try:
+            params = self._grpc_params(request, grpc_context)
+            async for ev in self.service.events(params):
+                if isinstance(ev, CommittedStep):
+                    yield cat_pb2.SolveEvent(step=step_proto(ev))
+                else:
+                    res, steps, version, seconds = ev
+                    yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
+            status = "OK"
+        except (BadRequest, Unauthenticated):
+            status = status_name(grpc_context)
+            raise
+        finally:
+            telemetry.grpc_request(DEPLOYMENT, "SolveStream", time.perf_counter() - t0, status)
 
     def check_health(self) -> None:  # Serve calls this; a replica whose watcher died is restarted
         self.service.check()

@@ -14,6 +14,7 @@ import uuid
 
 import torch
 
+from caspo import telemetry
 from caspo.config import Config
 from caspo.core.search import CommittedStep, Search, SearchResult, TreeUpdate, stream_search
 from caspo.models.base import ModelLoadError, prefix_text
@@ -21,7 +22,7 @@ from caspo.models.calibration_file import Calibration, CalibrationError, find_ca
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker, subscribe
-from caspo.policy_file import read_policy_file
+from caspo.policy_file import read_policy_file, read_policy_info
 from caspo.serve.encoders import chat_chunk, chat_completion, models_list, result_json
 from caspo.serve.params import SolveParams, params_from_body, params_from_grpc
 from caspo.serve.request_errors import ModelNotFound, ParamError
@@ -57,8 +58,9 @@ class CaTService:
         published = self._published()
         if published is not None:
             version, path = published
-        self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms)
+        self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms, name="serve")
         subscribe(self.worker, self._published_over_transport)  # publishes over the tensor transport land here
+        telemetry.policy_version("serve", version)
         self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         self.prompter = prompter_for_backend(self.worker.backend, self.task)  # model.prompt_format, step_delimiter
         self.calibration = self._calibration(path, strict=True)
@@ -90,6 +92,7 @@ class CaTService:
             log.info("policy v%d published at %s: reloading", version, path)
             try:
                 await self.worker.reload(path, version)
+                telemetry.policy_version("serve", self.worker.version)
                 self.reload_error = None
                 self.calibration = self._calibration(path, strict=False)
             except Exception as e:  # noqa: BLE001 - keep serving the weights we have
@@ -138,6 +141,7 @@ class CaTService:
             elif isinstance(ev, TreeUpdate):
                 yield ev
             else:
+                telemetry.cat_answer("serve", ev.tokens_generated, ev.branches_pruned)
                 yield ev, steps, proposer.version, time.perf_counter() - t0
 
     async def solve(self, params: SolveParams) -> tuple[SearchResult, list[CommittedStep], int, float]:
@@ -152,6 +156,15 @@ class CaTService:
         backend = self.worker.backend
         return len(backend.tokenizer(self.prompter(question))["input_ids"]) if hasattr(backend, "tokenizer") else 0
 
+    def promotion(self) -> dict | None:
+        """The latest promotion decision of the policy file (the gate's, or an operator's promote or
+        rollback), with its reason; None without a policy file."""
+        pf = self.cfg.serve.policy_file
+        info = read_policy_info(pf) if pf else None
+        if info is None:
+            return None
+        return {"published_version": info["version"], "decision": info.get("decision"), "previous_versions": [h["version"] for h in info.get("history", [])]}
+
     def health(self) -> dict:
         self._start_watcher()
         return {
@@ -162,6 +175,7 @@ class CaTService:
             "calibration": self.calibration.path if self.calibration else None,
             "model_calls": self.worker.backend_calls,  # batched model calls so far
             "proposals_waiting": self.worker.in_flight,  # searches waiting on a model call right now
+            "promotion": self.promotion(),
         }
 
     def models(self) -> dict:

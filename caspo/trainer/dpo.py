@@ -122,7 +122,7 @@ def _rows(pairs: Sequence[Pair], delimiter: str) -> list[dict]:
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # settings that do not change the trained model: a re-run that differs only in these still resumes
 _FSDP_MODEL = "pytorch_model_fsdp.bin"  # accelerate's save_fsdp_model file (FULL_STATE_DICT)
-_NOT_IN_FINGERPRINT = ("checkpoint_steps", "max_failures", "cpus_per_worker", "resources")
+_NOT_IN_FINGERPRINT = ("checkpoint_steps", "max_failures", "cpus_per_worker", "resources", "report_to")
 
 
 def _zip_ok(path: Path) -> bool:
@@ -365,9 +365,19 @@ def _sharding(s: DPOTrainConfig) -> dict:
     return {"fsdp": True, "fsdp_config": {**s.fsdp_config, "state_dict_type": "FULL_STATE_DICT"}}
 
 
-def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_dir: str, use_gpu: bool = False, progress: bool = False) -> _StepDPOTrainer:
+def _reporters(s: DPOTrainConfig, tb_dir: str | None) -> list[str] | str:
+    """TrainingArguments.report_to: ``dpo.report_to``, tensorboard only where its files go (``tb_dir``,
+    handed to transformers' TensorBoardCallback as $TENSORBOARD_LOGGING_DIR)."""
+    names = [r for r in s.report_to if r != "tensorboard" or tb_dir]
+    return names or "none"
+
+
+def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_dir: str, use_gpu: bool = False, progress: bool = False, tb_dir: str | None = None) -> _StepDPOTrainer:
     """TRL's trainer for one round, with the project's loss and checkpointing; Ray Train's workers and the
-    loss tests build it the same way."""
+    loss tests build it the same way. ``tb_dir``: where TRL's curves go when ``dpo.report_to`` names
+    tensorboard (the loop gives runs/NAME/tb/dpo/roundK)."""
+    if tb_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir  # read by the callback transformers makes below
     bf16 = use_gpu and torch.cuda.is_bf16_supported()
     loss = _loss(s)
     args = DPOConfig(
@@ -381,7 +391,7 @@ def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_di
         **loss["args"],
         precompute_ref_log_probs=s.precompute_ref_log_probs,
         gradient_checkpointing=s.gradient_checkpointing,
-        report_to="none",
+        report_to=_reporters(s, tb_dir),
         # full checkpoints (weights, optimizer, scheduler, trainer state, per-rank RNG) for an exact resume
         save_strategy="steps" if s.checkpoint_steps > 0 else "no",
         save_steps=max(s.checkpoint_steps, 1),
@@ -473,7 +483,7 @@ def _train_loop(config: dict) -> dict:
     if rank == 0:
         log.info("DPO %s", f"resuming from {resume}" if resume else "starting at step 0")
 
-    trainer = build_trainer(policy, ref, tok, train_ds, s, str(trainer_dir), use_gpu, progress)
+    trainer = build_trainer(policy, ref, tok, train_ds, s, str(trainer_dir), use_gpu, progress, config.get("tb_dir"))
     if s.precompute_ref_log_probs and trainer.ref_model is not None:
         trainer.ref_model = None  # its log-probs are in the dataset now; free it before training
         ref = None
@@ -546,6 +556,7 @@ def train_dpo(
     cfg: DPOTrainConfig,
     progress: bool = True,
     source=None,
+    tb_dir: str | None = None,
 ) -> dict:
     """Train ``policy_path`` with DPO against ``ref_path`` on ``pairs``; write the result to ``out_dir``.
 
@@ -607,6 +618,7 @@ def train_dpo(
                 "settings": asdict(cfg),
                 "progress": progress,
                 "source": source,
+                "tb_dir": str(Path(tb_dir).expanduser().resolve()) if tb_dir else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers,
