@@ -223,7 +223,7 @@ def test_a_collapsed_round_keeps_serving_the_old_version_and_says_why(mesh):
     stage = json.loads((run_dir / "state.json").read_text())["done"]["1"]
     wanted = {
         "requests": ("ray_caspo_grpc_requests_total", {"service": "Generator", "method": "ProposeSteps"}, lambda v: v and max(v) >= 1),
-        "reload": ("ray_caspo_grpc_requests_total", {"service": "Scorer", "method": "Reload"}, lambda v: v and max(v) >= 1),  # the round's publish
+        "scorer_version": ("ray_caspo_policy_version", {"service": "scorer"}, lambda v: 1 in v),  # the round's publish (over the transport: no Reload RPC)
         "latency": ("ray_caspo_grpc_latency_seconds_count", {"service": "Critic", "method": "Judge"}, lambda v: v and max(v) >= 1),
         "batches": ("ray_caspo_worker_batch_size_count", {"worker": "generator", "kind": "sample"}, lambda v: v and max(v) >= 1),
         "queue": ("ray_caspo_worker_queue_depth", {"worker": "generator"}, lambda v: bool(v)),
