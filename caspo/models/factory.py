@@ -15,4 +15,6 @@ def make_backend(cfg: Config, path: str | None = None, version: int = 0) -> Back
     common = dict(version=version, delimiter=m.step_delimiter, max_step_tokens=m.max_step_tokens, prompt_format=m.prompt_format, system_prompt=m.system_prompt)
     if m.backend == "vllm":
         return VLLMBackend(path or m.policy, tensor_parallel_size=m.tensor_parallel_size, **common)
-    return HFBackend(path or m.policy, max_batch_rows=m.max_batch_rows, **common)
+    # model.device, not whatever CUDA this process happens to see: an actor that asked Ray for no GPU may
+    # still see every GPU of its node
+    return HFBackend(path or m.policy, max_batch_rows=m.max_batch_rows, device=m.device, **common)

@@ -42,7 +42,7 @@ import grpc
 import torch
 from ray import serve
 
-from caspo.config import Calibration, CalibrationError, Config, config_from_dict, load_config, read_calibration
+from caspo.config import Calibration, CalibrationError, Config, config_from_dict, load_config, read_calibration, service_resources
 from caspo.core.cat import CommittedStep, Search, SearchResult, stream_search
 from caspo.errors import BadRequest
 from caspo.evaluation import calibration_path_for
@@ -240,7 +240,8 @@ def build_app(cfg: Config):
             "max_replicas": sv.max_replicas,
             "target_ongoing_requests": sv.target_ongoing_requests,
         },
-        ray_actor_options={"num_cpus": sv.num_cpus, "num_gpus": sv.num_gpus},
+        # serve.num_cpus, and serve.num_gpus or the GPUs model.device asks for (caspo.config.service_resources)
+        ray_actor_options=service_resources(cfg)["serve"].ray_options(),
     ).bind(cfg.to_dict())
 
 
