@@ -12,7 +12,10 @@ def make_backend(cfg: Config, path: str | None = None, version: int = 0) -> Back
     """A backend for ``path`` (default ``model.policy``) labelled ``version``, with the config's prompt
     format and step delimiter; vLLM needs the gpu extra."""
     m = cfg.model
-    common = dict(version=version, delimiter=m.step_delimiter, max_step_tokens=m.max_step_tokens, prompt_format=m.prompt_format, system_prompt=m.system_prompt)
+    common = dict(
+        version=version, delimiter=m.step_delimiter, max_step_tokens=m.max_step_tokens, prompt_format=m.prompt_format,
+        system_prompt=m.system_prompt, max_model_len=m.max_model_len,
+    )
     if m.backend == "vllm":
         return VLLMBackend(path or m.policy, tensor_parallel_size=m.tensor_parallel_size, **common)
     # model.device, not whatever CUDA this process happens to see: an actor that asked Ray for no GPU may

@@ -21,7 +21,7 @@ from caspo.config import SYSTEM_PROMPT
 from caspo.core.cat import ProposedStep, derive_seed
 from caspo.core.confidence import token_entropy, token_logprobs
 from caspo.core.steps import DEFAULT_DELIMITER
-from caspo.models.base import ModelLoadError, StepScore
+from caspo.models.base import ModelLoadError, StepScore, context_length
 from caspo.models.tiny import resolve_tiny
 from caspo.models.tiny_chat import resolve_tiny_chat
 
@@ -99,6 +99,7 @@ class HFBackend:
         device: str | None = None,
         prompt_format: str = "plain",
         system_prompt: str = SYSTEM_PROMPT,
+        max_model_len: int | None = None,
     ):
         self.delimiter = delimiter
         self.prompt_format = prompt_format  # chat: prompts come from the chat template, special tokens included
@@ -109,6 +110,8 @@ class HFBackend:
         self.device_name = device
         self._lock = threading.Lock()
         self._w = self._load(path, version)
+        # the context length: given (model.max_model_len), else the model's own (max_position_embeddings, ...)
+        self.max_model_len = max_model_len or context_length(self._w.model.config.to_dict())
         # False only to measure what the entropies cost (bench overhead suite): steps then carry zeros
         self.compute_entropy = True
         # True: each prompt is prefilled once and its KV cache shared by its n samples; False (to measure

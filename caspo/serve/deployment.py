@@ -46,7 +46,7 @@ from caspo.config import Calibration, CalibrationError, Config, config_from_dict
 from caspo.core.cat import CommittedStep, Search, SearchResult, stream_search
 from caspo.errors import BadRequest
 from caspo.evaluation import calibration_path_for
-from caspo.models.base import ModelLoadError, prefix_text
+from caspo.models.base import ModelLoadError, item_tokens, prefix_text
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker
@@ -55,7 +55,7 @@ from caspo.protos.v1 import cat_pb2
 from caspo.serve.http_app import api
 from caspo.serve.params import SolveParams, params_from_grpc
 from caspo.serve.protocol import response_proto, step_proto
-from caspo.serve.proxy import Unauthenticated
+from caspo.serve.proxy import ParamError, Unauthenticated
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
 from caspo.tasks import get_task
 
@@ -77,6 +77,17 @@ class _RequestProposer:
         texts = [prefix_text(self.prompt, p.question, p.steps, self.delimiter) for p in prefixes]
         out, self.version = await self.worker.sample_steps_versioned(texts, n, temperature, [p.seed for p in prefixes])
         return out
+
+
+def check_context(question: str, worker: ModelWorker, prompter) -> str:
+    """``question``, or ParamError on the field question naming the limit when its prompt and one step
+    (model.max_step_tokens) do not fit the model's context length."""
+    limit = worker.max_model_len
+    if limit:
+        need = item_tokens(worker.backend, prompter(question))
+        if need > limit:
+            raise ParamError("question", f"needs {need} tokens with room for one step (model.max_step_tokens); the model's context length (model.max_model_len) is {limit}")
+    return question
 
 
 @serve.deployment(name=DEPLOYMENT)
@@ -148,6 +159,11 @@ class CaTServer:
             log.error(self.reload_error)
             return None
 
+    def question_of(self, text: str) -> str:
+        """The task's question from what a person typed, refused (ParamError: HTTP 422 / gRPC
+        INVALID_ARGUMENT, naming the limit) when its prompt and one step do not fit the model's context."""
+        return check_context(self.task.question(text), self.worker, self.prompter)
+
     def search_defaults(self) -> dict:
         """What a request's unset fields fall back on beyond serve.*: the cat section and the calibration."""
         return {"cat": self.cfg.cat, "calibration": self.calibration}
@@ -200,7 +216,7 @@ class CaTServer:
             grpc_context.set_details(UNAUTHENTICATED_MESSAGE)
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         try:
-            return params_from_grpc(self.cfg.serve, request, self.task.question, **self.search_defaults())
+            return params_from_grpc(self.cfg.serve, request, self.question_of, **self.search_defaults())
         except BadRequest as e:
             # Serve answers with the code set on the context when the method then raises
             grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)

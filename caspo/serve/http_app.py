@@ -113,7 +113,7 @@ api.add_middleware(GuardMiddleware)
 @api.post("/v1/solve")
 async def solve(body: SolveBody, cat=Depends(replica)):
     try:
-        params = params_from_body(cat.cfg.serve, body.question, body, cat.task.question, **cat.search_defaults())
+        params = params_from_body(cat.cfg.serve, body.question, body, cat.question_of, **cat.search_defaults())
     except ParamError as e:
         return unprocessable(e.field, str(e))
     res, steps, version, seconds = await cat.solve(params)
@@ -124,7 +124,7 @@ async def solve(body: SolveBody, cat=Depends(replica)):
 async def solve_stream(body: SolveBody, cat=Depends(replica)):
     """NDJSON: one {"step": ...} line per committed step, then {"result": ...}."""
     try:
-        params = params_from_body(cat.cfg.serve, body.question, body, cat.task.question, **cat.search_defaults())
+        params = params_from_body(cat.cfg.serve, body.question, body, cat.question_of, **cat.search_defaults())
     except ParamError as e:
         return unprocessable(e.field, str(e))
 
@@ -149,7 +149,7 @@ async def chat_completions(body: ChatBody, cat=Depends(replica)):
     if not users:
         return unprocessable("messages", "must contain a message with role 'user' (the question)")
     try:
-        params = params_from_body(cat.cfg.serve, users[-1], body, cat.task.question, **cat.search_defaults())
+        params = params_from_body(cat.cfg.serve, users[-1], body, cat.question_of, **cat.search_defaults())
     except ParamError as e:
         if e.field == "question":  # the question is the last user message here
             return unprocessable("messages", str(e).replace("question", "the last user message", 1))
