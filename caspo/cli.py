@@ -31,7 +31,7 @@ from caspo.mesh.client import MeshClient
 from caspo.mesh.runner import ON_HEAD, MeshRunner, ensure_mesh, stop_running_mesh
 from caspo.mesh.state import MeshError, running_mesh
 from caspo.models.base import ModelLoadError, PromptedProposer
-from caspo.models.hf import HFBackend
+from caspo.models.hf import HFBackend, local_model_path
 from caspo.models.tiny import TinyTrainConfig, caspo_home, train_tiny
 from caspo.models.tiny_chat import DEFAULT_DATA as CHAT_DATA
 from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
@@ -463,6 +463,7 @@ def cmd_loop(args) -> int:
         overrides.append(f"loop.rounds={args.rounds}")
     args.set = overrides
     cfg = _config(args)
+    local_model_path(cfg.model.policy)  # a hub id is refused now, in one line, not after a data round
     rounds = None if args.forever else cfg.loop.rounds
 
     def announce():

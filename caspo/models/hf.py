@@ -49,6 +49,22 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def local_model_path(name_or_path: str, field: str = "model.policy") -> str:
+    """``resolve_model_path`` for what must be a local directory (the policy the loop trains: DPO and
+    publishing read ``config.json`` from disk): a hub id is refused at once, in one line naming ``field``,
+    rather than after a whole data round when DPO first needs the directory."""
+    try:
+        path = resolve_model_path(name_or_path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{field}: {e}") from None
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(
+            f"{field}: {name_or_path!r} is a hub id, not a local model directory; the loop trains the policy with DPO, "
+            f"which needs one: download it first (huggingface-cli download {name_or_path} --local-dir DIR) and set {field} to DIR"
+        )
+    return path
+
+
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None):
     """Load model and tokenizer with ``from_pretrained``; weights only from safetensors."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
