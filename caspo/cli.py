@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 import ray
 from ray import serve
 
@@ -28,6 +30,8 @@ from caspo.diagnose import diagnose
 from caspo.diagnose import plot as plot_diagnosis
 from caspo.evaluation import METRICS, calibrate, calibration_path_for, compare, evaluate
 from caspo.mesh.client import MeshClient
+from caspo.mesh.plan import PlanError, plan_json
+from caspo.mesh.plan import plan as plan_services
 from caspo.mesh.runner import ON_HEAD, MeshRunner, ensure_mesh, stop_running_mesh
 from caspo.mesh.state import MeshError, running_mesh
 from caspo.models.base import ModelLoadError, PromptedProposer
@@ -407,6 +411,42 @@ def cmd_status(args) -> int:
     return 0 if all(s["healthy"] for s in services) else 1
 
 
+def cmd_plan(args) -> int:
+    """What every service will ask for; exit 2 (one line) when the config cannot be placed."""
+    cfg = _config(args)
+    cluster = None
+    if args.cluster:
+        try:
+            cluster = [d for d in yaml.safe_load_all(Path(args.cluster).read_text()) if d]
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"--cluster {args.cluster}: {str(e).splitlines()[0]}") from None
+    try:
+        plans = plan_services(cfg, args.gpu_memory_gb, cluster)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps(plan_json(plans)))
+        return 0
+    rows = [
+        {
+            "service": p.service, "actors": p.count, "GPUs": p.num_gpus, "CPUs": p.num_cpus,
+            "resources": " ".join(f"{k}={v:g}" for k, v in p.resources.items()) or ("head" if p.on_head else "-"),
+            "group": p.group or "-", "model": p.model or "-", "backend": p.backend or "-",
+            "context": p.context_length or "-", "entropy": p.entropy or "-",
+            "GiB": f"{p.memory_gib:.1f}" if p.memory_gib is not None else "-",
+        }
+        for p in plans
+    ]
+    print_table(rows, ["service", "actors", "GPUs", "CPUs", "resources", "group", "model", "backend", "context", "entropy", "GiB"])
+    notes: dict[str, list[str]] = {}
+    for p in plans:
+        for note in p.notes:
+            notes.setdefault(note, []).append(p.service)
+    for note, services in notes.items():
+        print(f"  {', '.join(services)}: {note}")
+    return 0
+
+
 def cmd_generate_pairs(args) -> int:
 
     cfg = _config(args)
@@ -709,6 +749,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_up)
 
+    p = sub.add_parser("plan", help="what every service will ask Ray for (GPUs, CPUs, groups), its model, context and entropy; refuses what cannot be placed")
+    _add_config_args(p)
+    p.add_argument("--cluster", help="cluster manifests to place the services on (e.g. the output of kustomize build k8s/overlays/gpu)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("status", help="services, addresses, policy versions and health")
     _add_config_args(p)
     p.add_argument("--json", action="store_true")

@@ -46,3 +46,24 @@ def test_every_gpu_service_asks_ray_for_its_gpus_from_the_config():
         load_config(qwen, ["model.tensor_parallel_size=2", "mesh.gpus={generator: 1}"])
     with pytest.raises(ConfigError, match="mesh.gpus keys must be among"):
         load_config(None, ["mesh.gpus={pair_store: 1}"])
+
+
+def test_caspo_plan_of_the_qwen_config_shows_a_gpu_for_every_gpu_service(capsys):
+    import json
+
+    from caspo.cli import main
+
+    assert main(["plan", "--config", "configs/qwen2.5-math-7b-instruct.yaml", "--json"]) == 0
+    plans = {p["service"]: p for p in json.loads(capsys.readouterr().out)["services"]}
+    for name in ("generator", "scorer", "critic", "serve", "dpo"):
+        assert plans[name]["num_gpus"] == 1 and plans[name]["model"] == "Qwen/Qwen2.5-Math-7B-Instruct", name
+    assert plans["generator"]["count"] == 2 and plans["generator"]["resources"] == {"generator": 1}
+    assert plans["generator"]["params_billion"] == 7 and plans["dpo"]["entropy"] == "exact"
+    assert plans["pair_store"]["num_gpus"] == 0 and plans["pair_store"]["on_head"]
+    # the built-in model: read from its directory (safetensors headers, config.json)
+    assert main(["plan", "--config", "configs/tiny-cpu.yaml", "--json"]) == 0
+    tiny = {p["service"]: p for p in json.loads(capsys.readouterr().out)["services"]}
+    assert tiny["generator"]["context_length"] == 512 and 0 < tiny["generator"]["params_billion"] < 0.01
+    assert all(p["num_gpus"] == 0 for p in tiny.values())
+    assert main(["plan", "--config", "configs/tiny-cpu.yaml", "--set", "model.max_model_len=300", "--json"]) == 0
+    assert {p["context_length"] for p in json.loads(capsys.readouterr().out)["services"] if p["model"]} == {300}
