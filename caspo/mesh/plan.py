@@ -24,6 +24,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
 from caspo.config import Config, service_resources
 from caspo.models.base import ModelLoadError, context_length
 from caspo.models.hf import resolve_model_path
@@ -76,10 +78,8 @@ def _safetensors_params(path: Path) -> int | None:
 def _hub_config(ref: str) -> dict | None:
     """A hub id's config.json when the local Hugging Face cache has it (no download)."""
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         hit = try_to_load_from_cache(ref, "config.json")
-    except Exception:  # noqa: BLE001 - not a valid repo id, no hub library: unknown
+    except Exception:  # noqa: BLE001 - not a valid repo id: unknown
         return None
     return json.loads(Path(hit).read_text()) if isinstance(hit, str) else None
 
