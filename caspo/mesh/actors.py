@@ -24,7 +24,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from caspo.config import Config, config_from_dict
+from caspo.config import ActorResources, Config, config_from_dict, service_resources
 from caspo.errors import Unavailable
 from caspo.mesh.registry import HEARTBEAT_S, advertised_address
 from caspo.models.factory import make_backend
@@ -50,11 +50,17 @@ def _torch_threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-def _cuda() -> bool:
-    try:
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
+# the custom resource every Ray head node has (and no other node): asking for a sliver of it pins an actor there
+ON_HEAD = {"node:__internal_head__": 0.001}
+
+
+def actor_options(r: ActorResources) -> dict:
+    """``ray.remote`` options of an actor kind from ``caspo.config.service_resources``: its CPUs, GPUs and
+    custom resources, plus the head pin when it is neither placed on a group nor asking for a GPU."""
+    opts = r.ray_options()
+    if r.on_head:
+        opts["resources"] = {**opts["resources"], **ON_HEAD}
+    return opts
 
 
 class ServiceActor:
@@ -113,6 +119,14 @@ class ServiceActor:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def devices(self) -> dict:
+        return devices()
+
+
+def devices() -> dict:
+    """The GPUs Ray reserved for the calling actor and what its process sees (``caspo plan``'s claims, checked)."""
+    return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()], "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "node_id": ray.get_runtime_context().get_node_id()}
+
 
 class ReplicaActor:
     """One policy replica: a model backend behind a micro-batching ``ModelWorker``."""
@@ -137,6 +151,9 @@ class ReplicaActor:
 
     async def pid(self) -> int:
         return os.getpid()
+
+    async def devices(self) -> dict:
+        return devices()
 
 
 class ReplicaClient:
@@ -177,19 +194,18 @@ class ReplicaClient:
 class GeneratorActor(ServiceActor):
     service = "generator"
 
-    def __init__(self, cfg_dict: dict, registry_name: str | None = None, replica_cpus: float = 0.5):
-        self.replica_cpus = replica_cpus
+    def __init__(self, cfg_dict: dict, registry_name: str | None = None):
         self.replicas = []
         self.workers: list[ReplicaClient] = []
         super().__init__(cfg_dict, registry_name)
 
     async def build(self, server):
-        # a replica holds one model: tensor-parallel over model.tensor_parallel_size GPUs
-        opts = {"num_gpus": self.cfg.model.tensor_parallel_size} if _cuda() else {"num_cpus": self.replica_cpus}
-        if self.cfg.mesh.placement.get("generator"):  # the replicas hold the models: pin them to their group
-            opts["resources"] = dict(self.cfg.mesh.placement["generator"])
-        Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **opts)(ReplicaActor)
-        self.replicas = [Replica.remote(self.cfg.to_dict(), self.replica_cpus) for _ in range(self.cfg.generator.replicas)]
+        # a replica holds one model and asks for what the config says it needs (its GPUs on model.device
+        # cuda: tensor_parallel_size for vLLM), on the group mesh.placement names; never what this actor,
+        # pinned to the head, happens to see
+        r = service_resources(self.cfg)["generator"]
+        Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **actor_options(r))(ReplicaActor)
+        self.replicas = [Replica.remote(self.cfg.to_dict(), r.num_cpus) for _ in range(r.count)]
         versions = await asyncio.gather(*(r.version.remote() for r in self.replicas))
         self.workers = [ReplicaClient(r, v) for r, v in zip(self.replicas, versions)]
         self.servicer = generator_servicer.GeneratorServicer(self.workers, self.cfg.generator)
@@ -197,6 +213,10 @@ class GeneratorActor(ServiceActor):
 
     def policy_version(self) -> int:
         return min((w.version for w in self.workers), default=0)
+
+    async def replica_devices(self) -> list[dict]:
+        return list(await asyncio.gather(*(r.devices.remote() for r in self.replicas)))
+
 
 class ScorerActor(ServiceActor):
     service = "scorer"

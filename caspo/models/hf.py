@@ -21,7 +21,7 @@ from caspo.config import SYSTEM_PROMPT
 from caspo.core.contract import ProposedStep, derive_seed
 from caspo.core.confidence import token_entropy, token_logprobs
 from caspo.core.steps import DEFAULT_DELIMITER
-from caspo.models.base import ModelLoadError, StepScore
+from caspo.models.base import ModelLoadError, StepScore, context_length
 from caspo.models.tiny import resolve_tiny
 from caspo.models.tiny_chat import resolve_tiny_chat
 
@@ -47,6 +47,22 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelLoadError(f"no model at {name_or_path}: the path does not exist")
     return name_or_path
+
+
+def local_model_path(name_or_path: str, field: str = "model.policy") -> str:
+    """``resolve_model_path`` for what must be a local directory (the policy the loop trains: DPO and
+    publishing read ``config.json`` from disk): a hub id is refused at once, in one line naming ``field``,
+    rather than after a whole data round when DPO first needs the directory."""
+    try:
+        path = resolve_model_path(name_or_path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{field}: {e}") from None
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(
+            f"{field}: {name_or_path!r} is a hub id, not a local model directory; the loop trains the policy with DPO, "
+            f"which needs one: download it first (huggingface-cli download {name_or_path} --local-dir DIR) and set {field} to DIR"
+        )
+    return path
 
 
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None):
@@ -99,6 +115,7 @@ class HFBackend:
         device: str | None = None,
         prompt_format: str = "plain",
         system_prompt: str = SYSTEM_PROMPT,
+        max_model_len: int | None = None,
     ):
         self.delimiter = delimiter
         self.prompt_format = prompt_format  # chat: prompts come from the chat template, special tokens included
@@ -109,6 +126,8 @@ class HFBackend:
         self.device_name = device
         self._lock = threading.Lock()
         self._w = self._load(path, version)
+        # the context length: given (model.max_model_len), else the model's own (max_position_embeddings, ...)
+        self.max_model_len = max_model_len or context_length(self._w.model.config.to_dict())
         # False only to measure what the entropies cost (bench overhead suite): steps then carry zeros
         self.compute_entropy = True
         # True: each prompt is prefilled once and its KV cache shared by its n samples; False (to measure

@@ -40,7 +40,7 @@ from caspo.config import SYSTEM_PROMPT
 from caspo.core.contract import ProposedStep, derive_seed
 from caspo.core.confidence import topk_entropy_estimate
 from caspo.core.steps import DEFAULT_DELIMITER
-from caspo.models.base import ModelLoadError, StepScore
+from caspo.models.base import ModelLoadError, StepScore, context_length
 from caspo.models.hf import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ class VLLMBackend:
         prompt_format: str = "plain",
         system_prompt: str = SYSTEM_PROMPT,
         gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
         **llm_kwargs: Any,
     ):
         if topk < 1:
@@ -163,7 +164,12 @@ class VLLMBackend:
             raise ModelLoadError(f"cannot load a model from {resolved}: {str(e).splitlines()[0]}") from e
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.vocab_size = int(getattr(text_cfg, "vocab_size", 0) or len(self._tok))
+        # the context length: given (model.max_model_len), else the model's own; vLLM gets it as max_model_len so
+        # its KV cache is sized for it and ModelWorker refuses longer items alone before they reach generate()
+        self.max_model_len = max_model_len or context_length(cfg.to_dict())
         kwargs = dict(llm_kwargs)
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
         kwargs["max_logprobs"] = max(int(kwargs.get("max_logprobs", 20)), topk)
         ext = WeightReloadExtension
         kwargs.setdefault("worker_extension_cls", f"{ext.__module__}.{ext.__qualname__}")

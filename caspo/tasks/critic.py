@@ -202,8 +202,10 @@ class JudgeCritic:
         prompts = [self.prompt(it) for it in items]
         yes, no = JUDGE_ANSWERS
         scores = await self.worker.score_steps(prompts * 2, [yes] * len(items) + [no] * len(items))
+        # an item over the judge's context length is refused alone (empty score): no verdict
         probs = [
             verdict_probability(scores[i].token_logprobs[0], scores[len(items) + i].token_logprobs[0])
+            if scores[i].token_logprobs and scores[len(items) + i].token_logprobs else math.nan
             for i in range(len(items))
         ]
         out: list[Judgement] = []

@@ -85,7 +85,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import global_then_local_main_first
 
-from caspo.config import DPOTrainConfig
+from caspo.config import DPOTrainConfig, dpo_worker_resources
 from caspo.core.losses import dpop_loss, dpop_penalty
 from caspo.core.pairs import Pair
 
@@ -603,7 +603,7 @@ def train_dpo(
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers,
                 use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **cfg.resources},
+                resources_per_worker=dpo_worker_resources(cfg),
             ),
             run_config=RunConfig(
                 name="dpo",

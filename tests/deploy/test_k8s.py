@@ -3,6 +3,7 @@ and the security settings (bearer token, Redis ACL user, optional mesh TLS) reac
 
 import base64
 import functools
+import json
 import os
 import re
 import shlex
@@ -508,3 +509,30 @@ def test_the_mesh_tls_component_turns_tls_on_in_every_ray_container(overlay, tmp
     # the files the variables name are the Secret's keys, as cert-manager writes them
     assert {Path(p).name for k, p in TLS_ENV.items() if k != "CASPO_TLS_SERVER_NAME"} == {"tls.crt", "tls.key", "ca.crt"}
     assert "secretName: caspo-mesh-tls" in DOCS and "caspo-mesh.caspo.svc" in DOCS
+
+
+def test_caspo_plan_places_every_service_on_the_overlay_groups(built, tmp_path, capsys):
+    """`caspo plan` packs each service's actors onto the overlay's pods as Ray would: on the gpu overlay every
+    GPU service holds one GPU on its own group; what cannot be placed is refused in one line (exit 2)."""
+    from caspo.cli.main import main
+
+    overlay, docs = built
+    cluster, config = tmp_path / "cluster.yaml", tmp_path / "caspo.yaml"
+    cluster.write_text(yaml.safe_dump_all(docs))
+    config.write_text(_one(docs, "ConfigMap", "caspo-config")["data"]["caspo.yaml"])
+    args = ["plan", "--config", str(config), "--cluster", str(cluster)]
+    assert main([*args, "--json"]) == 0
+    plans = {p["service"]: p for p in json.loads(capsys.readouterr().out)["services"]}
+    assert plans["pair_store"]["group"] == "head" and plans["pair_store"]["num_gpus"] == 0
+    if overlay != "gpu":
+        return
+    serve_group = _one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    for service, group in {"generator": "generator", "scorer": "scorer", "critic": "critic", "dpo": "trainer", "serve": serve_group}.items():
+        assert (plans[service]["num_gpus"], plans[service]["group"]) == (1, group), service
+    for bad, needle in [
+        ("critic.model=Qwen/Qwen2.5-Math-72B-Instruct", "critic: Qwen/Qwen2.5-Math-72B-Instruct needs about 134 GiB"),  # what the overlay shipped
+        ("generator.replicas=3", "generator: actor 3 of 3 asks for GPU 1"),  # two generator pods of one GPU each
+    ]:
+        assert main([*args, "--set", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err
