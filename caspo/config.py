@@ -420,7 +420,7 @@ def validate(cfg: Config) -> None:
     need(cfg.critic.kind in ("exact", "llm", "judge"), f"critic.kind must be exact, llm or judge, got {cfg.critic.kind!r}")
     need(cfg.critic.kind not in ("llm", "judge") or bool(cfg.critic.model), f"critic.kind {cfg.critic.kind} needs critic.model")
     need(0.0 <= cfg.critic.threshold <= 1.0, f"critic.threshold must be in [0, 1], got {cfg.critic.threshold}")
-    need(not cfg.dpo.fsdp or cfg.dpo.use_gpu, "dpo.fsdp needs dpo.use_gpu: true (accelerate shards only across GPUs; on CPU it would silently replicate)")
+    need(not cfg.dpo.fsdp or cfg.dpo.use_gpu or cfg.dpo.num_workers >= 2, f"dpo.fsdp on CPU needs dpo.num_workers >= 2 (one process has nothing to shard over), got {cfg.dpo.num_workers}")
     need(cfg.dpo.loss_type in ("sigmoid", "ipo", "dpop"), f"dpo.loss_type must be sigmoid, ipo or dpop, got {cfg.dpo.loss_type!r}")
     need(cfg.dpo.loss_type != "dpop" or cfg.dpo.precompute_ref_log_probs, "dpo.loss_type dpop needs dpo.precompute_ref_log_probs: true")
     need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")

@@ -291,22 +291,49 @@ class HFBackend:
             si = w.tok.encode(st.strip() + self.delimiter, add_special_tokens=False)
             seqs.append(pi + si)
             spans.append((len(pi), len(si)))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), w.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, sq in enumerate(seqs):  # right padding: positions are plain 0..L-1
-            ids[i, : len(sq)] = torch.tensor(sq)
-            mask[i, : len(sq)] = 1
-        ids, mask = ids.to(w.device), mask.to(w.device)
-        logits = w.model(input_ids=ids, attention_mask=mask).logits
-        # logits at position t predict token t+1
-        pred, target = logits[:, :-1], ids[:, 1:]
-        tmask = torch.zeros_like(target)
-        for i, (pl, sl) in enumerate(spans):
-            tmask[i, pl - 1 : pl - 1 + sl] = 1
-        h = token_entropy(pred, tmask)
-        lp = token_logprobs(pred, target, tmask)
-        out = []
-        for i, (pl, sl) in enumerate(spans):
-            out.append(StepScore(tuple(h[i, pl - 1 : pl - 1 + sl].tolist()), tuple(lp[i, pl - 1 : pl - 1 + sl].tolist())))
+        return [StepScore(tuple(h), tuple(lp)) for h, lp in teacher_forced(w.model, seqs, spans, w.tok.pad_token_id)]
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
+        """Exact log p(t | prompt) of each of ``token_ids`` at the position right after each prompt: one row per
+        prompt and one forward pass per chunk (the judge's Yes/No verdict reads only this position)."""
+        w = self._w
+        out: list[list[float]] = []
+        for s in range(0, len(prompts), self.max_batch_rows):
+            ids, mask = self._encode_left(w, prompts[s : s + self.max_batch_rows])
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = w.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+            wanted = torch.tensor(list(token_ids), device=w.device).expand(logits.shape[0], -1)
+            out += token_logprobs(logits.unsqueeze(1).expand(-1, wanted.shape[1], -1), wanted).tolist()
         return out
+
+
+@torch.inference_mode()
+def teacher_forced(model, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], pad_id: int, entropies: bool = True) -> list[tuple[list[float], list[float]]]:
+    """The one teacher-forced pass of the project: for each token sequence ``seqs[i]`` and its span ``spans[i] =
+    (start, n)``, the per-token entropies (paper eq. 2's H, exact over the vocabulary; empty when ``entropies`` is
+    False) and log-probs of tokens ``start .. start+n-1`` given the tokens before them, from one right-padded
+    forward pass (positions plain 0..L-1). The scorer scores steps with it and DPO computes its reference log-probs
+    with it; the formulas are :func:`caspo.core.confidence.token_entropy` and ``token_logprobs``."""
+    if any(start < 1 for start, _ in spans):
+        raise ValueError("a scored span must start after at least one token: its first token needs a context")
+    device = next(model.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, sq in enumerate(seqs):
+        ids[i, : len(sq)] = torch.tensor(list(sq), dtype=torch.long)
+        mask[i, : len(sq)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    # logits at position t predict token t+1
+    pred, target = logits[:, :-1], ids[:, 1:]
+    tmask = torch.zeros_like(target)
+    for i, (start, n) in enumerate(spans):
+        tmask[i, start - 1 : start - 1 + n] = 1
+    h = token_entropy(pred, tmask).tolist() if entropies else None
+    lp = token_logprobs(pred, target, tmask).tolist()
+    out = []
+    for i, (start, n) in enumerate(spans):
+        out.append((h[i][start - 1 : start - 1 + n] if h is not None else [], lp[i][start - 1 : start - 1 + n]))
+    return out
