@@ -82,8 +82,15 @@ class GeneratorConfig:
     batch_wait_ms: float = 5.0  # how long a replica waits to merge concurrent requests
 
 
+ENTROPY_MODES = ("exact", "topk")
+
+
 @dataclass(frozen=True)
 class ScorerConfig:
+    # how the scorer computes eq. 2's token entropies: exact (the HF backend's full-vocabulary entropy, whatever
+    # model.backend is: on the scorer's own GPU for real models) or topk (model.backend; on vLLM an estimate from
+    # the top-20 log-probs with the tail spread uniformly, biased: docs/real-models.md gives the measured bias)
+    entropy: str = "exact"
     max_items: int = 1024
     max_prompt_chars: int = 8192
     max_step_chars: int = 2048
@@ -413,6 +420,7 @@ def validate(cfg: Config) -> None:
     need(cfg.model.prompt_format in PROMPT_FORMATS, f"model.prompt_format must be plain or chat, got {cfg.model.prompt_format!r}")
     need(cfg.model.tensor_parallel_size >= 1, f"model.tensor_parallel_size must be >= 1, got {cfg.model.tensor_parallel_size}")
     need(bool(cfg.model.step_delimiter) and len(cfg.model.step_delimiter) <= 16, f"model.step_delimiter must be 1 to 16 characters, got {cfg.model.step_delimiter!r}")
+    need(cfg.scorer.entropy in ENTROPY_MODES, f"scorer.entropy must be exact or topk, got {cfg.scorer.entropy!r}")
     need(cfg.generator.replicas >= 1, f"generator.replicas must be >= 1, got {cfg.generator.replicas}")
     need(1 <= cfg.pairs.candidates <= cfg.generator.max_k, f"pairs.candidates must be in [1, generator.max_k={cfg.generator.max_k}], got {cfg.pairs.candidates}")
     need(0.0 <= cfg.pairs.tau_quantile <= 1.0, f"pairs.tau_quantile must be in [0, 1], got {cfg.pairs.tau_quantile}")

@@ -27,7 +27,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from caspo.config import Config, config_from_dict
 from caspo.errors import Unavailable
 from caspo.mesh.registry import HEARTBEAT_S, advertised_address
-from caspo.models.factory import make_backend
+from caspo.models.factory import make_backend, scorer_engine
 from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker
 from caspo.services import critic_servicer, generator_servicer, mesh_servicer, pair_store_servicer, scorer_servicer
@@ -211,7 +211,7 @@ class ScorerActor(ServiceActor):
 
     async def build(self, server):
         _torch_threads(self.num_cpus)
-        backend = await asyncio.to_thread(make_backend, self.cfg)
+        backend = await asyncio.to_thread(make_backend, self.cfg, None, 0, scorer_engine(self.cfg))
         self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
         scorer_servicer.add_to_server(server, scorer_servicer.ScorerServicer(self.worker, self.cfg.scorer))
 

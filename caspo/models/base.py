@@ -44,6 +44,10 @@ class Backend(Protocol):
         """Exact per-token entropies and log-probs of ``steps[i]`` after ``prompts[i]`` in one
         batched teacher-forced pass."""
 
+    def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
+        """For each prompt, the exact log-prob of each answer's first token at the one position after the prompt
+        (a judge's Yes/No verdict reads nothing else): one request per prompt, no other position scored."""
+
     def reload(self, path: str, version: int) -> None:
         """Swap weights; requests already running finish on the weights they started with."""
 

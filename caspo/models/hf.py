@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caspo.config import SYSTEM_PROMPT
 from caspo.core.cat import ProposedStep, derive_seed
-from caspo.core.confidence import token_entropy, token_logprobs
+from caspo.core.confidence import token_entropy, token_logprobs, topk_entropy_estimates
 from caspo.core.steps import DEFAULT_DELIMITER
 from caspo.models.base import ModelLoadError, StepScore
 from caspo.models.tiny import resolve_tiny
@@ -294,27 +294,41 @@ class HFBackend:
         return [StepScore(tuple(h), tuple(lp)) for h, lp in teacher_forced(w.model, seqs, spans, w.tok.pad_token_id)]
 
     @torch.inference_mode()
-    def next_token_logprobs(self, prompts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
-        """Exact log p(t | prompt) of each of ``token_ids`` at the position right after each prompt: one row per
-        prompt and one forward pass per chunk (the judge's Yes/No verdict reads only this position)."""
+    def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
         w = self._w
+        wanted = torch.tensor(first_tokens(w.tok, answers), device=w.device)
         out: list[list[float]] = []
         for s in range(0, len(prompts), self.max_batch_rows):
             ids, mask = self._encode_left(w, prompts[s : s + self.max_batch_rows])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = w.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
-            wanted = torch.tensor(list(token_ids), device=w.device).expand(logits.shape[0], -1)
-            out += token_logprobs(logits.unsqueeze(1).expand(-1, wanted.shape[1], -1), wanted).tolist()
+            self.forward_passes += 1
+            rows = logits.unsqueeze(1).expand(-1, len(answers), -1)
+            out += token_logprobs(rows, wanted.expand(logits.shape[0], -1)).tolist()
         return out
 
 
+def first_tokens(tok, answers: Sequence[str]) -> list[int]:
+    """The first token id of each answer as it is encoded after a prompt (no special tokens), as ``score_steps``
+    encodes a step."""
+    ids = []
+    for a in answers:
+        enc = tok.encode(a, add_special_tokens=False)
+        if not enc:
+            raise ValueError(f"answer {a!r} encodes to no tokens")
+        ids.append(enc[0])
+    return ids
+
+
 @torch.inference_mode()
-def teacher_forced(model, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], pad_id: int, entropies: bool = True) -> list[tuple[list[float], list[float]]]:
+def teacher_forced(model, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], pad_id: int, entropies: bool = True, topk: int | None = None) -> list[tuple]:
     """The one teacher-forced pass of the project: for each token sequence ``seqs[i]`` and its span ``spans[i] =
     (start, n)``, the per-token entropies (paper eq. 2's H, exact over the vocabulary; empty when ``entropies`` is
     False) and log-probs of tokens ``start .. start+n-1`` given the tokens before them, from one right-padded
     forward pass (positions plain 0..L-1). The scorer scores steps with it and DPO computes its reference log-probs
-    with it; the formulas are :func:`caspo.core.confidence.token_entropy` and ``token_logprobs``."""
+    with it; the formulas are :func:`caspo.core.confidence.token_entropy` and ``token_logprobs``. With ``topk``
+    each tuple also holds what a top-k engine would report as the entropies (``topk_entropy_estimates``: the
+    estimate's bias is measured against the exact values)."""
     if any(start < 1 for start, _ in spans):
         raise ValueError("a scored span must start after at least one token: its first token needs a context")
     device = next(model.parameters()).device
@@ -335,5 +349,8 @@ def teacher_forced(model, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[i
     lp = token_logprobs(pred, target, tmask).tolist()
     out = []
     for i, (start, n) in enumerate(spans):
-        out.append((h[i][start - 1 : start - 1 + n] if h is not None else [], lp[i][start - 1 : start - 1 + n]))
+        row = (h[i][start - 1 : start - 1 + n] if h is not None else [], lp[i][start - 1 : start - 1 + n])
+        if topk is not None:
+            row += (topk_entropy_estimates(pred[i, start - 1 : start - 1 + n], target[i, start - 1 : start - 1 + n], topk),)
+        out.append(row)
     return out

@@ -91,6 +91,16 @@ class ModelWorker:
 
         return await self._submit(("score",), list(zip(prompts, steps)), call)
 
+    async def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
+        """For each prompt, log p of each answer's first token right after it (the backend's
+        ``answer_logprobs``); calls with the same answers are merged into one backend call."""
+        answers = tuple(answers)
+
+        def call(items):
+            return self.backend.answer_logprobs(list(items), answers)
+
+        return (await self._submit(("answer", answers), list(prompts), call))[0]
+
     async def reload(self, path: str, version: int) -> int:
         """Load new weights (in a thread; serving goes on) and return the version now loaded."""
         await asyncio.to_thread(self.backend.reload, path, version)
