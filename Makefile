@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test reliability-long clean
+.PHONY: setup demo test reliability-long gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ test: setup
 # the reliability suite's long mode (docs/reliability.md): 64 clients for 60 s, 300 fuzz examples per method, repeated kills
 reliability-long: setup
 	$(PY) -m pytest -q tests/reliability --long
+
+# the GPU path on one GPU (docs/real-models.md): vLLM with tiny and tiny-chat, vLLM entropy against the HF scorer,
+# CaT through Serve on vLLM, a DPO round with FSDP, the mesh on GPUs; report in runs/gpu-check/report.json.
+# Exit 3 (and nothing run) without a CUDA GPU; `$(PY) -m caspo.bench.gpu_check --dry-run` runs the CPU parts.
+gpu-check: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m caspo.bench.gpu_check --out runs/gpu-check/report.json
 
 clean:
 	rm -rf $(VENV) .tools runs .pytest_cache
