@@ -31,7 +31,7 @@ def run(n: int, k: int = 4, topks=(20, 5), model: str = "tiny-chat", engine: str
     problems = task.problems(n, seed=seed, split="test")
     prompts = [prompter(p.question) for p in problems]
     groups = backend.sample_steps(prompts, k, temperature, seeds=[seed + i for i in range(len(prompts))])
-    tok, add = backend.tokenizer, backend.add_special_tokens
+    tok = backend.tokenizer
     vocab = int(backend.model.get_output_embeddings().weight.shape[0])
     rows = []
     for topk in topks:
@@ -40,12 +40,7 @@ def run(n: int, k: int = 4, topks=(20, 5), model: str = "tiny-chat", engine: str
             texts = [s.text for s in group if s.text]
             if not texts:
                 continue
-            pi = tok.encode(prompt, add_special_tokens=add)
-            seqs, spans = [], []
-            for t in texts:
-                si = tok.encode(t.strip() + backend.delimiter, add_special_tokens=False)
-                seqs.append(pi + si)
-                spans.append((len(pi), len(si)))
+            seqs, spans = backend.step_sequences([prompt] * len(texts), texts)
             scored = teacher_forced(backend.model, seqs, spans, tok.pad_token_id, topk=topk)
             confs = []
             for h, _, est in scored:

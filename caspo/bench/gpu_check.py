@@ -90,14 +90,8 @@ def entropy(dry: bool) -> dict:
     hf.model.float()  # float32 on both sides: the differences are kernels, not dtypes
     prompts = _prompts(hf, 4)
     texts = [g[0].text or "x" for g in hf.sample_steps(prompts, 1, 0.0)]
-    tok = hf.tokenizer
-    seqs, spans = [], []
-    for p, t in zip(prompts, texts):
-        pi = tok.encode(p, add_special_tokens=hf.add_special_tokens)
-        si = tok.encode(t.strip() + hf.delimiter, add_special_tokens=False)
-        seqs.append(pi + si)
-        spans.append((len(pi), len(si)))
-    ref = teacher_forced(hf.model, seqs, spans, tok.pad_token_id, topk=20)
+    seqs, spans = hf.step_sequences(prompts, texts)
+    ref = teacher_forced(hf.model, seqs, spans, hf.tokenizer.pad_token_id, topk=20)
     exact = [x for h, _, _ in ref for x in h]
     est = [x for _, _, e in ref for x in e]
     out = {"tokens": len(exact), "exact_H_mean": sum(exact) / len(exact), "topk20_H_mean": sum(est) / len(est), "engine": "hf"}

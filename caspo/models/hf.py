@@ -284,13 +284,20 @@ class HFBackend:
             out += self._score_chunk(w, prompts[s : s + self.max_batch_rows], steps[s : s + self.max_batch_rows])
         return out
 
-    def _score_chunk(self, w: _Weights, prompts, steps) -> list[StepScore]:
+    def step_sequences(self, prompts: Sequence[str], steps: Sequence[str], tok=None) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """Token ids of each prompt followed by its step (``step.strip()`` plus the delimiter) and the step's span
+        ``(start, n)``: what :func:`teacher_forced` scores."""
+        tok = tok or self._w.tok
         seqs, spans = [], []
         for p, st in zip(prompts, steps):
-            pi = w.tok.encode(p, add_special_tokens=self.add_special_tokens)
-            si = w.tok.encode(st.strip() + self.delimiter, add_special_tokens=False)
+            pi = tok.encode(p, add_special_tokens=self.add_special_tokens)
+            si = tok.encode(st.strip() + self.delimiter, add_special_tokens=False)
             seqs.append(pi + si)
             spans.append((len(pi), len(si)))
+        return seqs, spans
+
+    def _score_chunk(self, w: _Weights, prompts, steps) -> list[StepScore]:
+        seqs, spans = self.step_sequences(prompts, steps, w.tok)
         return [StepScore(tuple(h), tuple(lp)) for h, lp in teacher_forced(w.model, seqs, spans, w.tok.pad_token_id)]
 
     @torch.inference_mode()
