@@ -20,21 +20,35 @@ GPU parts load, the DPO trainer's FSDP settings), in this process, and is what `
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+import ray
 import torch
+from ray import serve
+from trl import DPOConfig
 
 from caspo.config import DPOTrainConfig, load_config
+from caspo.core.pairs import CASE_INCORRECT, Pair
 from caspo.core.steps import join_steps
+from caspo.mesh.client import MeshClient
+from caspo.mesh.runner import MeshRunner
 from caspo.models.hf import HFBackend, teacher_forced
 from caspo.models.prompting import prompter_for_backend
+from caspo.models.tiny import resolve_tiny
+from caspo.models.vllm import VLLMBackend
+from caspo.netutil import free_port
+from caspo.serve.cat_client import solve_http
+from caspo.serve.deployment import build_app, serve_options
 from caspo.tasks import get_task
+from caspo.trainer.dpo import _sharding, train_dpo
 
 EXIT_FAILED = 1
 EXIT_NO_GPU = 3
@@ -60,7 +74,6 @@ def _hf(model: str, device: str) -> HFBackend:
 
 
 def _vllm(model: str):
-    from caspo.models.vllm import VLLMBackend
 
     cfg = load_config(None, [f"model.policy={model}"])
     m = cfg.model
@@ -109,21 +122,15 @@ def entropy(dry: bool) -> dict:
 
 
 def serve_cat(dry: bool) -> dict:
-    from caspo.netutil import free_port
 
     overrides = ["model.backend=hf" if dry else "model.backend=vllm", f"serve.http_port={free_port()}", f"serve.grpc_port={free_port()}", "serve.request_timeout_s=120"]
     if not dry:
         overrides.append("serve.num_gpus=1")
     cfg = load_config(None, overrides)
     if dry:
-        from caspo.serve.deployment import build_app, serve_options
 
         return {"config": "ok", "serve_options": sorted(serve_options(cfg)), "app": type(build_app(cfg)).__name__}
-    import ray
-    from ray import serve
 
-    from caspo.serve.cat_client import solve_http
-    from caspo.serve.deployment import build_app, serve_options
 
     ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
     try:
@@ -138,7 +145,6 @@ def serve_cat(dry: bool) -> dict:
 
 
 def _pairs(n: int):
-    from caspo.core.pairs import CASE_INCORRECT, Pair
 
     task = get_task("arith")
     probs = task.problems(n + 1, seed=3, split="train")
@@ -151,19 +157,13 @@ def _pairs(n: int):
 def dpo_fsdp(dry: bool) -> dict:
     s = DPOTrainConfig(num_workers=1, per_device_batch_size=8, epochs=1, learning_rate=1e-4, use_gpu=True, fsdp=True, cpus_per_worker=1, checkpoint_steps=0)
     if dry:
-        from trl import DPOConfig
 
-        from caspo.trainer.dpo import _sharding
 
         args = DPOConfig(output_dir="/tmp/caspo-gpu-check-dpo", use_cpu=True, report_to="none", **_sharding(s))
         assert args.fsdp_plugin_args["fsdp_version"] == 2
         return {"fsdp_plugin": {k: str(v) for k, v in args.fsdp_plugin_args.items() if k in ("fsdp_version", "state_dict_type", "auto_wrap_policy")}}
-    import tempfile
 
-    import ray
 
-    from caspo.models.tiny import resolve_tiny
-    from caspo.trainer.dpo import train_dpo
 
     ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
     try:
@@ -182,11 +182,7 @@ def mesh(dry: bool) -> dict:
     cfg = load_config(None, overrides)
     if dry:
         return {"placement": cfg.mesh.placement, "scorer_entropy": cfg.scorer.entropy}
-    import asyncio
-    import tempfile
 
-    from caspo.mesh.client import MeshClient
-    from caspo.mesh.runner import MeshRunner
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, overrides + [f"mesh.run_dir={tmp}"])
