@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test reliability-long clean lock
+.PHONY: setup demo test reliability-long gpu-check clean lock
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ lock: setup
 	@# above: the next resolution looks at find-links again rather than keep this pin)
 	sed -i 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' requirements/cpu.txt
 	$(UV_COMPILE) --extra gpu --python-version 3.12 --custom-compile-command 'make lock' -o requirements/gpu.txt
+
+# the GPU path on one GPU (docs/real-models.md): vLLM with tiny and tiny-chat, vLLM entropy against the HF scorer,
+# CaT through Serve on vLLM, a DPO round with FSDP, the mesh on GPUs; report in runs/gpu-check/report.json.
+# Exit 3 (and nothing run) without a CUDA GPU; `$(PY) -m caspo.bench.gpu_check --dry-run` runs the CPU parts.
+gpu-check: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m caspo.bench.gpu_check --out runs/gpu-check/report.json
 
 clean:
 	rm -rf $(VENV) .tools runs .pytest_cache

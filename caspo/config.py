@@ -90,8 +90,15 @@ class GeneratorConfig:
     batch_wait_ms: float = 5.0  # how long a replica waits to merge concurrent requests
 
 
+ENTROPY_MODES = ("exact", "topk")
+
+
 @dataclass(frozen=True)
 class ScorerConfig:
+    # how the scorer computes eq. 2's token entropies: exact (the HF backend's full-vocabulary entropy, whatever
+    # model.backend is: on the scorer's own GPU for real models) or topk (model.backend; on vLLM an estimate from
+    # the top-20 log-probs with the tail spread uniformly, biased: docs/real-models.md gives the measured bias)
+    entropy: str = "exact"
     max_items: int = 1024
     max_prompt_chars: int = 8192
     max_step_chars: int = 2048
@@ -372,6 +379,7 @@ def validate(cfg: Config) -> None:
     need(cfg.serve.num_gpus is None or cfg.serve.num_gpus >= 0, f"serve.num_gpus must be >= 0 or null, got {cfg.serve.num_gpus}")
     need(cfg.serve.num_gpus is None or cfg.model.device == "cpu" or cfg.serve.num_gpus > 0, "serve.num_gpus must be > 0 with model.device cuda (null: model_gpus)")
     need(bool(cfg.model.step_delimiter) and len(cfg.model.step_delimiter) <= 16, f"model.step_delimiter must be 1 to 16 characters, got {cfg.model.step_delimiter!r}")
+    need(cfg.scorer.entropy in ENTROPY_MODES, f"scorer.entropy must be exact or topk, got {cfg.scorer.entropy!r}")
     need(cfg.generator.replicas >= 1, f"generator.replicas must be >= 1, got {cfg.generator.replicas}")
     need(1 <= cfg.pairs.candidates <= cfg.generator.max_k, f"pairs.candidates must be in [1, generator.max_k={cfg.generator.max_k}], got {cfg.pairs.candidates}")
     need(0.0 <= cfg.pairs.tau_quantile <= 1.0, f"pairs.tau_quantile must be in [0, 1], got {cfg.pairs.tau_quantile}")
@@ -379,7 +387,7 @@ def validate(cfg: Config) -> None:
     need(cfg.critic.kind in ("exact", "llm", "judge"), f"critic.kind must be exact, llm or judge, got {cfg.critic.kind!r}")
     need(cfg.critic.kind not in ("llm", "judge") or bool(cfg.critic.model), f"critic.kind {cfg.critic.kind} needs critic.model")
     need(0.0 <= cfg.critic.threshold <= 1.0, f"critic.threshold must be in [0, 1], got {cfg.critic.threshold}")
-    need(not cfg.dpo.fsdp or cfg.dpo.use_gpu, "dpo.fsdp needs dpo.use_gpu: true (accelerate shards only across GPUs; on CPU it would silently replicate)")
+    need(not cfg.dpo.fsdp or cfg.dpo.use_gpu or cfg.dpo.num_workers >= 2, f"dpo.fsdp on CPU needs dpo.num_workers >= 2 (one process has nothing to shard over), got {cfg.dpo.num_workers}")
     need(cfg.dpo.loss_type in ("sigmoid", "ipo", "dpop"), f"dpo.loss_type must be sigmoid, ipo or dpop, got {cfg.dpo.loss_type!r}")
     need(cfg.dpo.loss_type != "dpop" or cfg.dpo.precompute_ref_log_probs, "dpo.loss_type dpop needs dpo.precompute_ref_log_probs: true")
     need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")
@@ -469,8 +477,10 @@ def model_gpus(cfg: Config, backend: str, service: str | None = None) -> float:
 
 
 def scorer_backend(cfg: Config) -> str:
-    """The backend the ConfidenceScorer loads."""
-    return cfg.model.backend
+    """The backend the ConfidenceScorer loads: ``scorer.entropy`` exact takes the HF backend (full-vocabulary
+    entropies, on the scorer's own GPU with model.device cuda), topk the policy's ``model.backend`` (on vLLM:
+    top-k estimates)."""
+    return "hf" if cfg.scorer.entropy == "exact" else cfg.model.backend
 
 
 def service_backend(cfg: Config, service: str) -> str | None:

@@ -24,7 +24,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from caspo.config import ActorResources, Config, config_from_dict, service_resources
+from caspo.config import ActorResources, Config, config_from_dict, scorer_backend, service_resources
 from caspo.errors import Unavailable
 from caspo.mesh.registry import HEARTBEAT_S, advertised_address
 from caspo.models.factory import make_backend
@@ -227,7 +227,7 @@ class ScorerActor(ServiceActor):
 
     async def build(self, server):
         _torch_threads(self.num_cpus)
-        backend = await asyncio.to_thread(make_backend, self.cfg)
+        backend = await asyncio.to_thread(make_backend, self.cfg, None, 0, scorer_backend(self.cfg))
         self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
         scorer_servicer.add_to_server(server, scorer_servicer.ScorerServicer(self.worker, self.cfg.scorer))
 

@@ -99,13 +99,11 @@ def model_facts(ref: str) -> tuple[float | None, int | None, str]:
     return (float(m.group(1)) if m else None), (context_length(cfg) if cfg else None), "hub id"
 
 
-def entropy_mode(cfg: Config, service: str, backend: str | None) -> str | None:
+def entropy_mode(service: str, backend: str | None) -> str | None:
     """How the service's token entropies are computed: exact (full vocabulary) or a top-k estimate."""
     if backend is None or service == "critic":
         return None
-    chosen = getattr(cfg.scorer, "entropy", None) if service == "scorer" else None  # scorer.entropy, where the config has it
-    if chosen:
-        return "exact" if chosen == "exact" else "top-k estimate"
+    # the backend is what the service loads (the scorer's follows scorer.entropy: caspo.config.scorer_backend)
     return "top-k estimate" if backend == "vllm" else "exact"
 
 
@@ -186,7 +184,7 @@ def plan(cfg: Config, gpu_memory_gib: float = 80.0, cluster: list[dict] | None =
         if ref and cfg.model.max_model_len:
             ctx = cfg.model.max_model_len
         sp = ServicePlan(name, r.count, r.num_cpus, r.num_gpus, dict(r.resources), r.on_head, ref, r.backend, ctx,
-                         entropy_mode(cfg, name, r.backend), params, None)
+                         entropy_mode(name, r.backend), params, None)
         if source == "hub id":
             sp.notes.append("hub id: parameters from its name" + ("" if ctx else "; context length read from config.json at load"))
         if params and r.num_gpus:

@@ -68,6 +68,10 @@ class Backend(Protocol):
         """Exact per-token entropies and log-probs of ``steps[i]`` after ``prompts[i]`` in one
         batched teacher-forced pass."""
 
+    def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
+        """For each prompt, the exact log-prob of each answer's first token at the one position after the prompt
+        (a judge's Yes/No verdict reads nothing else): one request per prompt, no other position scored."""
+
     def reload(self, path: str, version: int) -> None:
         """Swap weights; requests already running finish on the weights they started with."""
 
@@ -76,13 +80,14 @@ class Backend(Protocol):
     max_model_len: int | None
 
 
-def item_tokens(backend, prompt: str, step: str | None = None) -> int:
+def item_tokens(backend, prompt: str, step: str | None = None, new_tokens: int | None = None) -> int:
     """Tokens an item needs in the model's context: the prompt's as the backend encodes it, plus the given
-    step's with its delimiter (scoring) or room for ``max_step_tokens`` new ones (sampling)."""
+    step's with its delimiter (scoring) or room for ``new_tokens`` new ones (sampling: default
+    ``max_step_tokens``; a judge's answer: 1)."""
     tok = backend.tokenizer
     need = len(tok.encode(prompt, add_special_tokens=backend.add_special_tokens))
     if step is None:
-        return need + backend.max_step_tokens
+        return need + (backend.max_step_tokens if new_tokens is None else new_tokens)
     return need + len(tok.encode(step.strip() + backend.delimiter, add_special_tokens=False))
 
 

@@ -17,7 +17,7 @@ Context limits: every item is counted in tokens (``caspo.models.base.item_tokens
 step to score or room for ``max_step_tokens``) against the backend's ``max_model_len`` *before* it joins a
 batch. An item that does not fit never reaches the backend (vLLM fails a whole ``generate()`` call on one
 over-long prompt, and a batch holds many callers' items): it is answered alone with an ``over_context``
-marker (sampling: ``n`` empty ended steps; scoring: an empty score), counted in ``refused``, and its
+marker (sampling: ``n`` empty ended steps; scoring: an empty score; a judge's answer: an empty row), counted in ``refused``, and its
 batch-mates are served as if it had not been there.
 """
 
@@ -105,6 +105,18 @@ class ModelWorker:
 
         refused = StepScore((), (), over_context=True)
         return await self._submit_fitting(("score",), list(zip(prompts, steps)), lambda it: item_tokens(self.backend, *it), call, refused)
+
+    async def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
+        """For each prompt, log p of each answer's first token right after it (the backend's
+        ``answer_logprobs``); calls with the same answers are merged into one backend call. A prompt with no
+        room left for one token gets an empty row (``over_context``)."""
+        answers = tuple(answers)
+
+        def call(items):
+            return self.backend.answer_logprobs(list(items), answers)
+
+        need = lambda p: item_tokens(self.backend, p, new_tokens=1)  # noqa: E731
+        return (await self._submit_fitting(("answer", answers), list(prompts), need, call, []))[0]
 
     async def reload(self, path: str, version: int) -> int:
         """Load new weights (in a thread; serving goes on) and return the version now loaded."""

@@ -51,6 +51,7 @@ class CountingBackend:
         self.inner = inner
         self.sample_calls = 0
         self.score_calls = 0
+        self.answer_calls = 0
 
     def sample_steps(self, *args, **kwargs):
         self.sample_calls += 1
@@ -59,6 +60,10 @@ class CountingBackend:
     def score_steps(self, *args, **kwargs):
         self.score_calls += 1
         return self.inner.score_steps(*args, **kwargs)
+
+    def answer_logprobs(self, *args, **kwargs):
+        self.answer_calls += 1
+        return self.inner.answer_logprobs(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
