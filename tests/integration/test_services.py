@@ -196,7 +196,11 @@ def test_an_over_long_item_in_a_merged_batch_is_refused_alone(backend):
             assert counting.score_calls == 1
             assert all(len(s.scores[0].token_entropies) > 0 and not s.scores[0].over_context for s in srs[:3])
             assert srs[3].scores[0].over_context and len(srs[3].scores[0].token_entropies) == 0
-        assert worker.refused == 3 and worker.in_flight == 0
+
+            # a judge's answer log-probs (one token after the prompt): the long prompt gets an empty row
+            rows = await asyncio.gather(*(worker.answer_logprobs([p], ("Yes", "No")) for p in (*short, long_prompt)))
+            assert counting.answer_calls == 1 and [len(r[0]) for r in rows] == [2, 2, 2, 0]
+        assert worker.refused == 4 and worker.in_flight == 0
 
     asyncio.run(main())
 

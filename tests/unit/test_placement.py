@@ -60,6 +60,12 @@ def test_caspo_plan_of_the_qwen_config_shows_a_gpu_for_every_gpu_service(capsys)
     assert plans["generator"]["count"] == 2 and plans["generator"]["resources"] == {"generator": 1}
     assert plans["generator"]["params_billion"] == 7 and plans["dpo"]["entropy"] == "exact"
     assert plans["pair_store"]["num_gpus"] == 0 and plans["pair_store"]["on_head"]
+    # scorer.entropy exact (the default) runs the scorer on the HF backend, on its own GPU, whatever model.backend is
+    assert (plans["scorer"]["backend"], plans["scorer"]["entropy"]) == ("hf", "exact")
+    assert (plans["generator"]["backend"], plans["generator"]["entropy"]) == ("vllm", "top-k estimate")
+    assert main(["plan", "--config", "configs/qwen2.5-math-7b-instruct.yaml", "--set", "scorer.entropy=topk", "--json"]) == 0
+    topk = {p["service"]: p for p in json.loads(capsys.readouterr().out)["services"]}
+    assert (topk["scorer"]["backend"], topk["scorer"]["entropy"], topk["scorer"]["num_gpus"]) == ("vllm", "top-k estimate", 1)
     # the built-in model: read from its directory (safetensors headers, config.json)
     assert main(["plan", "--config", "configs/tiny-cpu.yaml", "--json"]) == 0
     tiny = {p["service"]: p for p in json.loads(capsys.readouterr().out)["services"]}
