@@ -8,14 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from caspo.bench import common, inference, mesh_throughput, overhead, pareto, publish, serve_load, tau
+from caspo.bench import common, entropy_bias, inference, mesh_throughput, overhead, pareto, publish, serve_load, tau
 from caspo.config import ConfigError
 from caspo.models.calibration_file import CalibrationError
 from caspo.models.base import ModelLoadError
 from caspo.tasks.base import TaskError
 
 # suite name -> its module (each has run() and plot())
-_SUITES = {"inference": inference, "overhead": overhead, "tau": tau, "serve": serve_load, "mesh": mesh_throughput, "pareto": pareto, "publish": publish}
+_SUITES = {"inference": inference, "overhead": overhead, "tau": tau, "serve": serve_load, "mesh": mesh_throughput, "pareto": pareto, "publish": publish, "entropy": entropy_bias}
 SUITES = tuple(_SUITES)
 # `caspo bench --suite all` runs these; pareto (issue 16) and publish (issue 25: builds a 0.5 B model) run when named
 ALL = ("inference", "overhead", "tau", "serve", "mesh")
@@ -26,7 +26,7 @@ def run_suite(name: str, n: int, out: Path, smoke: bool = False, progress: bool 
     kwargs: dict = {"n": n, "progress": progress, "model": model, "engine": engine, **(options or {})}
     if smoke:  # every code path, minimal sizes
         kwargs.update({"inference": {"ks": (2,)}, "overhead": {"repeats": 1, "k": 2}, "tau": {"taus": (0.0, 0.5), "warmup": 2, "scorings": ("entropy",)}, "serve": {"clients": (1, 2), "duration": 2.0}, "mesh": {"replicas": (1,)},
-                       "pareto": {"ks": (2,), "taus": (0.5,), "batch": 4}, "publish": {"sizes": ("tiny",)}}[name])
+                       "pareto": {"ks": (2,), "taus": (0.5,), "batch": 4}, "publish": {"sizes": ("tiny",)}, "entropy": {"k": 2}}[name])
     res = mod.run(**kwargs)
     if smoke:
         res.command += " --smoke"

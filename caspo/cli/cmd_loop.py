@@ -17,6 +17,7 @@ from caspo.errors import UsageError
 from caspo.mesh.client import MeshClient
 from caspo.mesh.publisher import publish_policy
 from caspo.mesh.runner import ON_HEAD, ensure_mesh
+from caspo.models.hf import local_model_path
 from caspo.models.prompting import load_prompter
 from caspo.progress import quiet_terminal, say
 from caspo.report import write_report
@@ -135,6 +136,7 @@ def cmd_loop(args) -> int:
         overrides.append(f"loop.rounds={args.rounds}")
     args.set = overrides
     cfg = config_of(args)
+    local_model_path(cfg.model.policy)  # a hub id is refused now, in one line, not after a data round
     rounds = None if args.forever else cfg.loop.rounds
 
     def announce():

@@ -25,7 +25,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from caspo import telemetry
-from caspo.config import Config, config_from_dict
+from caspo.config import ActorResources, Config, config_from_dict, scorer_backend, service_resources
 from caspo.errors import Unavailable
 from caspo.mesh.registry import HEARTBEAT_S, advertised_address
 from caspo.models.factory import make_backend
@@ -52,11 +52,17 @@ def _torch_threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-def _cuda() -> bool:
-    try:
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
+# the custom resource every Ray head node has (and no other node): asking for a sliver of it pins an actor there
+ON_HEAD = {"node:__internal_head__": 0.001}
+
+
+def actor_options(r: ActorResources) -> dict:
+    """``ray.remote`` options of an actor kind from ``caspo.config.service_resources``: its CPUs, GPUs and
+    custom resources, plus the head pin when it is neither placed on a group nor asking for a GPU."""
+    opts = r.ray_options()
+    if r.on_head:
+        opts["resources"] = {**opts["resources"], **ON_HEAD}
+    return opts
 
 
 class ServiceActor:
@@ -117,6 +123,14 @@ class ServiceActor:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def devices(self) -> dict:
+        return devices()
+
+
+def devices() -> dict:
+    """The GPUs Ray reserved for the calling actor and what its process sees (``caspo plan``'s claims, checked)."""
+    return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()], "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "node_id": ray.get_runtime_context().get_node_id()}
+
 
 def published_or(cfg: Config, path: str | None, version: int) -> tuple[str | None, int]:
     """What a starting (or restarted) policy holder loads: the policy the record (``serve.policy_file``)
@@ -158,6 +172,9 @@ class ReplicaActor:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def devices(self) -> dict:
+        return devices()
+
 
 class ReplicaClient:
     """A ``ReplicaActor`` seen through ModelWorker's async interface (what the servicers expect)."""
@@ -197,19 +214,18 @@ class ReplicaClient:
 class GeneratorActor(ServiceActor):
     service = "generator"
 
-    def __init__(self, cfg_dict: dict, registry_name: str | None = None, replica_cpus: float = 0.5):
-        self.replica_cpus = replica_cpus
+    def __init__(self, cfg_dict: dict, registry_name: str | None = None):
         self.replicas = []
         self.workers: list[ReplicaClient] = []
         super().__init__(cfg_dict, registry_name)
 
     async def build(self, server):
-        # a replica holds one model: tensor-parallel over model.tensor_parallel_size GPUs
-        opts = {"num_gpus": self.cfg.model.tensor_parallel_size} if _cuda() else {"num_cpus": self.replica_cpus}
-        if self.cfg.mesh.placement.get("generator"):  # the replicas hold the models: pin them to their group
-            opts["resources"] = dict(self.cfg.mesh.placement["generator"])
-        Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **opts)(ReplicaActor)
-        self.replicas = [Replica.remote(self.cfg.to_dict(), self.replica_cpus) for _ in range(self.cfg.generator.replicas)]
+        # a replica holds one model and asks for what the config says it needs (its GPUs on model.device
+        # cuda: tensor_parallel_size for vLLM), on the group mesh.placement names; never what this actor,
+        # pinned to the head, happens to see
+        r = service_resources(self.cfg)["generator"]
+        Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **actor_options(r))(ReplicaActor)
+        self.replicas = [Replica.remote(self.cfg.to_dict(), r.num_cpus) for _ in range(r.count)]
         versions = await asyncio.gather(*(r.version.remote() for r in self.replicas))
         self.workers = [ReplicaClient(r, v) for r, v in zip(self.replicas, versions)]
         self.servicer = generator_servicer.GeneratorServicer(self.workers, self.cfg.generator)
@@ -228,6 +244,9 @@ class GeneratorActor(ServiceActor):
             w._version = v
         return self.policy_version()
 
+    async def replica_devices(self) -> list[dict]:
+        return list(await asyncio.gather(*(r.devices.remote() for r in self.replicas)))
+
 
 class ScorerActor(ServiceActor):
     service = "scorer"
@@ -239,7 +258,7 @@ class ScorerActor(ServiceActor):
     async def build(self, server):
         _torch_threads(self.num_cpus)
         path, version = published_or(self.cfg, None, 0)
-        backend = await asyncio.to_thread(make_backend, self.cfg, path, version)
+        backend = await asyncio.to_thread(make_backend, self.cfg, path, version, scorer_backend(self.cfg))
         self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms, name="scorer")
         scorer_servicer.add_to_server(server, scorer_servicer.ScorerServicer(self.worker, self.cfg.scorer))
 

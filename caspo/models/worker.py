@@ -12,6 +12,13 @@ backend call (prompts and seeds concatenated, results split back in order); ``sc
 merged likewise. A batch opens with the first call, stays open for ``batch_wait_ms``, and keeps
 accepting joiners until the backend is free: backend calls of one worker run one at a time (one
 model, one accelerator), so under load the next batch grows while the current one runs.
+
+Context limits: every item is counted in tokens (``caspo.models.base.item_tokens``: the prompt, plus the
+step to score or room for ``max_step_tokens``) against the backend's ``max_model_len`` *before* it joins a
+batch. An item that does not fit never reaches the backend (vLLM fails a whole ``generate()`` call on one
+over-long prompt, and a batch holds many callers' items): it is answered alone with an ``over_context``
+marker (sampling: ``n`` empty ended steps; scoring: an empty score; a judge's answer: an empty row), counted in ``refused``, and its
+batch-mates are served as if it had not been there.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any, Callable, Sequence
 from caspo import telemetry
 from caspo.core.contract import ProposedStep
 from caspo.core.steps import DEFAULT_DELIMITER
-from caspo.models.base import Backend, StepScore
+from caspo.models.base import Backend, StepScore, item_tokens
 from caspo.models.transport import plan_meta, receive_weights, state_checksum
 
 
@@ -43,6 +50,7 @@ class ModelWorker:
         self.batch_wait_ms = batch_wait_ms
         self.in_flight = 0  # calls accepted and not yet answered (what a router balances on)
         self.backend_calls = 0
+        self.refused = 0  # items refused for exceeding the context length
         self._open: dict[tuple, _Batch] = {}
         self._tasks: set[asyncio.Task] = set()
         self._compute: asyncio.Lock | None = None
@@ -56,6 +64,10 @@ class ModelWorker:
     @property
     def path(self) -> str:
         return self.backend.path
+
+    @property
+    def max_model_len(self) -> int | None:
+        return getattr(self.backend, "max_model_len", None)
 
     @property
     def delimiter(self) -> str:
@@ -81,7 +93,9 @@ class ModelWorker:
         def call(items):
             return self.backend.sample_steps([p for p, _ in items], n, temperature, [s for _, s in items])
 
-        return await self._submit(("sample", n, float(temperature)), list(zip(prompts, seeds)), call)
+        refused = [ProposedStep("", (), (), ended=True, over_context=True)] * n
+        items = list(zip(prompts, seeds))
+        return await self._submit_fitting(("sample", n, float(temperature)), items, lambda it: item_tokens(self.backend, it[0]), call, refused)
 
     async def score_steps_versioned(
         self, prompts: Sequence[str], steps: Sequence[str]
@@ -93,7 +107,20 @@ class ModelWorker:
         def call(items):
             return self.backend.score_steps([p for p, _ in items], [s for _, s in items])
 
-        return await self._submit(("score",), list(zip(prompts, steps)), call)
+        refused = StepScore((), (), over_context=True)
+        return await self._submit_fitting(("score",), list(zip(prompts, steps)), lambda it: item_tokens(self.backend, *it), call, refused)
+
+    async def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
+        """For each prompt, log p of each answer's first token right after it (the backend's
+        ``answer_logprobs``); calls with the same answers are merged into one backend call. A prompt with no
+        room left for one token gets an empty row (``over_context``)."""
+        answers = tuple(answers)
+
+        def call(items):
+            return self.backend.answer_logprobs(list(items), answers)
+
+        need = lambda p: item_tokens(self.backend, p, new_tokens=1)  # noqa: E731
+        return (await self._submit_fitting(("answer", answers), list(prompts), need, call, []))[0]
 
     async def reload(self, path: str, version: int) -> int:
         """Load new weights (in a thread; serving goes on) and return the version now loaded."""
@@ -121,6 +148,21 @@ class ModelWorker:
         return await asyncio.to_thread(self.receive_sync, plan, rank)
 
     # ---- the batcher -------------------------------------------------------------------------
+    async def _submit_fitting(self, key: tuple, items: list, need: Callable[[Any], int], call: Callable[[list], list], refused) -> tuple[list, int]:
+        """``_submit`` of the items that fit the context length; the others get ``refused`` in their place."""
+        limit = self.max_model_len
+        if limit is None:
+            return await self._submit(key, items, call)
+        fits = [need(it) <= limit for it in items]
+        out = [refused] * len(items)
+        version = self.version
+        if any(fits):
+            results, version = await self._submit(key, [it for it, ok in zip(items, fits) if ok], call)
+            for i, r in zip((i for i, ok in enumerate(fits) if ok), results):
+                out[i] = r
+        self.refused += fits.count(False)
+        return out, version
+
     async def _submit(self, key: tuple, items: list, call: Callable[[list], list]) -> tuple[list, int]:
         if not items:
             return [], self.version

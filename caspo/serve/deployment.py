@@ -43,7 +43,7 @@ import grpc
 from ray import serve
 
 from caspo import telemetry
-from caspo.config import Config, config_from_dict, load_config
+from caspo.config import Config, config_from_dict, load_config, service_resources
 from caspo.core.search import CommittedStep
 from caspo.errors import BadRequest
 from caspo.protos.v1 import cat_pb2
@@ -130,7 +130,8 @@ def build_app(cfg: Config):
             "max_replicas": sv.max_replicas,
             "target_ongoing_requests": sv.target_ongoing_requests,
         },
-        ray_actor_options={"num_cpus": sv.num_cpus, "num_gpus": sv.num_gpus},
+        # serve.num_cpus, and serve.num_gpus or the GPUs model.device asks for (caspo.config.service_resources)
+        ray_actor_options=service_resources(cfg)["serve"].ray_options(),
     ).bind(cfg.to_dict())
 
 

@@ -17,7 +17,7 @@ import torch
 from caspo import telemetry
 from caspo.config import Config
 from caspo.core.search import CommittedStep, Search, SearchResult, TreeUpdate, stream_search
-from caspo.models.base import ModelLoadError, prefix_text
+from caspo.models.base import ModelLoadError, item_tokens, prefix_text
 from caspo.models.calibration_file import Calibration, CalibrationError, find_calibration
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
@@ -45,6 +45,17 @@ class _RequestProposer:
         texts = [prefix_text(self.prompt, p.question, p.steps, self.delimiter) for p in prefixes]
         out, self.version = await self.worker.sample_steps_versioned(texts, n, temperature, [p.seed for p in prefixes])
         return out
+
+
+def check_context(question: str, worker: ModelWorker, prompter) -> str:
+    """``question``, or ParamError on the field question naming the limit when its prompt and one step
+    (model.max_step_tokens) do not fit the model's context length."""
+    limit = worker.max_model_len
+    if limit:
+        need = item_tokens(worker.backend, prompter(question))
+        if need > limit:
+            raise ParamError("question", f"needs {need} tokens with room for one step (model.max_step_tokens); the model's context length (model.max_model_len) is {limit}")
+    return question
 
 
 class CaTService:
@@ -119,6 +130,11 @@ class CaTService:
             log.error(self.reload_error)
             return None
 
+    def question_of(self, text: str) -> str:
+        """The task's question from what a person typed, refused (ParamError: HTTP 422 / gRPC
+        INVALID_ARGUMENT, naming the limit) when its prompt and one step do not fit the model's context."""
+        return check_context(self.task.question(text), self.worker, self.prompter)
+
     def search_defaults(self) -> dict:
         """What a request's unset fields fall back on beyond serve.*: the cat section and the calibration."""
         return {"cat": self.cfg.cat, "calibration": self.calibration}
@@ -184,11 +200,11 @@ class CaTService:
     # ---- requests -----------------------------------------------------------------------------
     def solve_params(self, question, body) -> SolveParams:
         """A JSON body's parameters (``question`` given apart: a chat's is its last user message)."""
-        return params_from_body(self.cfg.serve, question, body, self.task.question, **self.search_defaults())
+        return params_from_body(self.cfg.serve, question, body, self.question_of, **self.search_defaults())
 
     def grpc_params(self, request) -> SolveParams:
         """A ``caspo.v1.SolveRequest``'s parameters."""
-        return params_from_grpc(self.cfg.serve, request, self.task.question, **self.search_defaults())
+        return params_from_grpc(self.cfg.serve, request, self.question_of, **self.search_defaults())
 
     def chat_params(self, body) -> SolveParams:
         """An OpenAI chat completion request's parameters: the question is its last user message."""

@@ -52,7 +52,7 @@ from caspo.evaluation import METRICS as ROUND_METRICS
 from caspo.evaluation import evaluate_async, write_records
 from caspo.mesh.client import MeshClient, MeshProposer
 from caspo.mesh.publisher import policy_source, publish_policy
-from caspo.models.hf import resolve_model_path
+from caspo.models.hf import local_model_path
 from caspo.models.prompting import load_prompter
 from caspo.netutil import redact_url
 from caspo.progress import say
@@ -138,7 +138,7 @@ class RoundController:
         (self.run_dir / "config.json").write_text(json.dumps(shown, indent=2) + "\n")
         self.state = RunState(self.run_dir, redis_url, self.cfg.loop.run)
         if self.state.policy(0) is None:
-            self.state.set_policy(0, resolve_model_path(self.cfg.model.policy))
+            self.state.set_policy(0, local_model_path(self.cfg.model.policy))
         self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         # model input in the policy's format (model.prompt_format, model.step_delimiter); only its tokenizer is read
         self.prompter = load_prompter(self.cfg.model, self.task)

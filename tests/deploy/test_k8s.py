@@ -565,3 +565,30 @@ def test_monitoring_component_podmonitor_and_grafana_dashboard():
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_caspo_\w+", e)}
     assert used == {f"ray_{name}" for name in SPECS}
+
+
+def test_caspo_plan_places_every_service_on_the_overlay_groups(built, tmp_path, capsys):
+    """`caspo plan` packs each service's actors onto the overlay's pods as Ray would: on the gpu overlay every
+    GPU service holds one GPU on its own group; what cannot be placed is refused in one line (exit 2)."""
+    from caspo.cli.main import main
+
+    overlay, docs = built
+    cluster, config = tmp_path / "cluster.yaml", tmp_path / "caspo.yaml"
+    cluster.write_text(yaml.safe_dump_all(docs))
+    config.write_text(_one(docs, "ConfigMap", "caspo-config")["data"]["caspo.yaml"])
+    args = ["plan", "--config", str(config), "--cluster", str(cluster)]
+    assert main([*args, "--json"]) == 0
+    plans = {p["service"]: p for p in json.loads(capsys.readouterr().out)["services"]}
+    assert plans["pair_store"]["group"] == "head" and plans["pair_store"]["num_gpus"] == 0
+    if overlay != "gpu":
+        return
+    serve_group = _one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    for service, group in {"generator": "generator", "scorer": "scorer", "critic": "critic", "dpo": "trainer", "serve": serve_group}.items():
+        assert (plans[service]["num_gpus"], plans[service]["group"]) == (1, group), service
+    for bad, needle in [
+        ("critic.model=Qwen/Qwen2.5-Math-72B-Instruct", "critic: Qwen/Qwen2.5-Math-72B-Instruct needs about 134 GiB"),  # what the overlay shipped
+        ("generator.replicas=3", "generator: actor 3 of 3 asks for GPU 1"),  # two generator pods of one GPU each
+    ]:
+        assert main([*args, "--set", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err

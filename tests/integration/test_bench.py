@@ -37,6 +37,10 @@ def test_suite_runs_and_writes_json_markdown_and_plot(suite, out):
         assert [r["clients"] for r in rows] == [1, 2]
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows)
         assert data["reload_s"] is not None and data["reload_s"] > 0
+    elif suite == "entropy":  # the top-k estimate is an upper bound of the exact entropy, looser for smaller k
+        assert [r["k"] for r in rows] == [20, 5] and all(r["tokens"] > 0 for r in rows)
+        assert all(r["token_bias_mean"] >= 0 and r["estimate_H"] >= r["exact_H"] for r in rows)
+        assert rows[1]["token_bias_mean"] >= rows[0]["token_bias_mean"]
     elif suite == "pareto":
         names = [r["name"] for r in rows]
         assert names == ["greedy", "SC@2", "wSC@2 logprob", "BoN@2 logprob", "CaT@2 Alg.2 entropy τ=0.5", "CaT@2 adaptive (recommended)", "CaT@2 critic (ceiling)"]

@@ -16,6 +16,7 @@ from caspo.models.base import PromptedProposer
 from caspo.models.hf import HFBackend, resolve_model_path
 from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
 from caspo.serve.cat_client import SolveError, solve_grpc, solve_http
+from caspo.serve.params import params_from_grpc
 from caspo.tasks import get_task
 from tests.prom import fast_metrics_export
 
@@ -257,6 +258,28 @@ def test_http_bad_input_is_422_naming_the_field(served, body, field):
     status, out = _post(_http(cfg) + "/v1/solve", body)
     assert status == 422
     assert any(field in " ".join(map(str, d["loc"])) and field in d["msg"] for d in out["detail"]), out
+
+
+def test_a_question_over_the_context_length_is_refused_naming_the_limit():
+    """A replica's check (CaTService.question_of) refuses a question whose prompt and one step
+    (model.max_step_tokens 32) do not fit model.max_model_len: ParamError on the field question, which gRPC
+    answers INVALID_ARGUMENT and HTTP 422 (the tests above)."""
+    from caspo.models.factory import make_backend
+    from caspo.models.prompting import prompter_for_backend
+    from caspo.models.worker import ModelWorker
+    from caspo.serve.service import check_context
+    from caspo.serve.request_errors import ParamError
+
+    cfg = load_config(None, ["model.max_model_len=45"])
+    worker = ModelWorker(make_backend(cfg))
+    assert worker.max_model_len == 45 and ModelWorker(HFBackend("tiny")).max_model_len == 512  # the override, else config.json's
+    task = get_task("arith")
+    question_of = lambda q: check_context(task.question(q), worker, prompter_for_backend(worker.backend, task))  # noqa: E731
+    assert question_of("1+2") == "1+2"  # "<bos>Q:1+2\n": 7 tokens + 32 fit
+    with pytest.raises(ParamError, match=r"question needs 46 tokens with room for one step .* context length \(model.max_model_len\) is 45"):
+        question_of("12+7*3-4*5")
+    with pytest.raises(ParamError, match="model.max_model_len"):
+        params_from_grpc(cfg.serve, cat_pb2.SolveRequest(question="12+7*3-4*5"), question_of)
 
 
 def test_http_malformed_json_and_the_service_keeps_serving(served):
