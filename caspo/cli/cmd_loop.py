@@ -61,7 +61,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate_pairs(args) -> int:
-
     cfg = config_of(args)
     if args.n < 1:
         raise UsageError(f"-n must be >= 1, got {args.n}")
