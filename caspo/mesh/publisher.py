@@ -206,6 +206,10 @@ async def publish_policy(client: MeshClient, cfg: Config, version: int, path: st
         return {"transport": "disk", "versions": versions, "broadcast": None, "fallback": []}
     path = str(Path(path).resolve()) if path != "tiny" else path
     subs = await subscribers(cfg, targets)
+    if not subs:  # nobody to send to (e.g. no Serve app on this Ray): nothing is packed or sent
+        if policy_file is not None:
+            write_policy_file(policy_file, version, path)
+        return {"transport": "collective", "versions": {}, "broadcast": None, "fallback": []}
     source = source or policy_source(cfg)
     report = await source.publish.remote(version, path, subs, on_bucket)
     if policy_file is not None:  # the record: what a replica that missed this broadcast loads

@@ -98,7 +98,10 @@ def _assert_replica_gpus(runner: MeshRunner, node_id: str) -> None:
 
 
 class NodeKillingClient(MeshClient):
-    """Removes ``node`` from the cluster just before the round's ``at``-th generator call."""
+    """Removes ``node`` from the cluster just before the round's ``at``-th generator call. On one machine
+    ``Cluster.remove_node`` kills the node's raylet but its actor processes linger until they notice, and a
+    call in that window is still answered; a lost machine takes its processes with it, so the replicas on
+    the node (this test's own actors) are killed with it."""
 
     def __init__(self, registry_address, cluster, node, at: int):
         super().__init__(registry_address)
@@ -106,11 +109,23 @@ class NodeKillingClient(MeshClient):
         self.generator_calls = 0
         self.removed = threading.Event()
 
+    def _lose_node(self) -> None:
+        replicas = [a.pid for a in list_actors(filters=[("class_name", "=", "ReplicaActor"), ("state", "=", "ALIVE")]) if a.node_id == self.node.node_id]
+        self.cluster.remove_node(self.node, False)
+        procs = []
+        for pid in replicas:
+            try:
+                procs.append(psutil.Process(pid))
+                procs[-1].kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+
     async def call(self, service, stub_cls, method, request, timeout: float = 600.0):
         if service == "generator":
             self.generator_calls += 1
             if self.generator_calls == self.at:
-                await asyncio.to_thread(self.cluster.remove_node, self.node, False)
+                await asyncio.to_thread(self._lose_node)
                 self.removed.set()
         return await super().call(service, stub_cls, method, request, timeout)
 
