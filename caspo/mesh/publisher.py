@@ -42,7 +42,6 @@ from caspo.policy_file import write_policy_file
 
 log = logging.getLogger(__name__)
 
-SOURCE_NAME = "caspo-policy-source"
 SERVE_NAMESPACE = "serve"
 SERVE_DEPLOYMENT = "CaT"  # caspo.serve.deployment.DEPLOYMENT (serve is beside mesh, not below it)
 
@@ -138,11 +137,18 @@ def _receive_call(handle, kind: str, plan: dict, rank: int):
     return handle.receive_policy.remote(plan, rank)
 
 
+_SOURCES: dict[str, object] = {}  # this process's sources, by Ray job and mesh namespace
+
+
 def policy_source(cfg: Config):
-    """This process's PolicySource for the mesh (created on first use; it lives as long as its creator)."""
-    return ray.remote(num_cpus=0, max_concurrency=8)(PolicySource).options(
-        name=SOURCE_NAME, namespace=cfg.mesh.namespace, get_if_exists=True
-    ).remote(cfg.to_dict())
+    """This process's PolicySource for the mesh (created on first use; it lives as long as this process).
+    It is not a named actor: a source found by name could belong to a controller that was just killed,
+    and Ray takes that one down with its owner while the next controller trains into it."""
+    ctx = ray.get_runtime_context()  # a new ray.init in this process is a new job: its own source
+    key = f"{ctx.get_node_id()}/{ctx.get_job_id()}/{cfg.mesh.namespace}"
+    if key not in _SOURCES:
+        _SOURCES[key] = ray.remote(num_cpus=0, max_concurrency=8)(PolicySource).remote(cfg.to_dict())
+    return _SOURCES[key]
 
 
 def critic_is_policy(cfg: Config) -> bool:
