@@ -26,9 +26,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 caspo
 COPY --from=build /dist/ /tmp/dist/
+COPY requirements/cpu.txt /tmp/requirements-cpu.txt
+# every dependency at the version of the CPU lock (requirements/cpu.txt, `make lock`), torch's CPU build first
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && pip install --no-cache-dir /tmp/dist/*.whl \
-    && rm -rf /tmp/dist
+    && pip install --no-cache-dir -c /tmp/requirements-cpu.txt /tmp/dist/*.whl \
+    && rm -rf /tmp/dist /tmp/requirements-cpu.txt
+# /home/caspo/ is the home of the image's own user (useradd above), not a path of any machine
 WORKDIR /home/caspo/app
 COPY --chown=1000:1000 configs configs
 USER 1000:1000
@@ -48,12 +51,15 @@ RUN apt-get update \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid 1000 caspo
 COPY --from=build /dist/ /tmp/dist/
+COPY requirements/gpu.txt /tmp/requirements-gpu.txt
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# the gpu extra brings vLLM and the CUDA build of torch that vLLM pins (the wheel is this build's own)
+# the gpu extra brings vLLM and the CUDA build of torch that vLLM pins (the wheel is this build's own), every
+# package at the version of the GPU lock (requirements/gpu.txt, resolved for this base's Python 3.12)
 # hadolint ignore=DL3013
 RUN wheel="$(ls /tmp/dist/*.whl)" \
-    && pip install --no-cache-dir "${wheel}[gpu]" \
-    && rm -rf /tmp/dist
+    && pip install --no-cache-dir -c /tmp/requirements-gpu.txt "${wheel}[gpu]" \
+    && rm -rf /tmp/dist /tmp/requirements-gpu.txt
+# /home/caspo/ is the home of the image's own user (useradd above), not a path of any machine
 WORKDIR /home/caspo/app
 COPY --chown=1000:1000 configs configs
 USER 1000:1000

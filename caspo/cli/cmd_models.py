@@ -9,16 +9,15 @@ from pathlib import Path
 
 from caspo.cli.shared import command, print_table
 from caspo.errors import UsageError
-from caspo.models.tiny import TINY_RECIPES, TinyTrainConfig, caspo_home, train_tiny
+from caspo.models.tiny import DEFAULT_RECIPE, TINY_RECIPES, TinyTrainConfig, caspo_home, train_tiny
 from caspo.models.tiny import check_config as check_tiny_config
-from caspo.models.tiny_chat import DEFAULT_DATA as CHAT_DATA
 from caspo.models.tiny_chat import TinyChatTrainConfig, train_tiny_chat
 from caspo.tasks.answers import DEFAULT_TIMEOUT_S, AnswerChecker, read_answer_pairs
 from caspo.tasks.gsm8k import check_data
 
 
 def _tiny_train_config(args) -> TinyTrainConfig:
-    """The recipe (--recipe: v1, the shipped weights', or v2), then --set FIELD=VALUE
+    """The recipe (--recipe: v2, the shipped weights', or v1), then --set FIELD=VALUE
     and the explicit flags; every value checked, a bad one named (exit 2)."""
     base = asdict(TinyTrainConfig(**TINY_RECIPES[args.recipe]))
     for item in args.set or []:
@@ -59,8 +58,10 @@ def cmd_train_chat(args) -> int:
     """Train the built-in tiny-chat model (a BPE tokenizer and a small Qwen2 on GSM8K in chat form)."""
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if not Path(args.data).is_file():
-        raise UsageError(f"data file not found: {args.data} (GSM8K-format JSONL; --data)")
+    if not args.data:
+        raise UsageError("train-chat needs --data PATH: the GSM8K train split, a JSONL file or a save_to_disk directory")
+    if not Path(args.data).exists():
+        raise UsageError(f"data file not found: {args.data} (--data: GSM8K-format JSONL or a save_to_disk directory)")
     out = args.out or str(caspo_home() / "tiny-chat")
     path = train_tiny_chat(TinyChatTrainConfig(seed=args.seed, steps=args.steps), out, data=args.data, progress=True)
     print(f"saved tiny-chat to {path}")
@@ -70,6 +71,8 @@ def cmd_train_chat(args) -> int:
 def cmd_check_data(args) -> int:
     if args.task != "gsm8k":
         raise UsageError(f"check-data supports --task gsm8k, got {args.task!r}")
+    if not args.data:
+        raise UsageError("check-data needs --data PATH: a GSM8K-format JSONL file or a save_to_disk directory")
     res = check_data(args.data, perturb=args.perturb, seed=args.seed)
     if args.json:
         print(json.dumps(res))
@@ -106,8 +109,8 @@ def add_parser(sub) -> None:
     """The train-base, train-chat, check-data, check-answers subcommands."""
     p = command(sub, "train-base", help="train the built-in tiny reasoner from scratch", func=cmd_train_base)
     p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny)")
-    p.add_argument("--recipe", default="v1", choices=list(TINY_RECIPES), help="v1 (default): the shipped weights' recipe; v2: boundaries, "
-                   "warmup-stable-decay, 6 layers, checkpoint chosen on the validation split (docs/reasoner.md)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(TINY_RECIPES), help="v2 (default): the shipped weights' recipe: "
+                   "boundaries, warmup-stable-decay, 6 layers, checkpoint chosen on the validation split; v1: the first weights' (docs/reasoner.md)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="greedy accuracy on the validation split every N steps, to curve.jsonl/curve.png; "
@@ -119,13 +122,13 @@ def add_parser(sub) -> None:
 
     p = command(sub, "train-chat", help="train the built-in tiny-chat model (chat template, blank-line steps, boxed answers) in about a minute", func=cmd_train_chat)
     p.add_argument("--out", help="output directory (default $CASPO_HOME/tiny-chat)")
-    p.add_argument("--data", default=CHAT_DATA, help=f"GSM8K-format JSONL to train on (default {CHAT_DATA})")
+    p.add_argument("--data", help="the GSM8K train split to train on: a JSONL file or a save_to_disk directory (required)")
     p.add_argument("--steps", type=int, default=TinyChatTrainConfig.steps)
     p.add_argument("--seed", type=int, default=0)
 
     p = command(sub, "check-data", help="verify the calculator annotations of a GSM8K-format file", func=cmd_check_data)
     p.add_argument("--task", default="gsm8k")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="a GSM8K-format JSONL file or a save_to_disk directory (required)")
     p.add_argument("--perturb", action="store_true", help="change one number per annotation first (a verifier check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")

@@ -1,10 +1,12 @@
-"""``caspo serve`` and ``caspo solve``: CaT on Ray Serve, and a client that asks it."""
+"""``caspo serve``, ``caspo solve``, ``caspo promote`` and ``caspo rollback``: CaT on Ray Serve, a client that
+asks it, and the operator's choice of which trained version of a loop run it serves."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from pathlib import Path
 
 import ray
 from ray import serve
@@ -19,6 +21,7 @@ from caspo.serve.cat_client import SolveError, solve_grpc, solve_http
 from caspo.serve.deployment import build_app, serve_options
 from caspo.services.security import auth_token
 from caspo.services.server import limit_proxy_messages
+from caspo.trainer.serving import RunError, promote, rollback
 
 
 def cmd_serve(args) -> int:
@@ -36,7 +39,8 @@ def cmd_serve(args) -> int:
         where = "the running mesh's Ray"
     else:
         limit_proxy_messages()
-        ray.init(num_cpus=cfg.mesh.num_cpus, include_dashboard=False, logging_level="WARNING")
+        port = {"_metrics_export_port": cfg.mesh.metrics_export_port} if cfg.mesh.metrics_export_port else {}
+        ray.init(num_cpus=cfg.mesh.num_cpus, include_dashboard=False, logging_level="WARNING", **port)
         where = "a local Ray"
     stop = stop_on_signals()
     print(f"starting CaT on Ray Serve in {where} ...", flush=True)
@@ -97,8 +101,35 @@ def cmd_solve(args) -> int:
     return 0
 
 
+def _version(text: str) -> int:
+    v = text[1:] if text[:1] in ("v", "V") else text
+    if not v.isdigit():
+        raise UsageError(f"VERSION must be a policy version like 3 or v3, got {text!r}")
+    return int(v)
+
+
+def cmd_promote(args) -> int:
+    """Serve a trained version of a loop run now, whatever the gate said."""
+    try:
+        info = promote(Path(args.run_dir), _version(args.version))
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    print(f"serving v{info['version']} ({info['path']}); Serve's replicas reload it within serve.watch_interval_s")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    """Serve the version a loop run served before the current one."""
+    try:
+        info = rollback(Path(args.run_dir))
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    print(f"{info['decision']['reason']}: serving v{info['version']} ({info['path']})")
+    return 0
+
+
 def add_parser(sub) -> None:
-    """The serve, solve subcommands."""
+    """The serve, solve, promote, rollback subcommands."""
     p = command(sub, "serve", help="CaT inference on Ray Serve: HTTP :8000 and gRPC :9000, hot-reloading published policies", func=cmd_serve, config=True)
 
     p = command(sub, "solve", help="ask a running CaT service; prints each step with its confidence, then the answer", func=cmd_solve)
@@ -117,3 +148,10 @@ def add_parser(sub) -> None:
     p.add_argument("--branch-threshold", type=float, help="adaptive cat: nats (default: the server's calibration)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     p.add_argument("--json", action="store_true")
+
+    p = command(sub, "promote", help="serve a trained version of a loop run now (Serve hot-reloads it), whatever the gate said", func=cmd_promote)
+    p.add_argument("run_dir", metavar="RUN", help="the run directory (runs/NAME)")
+    p.add_argument("version", metavar="VERSION", help="the policy version, e.g. 2 or v2 (0: the base policy)")
+
+    p = command(sub, "rollback", help="serve the version a loop run served before the current one", func=cmd_rollback)
+    p.add_argument("run_dir", metavar="RUN", help="the run directory (runs/NAME)")

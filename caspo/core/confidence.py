@@ -1,4 +1,4 @@
-"""Token entropy and step confidence (paper eq. 2 and eq. 4; DESIGN §4).
+"""Token entropy and step confidence (paper eq. 2 and eq. 4; docs/design.md §5).
 
 Every entropy and confidence in the project is computed here and nowhere else.
 """
@@ -81,6 +81,21 @@ def topk_entropy_estimate(logprobs: Sequence[float], vocab_size: int | None = No
     if others <= 0:  # the k tokens are the whole vocabulary: the leftover is rounding error
         return known
     return known - rest * math.log(rest / others)
+
+
+def topk_entropy_estimates(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[float]:
+    """What a top-k engine (vLLM) reports as each position's entropy, computed from full logits (N, V): the
+    position's top-k log-probs together with the given token's (vLLM returns both) put through
+    :func:`topk_entropy_estimate` with the vocabulary size V. For measuring the estimate's bias against
+    :func:`token_entropy` on the same positions."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    vocab = logp.shape[-1]
+    top = logp.topk(min(k, vocab), dim=-1).indices
+    out = []
+    for row, ids, t in zip(logp, top.tolist(), token_ids.tolist()):
+        keep = dict.fromkeys(ids + [int(t)])  # the top k and the token, each once
+        out.append(topk_entropy_estimate(row[list(keep)].tolist(), vocab))
+    return out
 
 
 def verdict_probability(logprob_yes: float, logprob_no: float) -> float:

@@ -29,6 +29,8 @@ class ProposedStep:
     ended: bool = False  # the model ended its output (EOS / length) instead of a delimiter
     entropy_estimate: bool = False  # entropies are a top-k estimate, not the full vocabulary
     verdict: float | None = None  # a critic's probability that the step is right (``critic`` scoring only)
+    # the prompt left no room for a step within the model's context length: nothing was sampled (text "", ended)
+    over_context: bool = False
 
     @property
     def tokens(self) -> int:

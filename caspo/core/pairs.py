@@ -1,4 +1,4 @@
-"""Preference pairs from judged steps: the three-case rule of Algorithm 1 (DESIGN §4, "Pairs").
+"""Preference pairs from judged steps: the three-case rule of Algorithm 1 (docs/design.md §5, "Pairs").
 
 For a sub-question ``prompt`` (question + steps so far along the corrected trajectory) and the
 policy's step ``s`` with step confidence ``c`` (paper eq. 2, ``-mean entropy``, so ``c <= 0``):

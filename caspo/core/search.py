@@ -10,7 +10,7 @@ Methods (all through the same Search):
                  confidence C by c; a step with a final answer puts its branch into the answer set
                  whatever its C (Algorithm 2, lines 10-11), an unfinished branch with C < τ is pruned
                  (line 12), the top K survivors by C stay active; answer = completed branch with the
-                 highest C; none → "no confident answer" (DESIGN §4).
+                 highest C; none → "no confident answer" (docs/design.md §5).
   * ``greedy`` — one branch, temperature 0.
   * ``sc``     — K independent samples (self-consistency), majority vote on final answers.
   * ``bon``    — the same K samples, answer = completed sample with the highest C (best-of-K).
@@ -54,6 +54,9 @@ from caspo.core.steps import final_answer, number_text, parse_number
 METHODS = ("greedy", "sc", "bon", "cat", "wsc")
 BRANCHINGS = ("always", "adaptive")
 NO_CONFIDENT_ANSWER = "no confident answer"
+# why a branch stopped short of an answer (Node.reason): its C under prune_scoring fell below τ, it was
+# outside the ``width`` most confident survivors, or it could no longer beat a completed answer
+DROP_REASONS = ("under_tau", "width", "outranked")
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,8 @@ class Node:
     mean_logprob: float = 0.0
     tokens: int = 0
     status: str = "active"  # active | expanded | completed | pruned | dropped | dead | truncated
+    reason: str = ""  # why pruned or dropped: one of DROP_REASONS
+    uncertainty: float | None = None  # adaptive: the parent's probe uncertainty that decided (vs branch_threshold) whether it branched
 
     def to_dict(self) -> dict:
         return {
@@ -138,6 +143,8 @@ class Node:
             "tokens": self.tokens,
             "status": self.status,
             "branched": self.branched,
+            "reason": self.reason,
+            "uncertainty": self.uncertainty,
         }
 
 
@@ -195,6 +202,7 @@ class Search:
         self._prune_scoring = c.prune_scoring or c.scoring
         self._probes: dict[int, ProposedStep] = {}  # adaptive: this step's greedy probe per live branch
         self._expand: list[int] = []  # adaptive: live branches whose probe was unsure
+        self._uncertainty: dict[int, float] = {}  # adaptive: this step's probe uncertainty per live branch
         if c.method == "greedy":
             self._n_first, self._n_rest, self._tau, self._keep, self._temp = 1, 1, 0.0, 1, 0.0
         elif c.method == "cat":
@@ -242,7 +250,8 @@ class Search:
         if request.phase == "probe":
             self._probes = {nid: cands[0] for nid, cands in zip(request.nodes, proposals)}
             cfg = self.cfg
-            self._expand = [nid for nid in request.nodes if cfg.k > 1 and step_uncertainty(cfg.uncertainty, self._probes[nid].token_entropies) > cfg.branch_threshold]
+            self._uncertainty = {nid: step_uncertainty(cfg.uncertainty, self._probes[nid].token_entropies) for nid in request.nodes}
+            self._expand = [nid for nid in request.nodes if cfg.k > 1 and self._uncertainty[nid] > cfg.branch_threshold]
             if self._expand:
                 return  # the step finishes when the siblings arrive
             self._grow([(nid, [self._probes[nid]]) for nid in request.nodes], branched=set())
@@ -274,6 +283,7 @@ class Search:
                     seen.add(text)
                 node = self._add(parent, cand, text)
                 node.branched = parent_id in branched
+                node.uncertainty = self._uncertainty.get(parent_id)
                 if not text:
                     node.status = "dead"  # the model ended without a step
                     continue
@@ -284,16 +294,17 @@ class Search:
                     self.completed.append(node.id)
                     continue
                 if node.log_P < _log(self._tau):
-                    node.status = "pruned"
+                    node.status, node.reason = "pruned", "under_tau"
                     self.counters["branches_pruned"] += 1
                     continue
                 if cand.ended:
                     node.status = "dead"  # output ended without a final answer
                     continue
                 survivors.append(node)
+        self._uncertainty = {}
         survivors.sort(key=lambda n: -n.log_C)  # stable: ties keep proposal order
         for node in survivors[self._keep :]:
-            node.status = "dropped"
+            node.status, node.reason = "dropped", "width"
             self.counters["branches_dropped"] += 1
         self.active = [n.id for n in survivors[: self._keep]]
         if self.t >= self.cfg.max_steps:
@@ -307,7 +318,7 @@ class Search:
             best = max(self.nodes[i].log_C for i in self.completed)
             if all(self.nodes[i].log_C <= best for i in self.active):
                 for nid in self.active:
-                    self.nodes[nid].status = "dropped"
+                    self.nodes[nid].status, self.nodes[nid].reason = "dropped", "outranked"
                     self.counters["branches_dropped"] += 1
                 self.active = []
 
@@ -478,26 +489,50 @@ class CommittedStep:
     mean_entropy: float
 
 
+@dataclass(frozen=True)
+class TreeUpdate:
+    """The tree's nodes that are new or changed since the last update (``Node.to_dict``; the root, id 0,
+    is never sent), as a stream sends them after each step of the search."""
+
+    nodes: tuple[dict, ...]
+
+
 def _committed_step(index: int, node: Node) -> CommittedStep:
     return CommittedStep(index, node.step, math.exp(node.log_c), math.exp(node.log_C), node.mean_entropy)
 
 
-async def stream_search(search_: Search, proposer, with_tree: bool = False):
+async def stream_search(search_: Search, proposer, with_tree: bool = False, tree_events: bool = False):
     """Drive one search with an async proposer, yielding each ``CommittedStep`` as soon as the search
     commits to it and, last, the ``SearchResult``. The steps yielded are the answer's first steps; the
-    rest of the answer branch is yielded (as committed steps) just before the result."""
+    rest of the answer branch is yielded (as committed steps) just before the result. With
+    ``tree_events``, a ``TreeUpdate`` also follows every model call that changed the tree."""
     loop = drive([search_])
     sent = 0
+    shown: dict[int, dict] = {}  # tree_events: each node as last sent
+
+    def tree_update() -> TreeUpdate | None:
+        if not tree_events:
+            return None
+        changed = [d for d in (n.to_dict() for n in search_.nodes[1:]) if shown.get(d["id"]) != d]
+        shown.update((d["id"], d) for d in changed)
+        return TreeUpdate(tuple(changed)) if changed else None
+
     try:
         batch = next(loop)
         while True:
             proposals = await proposer.propose(*batch)
-            batch = loop.send(proposals)
+            try:
+                batch = loop.send(proposals)
+            finally:  # the last step's update too (the loop ends with StopIteration)
+                update = tree_update()
+            if update:
+                yield update
             for node in search_.committed()[sent:]:
                 yield _committed_step(sent, node)
                 sent += 1
     except StopIteration:
-        pass
+        if update:
+            yield update
     for node in search_.committed()[sent:]:
         yield _committed_step(sent, node)
         sent += 1

@@ -1,4 +1,4 @@
-"""Steps of a solution: splitting, final-answer detection, numeric results (DESIGN §4).
+"""Steps of a solution: splitting, final-answer detection, numeric results (docs/design.md §5).
 
 A step is one line of the solution (empty lines dropped). A step holding a final-answer marker
 (``#### x`` or ``\\boxed{x}``) ends the trajectory.

@@ -24,12 +24,14 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from caspo.config import Config, config_from_dict
+from caspo import telemetry
+from caspo.config import ActorResources, Config, config_from_dict, scorer_backend, service_resources
 from caspo.errors import Unavailable
 from caspo.mesh.registry import HEARTBEAT_S, advertised_address
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
 from caspo.models.worker import ModelWorker
+from caspo.policy_file import read_policy_file
 from caspo.services import critic_servicer, generator_servicer, mesh_servicer, pair_store_servicer, scorer_servicer
 from caspo.services.server import add_port, new_server
 from caspo.store.pair_store import PairStore
@@ -50,11 +52,17 @@ def _torch_threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-def _cuda() -> bool:
-    try:
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
+# the custom resource every Ray head node has (and no other node): asking for a sliver of it pins an actor there
+ON_HEAD = {"node:__internal_head__": 0.001}
+
+
+def actor_options(r: ActorResources) -> dict:
+    """``ray.remote`` options of an actor kind from ``caspo.config.service_resources``: its CPUs, GPUs and
+    custom resources, plus the head pin when it is neither placed on a group nor asking for a GPU."""
+    opts = r.ray_options()
+    if r.on_head:
+        opts["resources"] = {**opts["resources"], **ON_HEAD}
+    return opts
 
 
 class ServiceActor:
@@ -94,9 +102,11 @@ class ServiceActor:
         await self._heartbeat()
 
     async def _heartbeat(self):
-        if not self.registry_name:
-            return
         while True:
+            telemetry.policy_version(self.service, self.policy_version())  # caspo_policy_version
+            if not self.registry_name:
+                await asyncio.sleep(HEARTBEAT_S)
+                continue
             try:
                 reg = ray.get_actor(self.registry_name, namespace=self.cfg.mesh.namespace)
                 await reg.register.remote(self.service, self.address, self.policy_version())
@@ -113,6 +123,21 @@ class ServiceActor:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def devices(self) -> dict:
+        return devices()
+
+
+def devices() -> dict:
+    """The GPUs Ray reserved for the calling actor and what its process sees (``caspo plan``'s claims, checked)."""
+    return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()], "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def published_or(cfg: Config, path: str | None, version: int) -> tuple[str | None, int]:
+    """What a starting (or restarted) policy holder loads: the policy the record (``serve.policy_file``)
+    names when there is one, so a replica that missed a publish comes back on it; else ``path``."""
+    published = read_policy_file(cfg.serve.policy_file) if cfg.serve.policy_file else None
+    return (published[1], published[0]) if published is not None else (path, version)
+
 
 class ReplicaActor:
     """One policy replica: a model backend behind a micro-batching ``ModelWorker``."""
@@ -120,7 +145,15 @@ class ReplicaActor:
     def __init__(self, cfg_dict: dict, num_cpus: float = 1.0, path: str | None = None, version: int = 0):
         cfg = config_from_dict(cfg_dict)
         _torch_threads(num_cpus)
-        self.worker = ModelWorker(make_backend(cfg, path, version), batch_wait_ms=cfg.generator.batch_wait_ms)
+        path, version = published_or(cfg, path, version)
+        self.worker = ModelWorker(make_backend(cfg, path, version), batch_wait_ms=cfg.generator.batch_wait_ms, name="generator")
+
+    async def receive_policy(self, plan: dict, rank: int) -> dict:
+        """Join a publish (caspo/mesh/publisher.py) and switch to its version once all of it is here."""
+        return await self.worker.receive(plan, rank)
+
+    async def state(self, meta: list | None = None) -> dict:
+        return self.worker.state(meta)
 
     async def sample_steps_versioned(self, prompts, n, temperature, seeds):
         return await self.worker.sample_steps_versioned(prompts, n, temperature, seeds)
@@ -129,7 +162,8 @@ class ReplicaActor:
         return await self.worker.score_steps_versioned(prompts, steps)
 
     async def reload(self, path: str, version: int) -> int:
-        await self.worker.reload(path, version)
+        if (path, version) != (self.worker.path, self.worker.version):  # not when the broadcast got here
+            await self.worker.reload(path, version)
         return self.worker.version
 
     async def version(self) -> int:
@@ -137,6 +171,9 @@ class ReplicaActor:
 
     async def pid(self) -> int:
         return os.getpid()
+
+    async def devices(self) -> dict:
+        return devices()
 
 
 class ReplicaClient:
@@ -177,19 +214,18 @@ class ReplicaClient:
 class GeneratorActor(ServiceActor):
     service = "generator"
 
-    def __init__(self, cfg_dict: dict, registry_name: str | None = None, replica_cpus: float = 0.5):
-        self.replica_cpus = replica_cpus
+    def __init__(self, cfg_dict: dict, registry_name: str | None = None):
         self.replicas = []
         self.workers: list[ReplicaClient] = []
         super().__init__(cfg_dict, registry_name)
 
     async def build(self, server):
-        # a replica holds one model: tensor-parallel over model.tensor_parallel_size GPUs
-        opts = {"num_gpus": self.cfg.model.tensor_parallel_size} if _cuda() else {"num_cpus": self.replica_cpus}
-        if self.cfg.mesh.placement.get("generator"):  # the replicas hold the models: pin them to their group
-            opts["resources"] = dict(self.cfg.mesh.placement["generator"])
-        Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **opts)(ReplicaActor)
-        self.replicas = [Replica.remote(self.cfg.to_dict(), self.replica_cpus) for _ in range(self.cfg.generator.replicas)]
+        # a replica holds one model and asks for what the config says it needs (its GPUs on model.device
+        # cuda: tensor_parallel_size for vLLM), on the group mesh.placement names; never what this actor,
+        # pinned to the head, happens to see
+        r = service_resources(self.cfg)["generator"]
+        Replica = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64, **actor_options(r))(ReplicaActor)
+        self.replicas = [Replica.remote(self.cfg.to_dict(), r.num_cpus) for _ in range(r.count)]
         versions = await asyncio.gather(*(r.version.remote() for r in self.replicas))
         self.workers = [ReplicaClient(r, v) for r, v in zip(self.replicas, versions)]
         self.servicer = generator_servicer.GeneratorServicer(self.workers, self.cfg.generator)
@@ -197,6 +233,20 @@ class GeneratorActor(ServiceActor):
 
     def policy_version(self) -> int:
         return min((w.version for w in self.workers), default=0)
+
+    async def replica_handles(self) -> list:
+        return list(self.replicas)
+
+    async def refresh_versions(self) -> int:
+        """Ask every replica its version (after a publish that went to them directly)."""
+        versions = await asyncio.gather(*(r.version.remote() for r in self.replicas))
+        for w, v in zip(self.workers, versions):
+            w._version = v
+        return self.policy_version()
+
+    async def replica_devices(self) -> list[dict]:
+        return list(await asyncio.gather(*(r.devices.remote() for r in self.replicas)))
+
 
 class ScorerActor(ServiceActor):
     service = "scorer"
@@ -207,12 +257,21 @@ class ScorerActor(ServiceActor):
 
     async def build(self, server):
         _torch_threads(self.num_cpus)
-        backend = await asyncio.to_thread(make_backend, self.cfg)
-        self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
+        path, version = published_or(self.cfg, None, 0)
+        backend = await asyncio.to_thread(make_backend, self.cfg, path, version, scorer_backend(self.cfg))
+        self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms, name="scorer")
         scorer_servicer.add_to_server(server, scorer_servicer.ScorerServicer(self.worker, self.cfg.scorer))
 
     def policy_version(self) -> int:
         return self.worker.version if hasattr(self, "worker") else 0
+
+    async def receive_policy(self, plan: dict, rank: int) -> dict:
+        await self._ready.wait()
+        return await self.worker.receive(plan, rank)
+
+    async def state(self, meta: list | None = None) -> dict:
+        await self._ready.wait()
+        return self.worker.state(meta)
 
 
 class CriticActor(ServiceActor):
@@ -224,7 +283,7 @@ class CriticActor(ServiceActor):
             _torch_threads(0.5)
             backend = await asyncio.to_thread(make_backend, self.cfg, self.cfg.critic.model)
             prompter = prompter_for_backend(backend, task)
-            worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms)
+            worker = self.worker = ModelWorker(backend, batch_wait_ms=self.cfg.generator.batch_wait_ms, name="critic")
             if self.cfg.critic.kind == "judge":
                 critic = JudgeCritic(worker, prompter.chat, prompter, self.cfg.critic.threshold)
             else:
@@ -232,6 +291,12 @@ class CriticActor(ServiceActor):
         else:
             critic = ExactCritic(task)
         critic_servicer.add_to_server(server, critic_servicer.CriticServicer(critic, self.cfg.critic))
+
+
+    async def receive_policy(self, plan: dict, rank: int) -> dict:
+        """When the critic's model is the policy (caspo/mesh/publisher.py subscribes it then)."""
+        await self._ready.wait()
+        return await self.worker.receive(plan, rank)
 
 
 class PairStoreActor(ServiceActor):

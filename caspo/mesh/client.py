@@ -2,8 +2,8 @@
 
 Addresses come from the registry; a call that finds its service UNAVAILABLE (killed, restarting on a
 new port, Redis down behind the pair store) re-resolves the address and retries with backoff.
-Publishing a policy is one call too: ``publish`` reloads the generator pool and the scorer and
-writes the file CaT's Serve replicas watch.
+Publishing a policy through the file is one call too: ``publish`` reloads the generator pool and the
+scorer and writes the file CaT's Serve replicas watch (over the tensor transport: caspo/mesh/publisher.py).
 """
 
 from __future__ import annotations
@@ -163,12 +163,16 @@ class MeshClient:
         """Make the checkpoint at ``path`` policy ``version`` everywhere: the generator pool and the scorer
         reload it (requests in flight finish on the old weights), then ``policy_file`` names it for CaT's
         Serve replicas (None: no Serve watches one). Returns the version each service reports."""
-        req = generator_pb2.ReloadRequest(version=version, path=path)
-        generator = await self.call("generator", generator_pb2_grpc.GeneratorStub, "Reload", req)
-        scorer = await self.call("scorer", scorer_pb2_grpc.ConfidenceScorerStub, "Reload", req)
+        versions = {service: await self.reload(service, version, path) for service in ("generator", "scorer")}
         if policy_file is not None:
             write_policy_file(policy_file, version, path)
-        return {"generator": generator.policy_version, "scorer": scorer.policy_version}
+        return versions
+
+    async def reload(self, service: str, version: int, path: str) -> int:
+        """``service`` (generator or scorer) loads the checkpoint at ``path`` as ``version``; the version it reports."""
+        stub = {"generator": generator_pb2_grpc.GeneratorStub, "scorer": scorer_pb2_grpc.ConfidenceScorerStub}[service]
+        req = generator_pb2.ReloadRequest(version=version, path=path)
+        return (await self.call(service, stub, "Reload", req)).policy_version
 
 
 def _prompts(texts, seeds) -> list[common_pb2.Prompt]:

@@ -18,15 +18,13 @@ from typing import Callable, Iterator
 
 import ray
 
-from caspo.config import Config
+from caspo.config import Config, service_resources
 from caspo.mesh import actors
+from caspo.mesh.actors import ON_HEAD, actor_options
 from caspo.mesh.registry import REGISTRY_NAME, registry_actor
 from caspo.mesh.state import MeshError, pid_alive, read_state, running_mesh, state_path, write_state
 from caspo.services.server import limit_proxy_messages
 from caspo.store.redis_server import redis_url_or_start
-
-# the custom resource every Ray head node has (and no other node): asking for a sliver of it pins an actor there
-ON_HEAD = {"node:__internal_head__": 0.001}
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +62,8 @@ class MeshRunner:
             if address:
                 ray.init(address=address, **kwargs)
             else:
+                if cfg.mesh.metrics_export_port is not None:  # where Prometheus scrapes this node
+                    kwargs["_metrics_export_port"] = cfg.mesh.metrics_export_port
                 ray.init(num_cpus=cfg.mesh.num_cpus, **kwargs)
             self._started_ray = True
         ns = cfg.mesh.namespace
@@ -73,13 +73,13 @@ class MeshRunner:
         self.registry = registry_actor().options(name=REGISTRY_NAME, namespace=ns, resources=dict(ON_HEAD)).remote(cfg.mesh.host)
         self.registry_address = ray.get(self.registry.ready.remote())
 
-        def remote(cls, name, **opts):
-            # the generator pool's models live in its replica actors, which take its placement themselves
-            if cfg.mesh.placement.get(name) and name != "generator":
-                opts["resources"] = dict(cfg.mesh.placement[name])
-            else:  # the pair store, and the generator's pool front (its replicas take the placement)
-                opts["resources"] = dict(ON_HEAD)
-            return ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0, **opts)(cls).options(
+        wants = service_resources(cfg)
+
+        def remote(cls, name):
+            # each service asks for what caspo.config.service_resources says (its GPUs, its group); the
+            # generator's pool front holds no model and stays on the head: its replicas ask for theirs
+            opts = {"num_cpus": 0, "resources": dict(ON_HEAD)} if name == "generator" else actor_options(wants[name])
+            return ray.remote(max_restarts=-1, max_task_retries=-1, **opts)(cls).options(
                 name=actors.ACTOR_NAMES[name], namespace=ns
             )
 

@@ -13,12 +13,36 @@ class ModelLoadError(ValueError):
     """A model path or id that holds no loadable model. The message names the path."""
 
 
+# config.json keys that hold a model's context length in tokens, in the order they are trusted
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len")
+
+
+def context_length(model_config: dict) -> int | None:
+    """A model's context length in tokens from its ``config.json`` (a multimodal model's ``text_config``
+    first); None when it names none."""
+    for cfg in (model_config.get("text_config") or {}, model_config):
+        for key in CONTEXT_KEYS:
+            v = cfg.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+class ContextLengthError(ValueError):
+    """An item longer than the model's context length (the message names the limit)."""
+
+    def __init__(self, need: int, limit: int, what: str = "prompt"):
+        super().__init__(f"{what} needs {need} tokens; the model's context length (model.max_model_len) is {limit}")
+        self.need, self.limit = need, limit
+
+
 @dataclass(frozen=True)
 class StepScore:
     """Teacher-forced scores of a given step's tokens (step text plus its delimiter)."""
 
     token_entropies: tuple[float, ...]
     token_logprobs: tuple[float, ...]
+    over_context: bool = False  # prompt + step exceed the model's context length: not scored (empty)
 
     @property
     def tokens(self) -> int:
@@ -44,8 +68,31 @@ class Backend(Protocol):
         """Exact per-token entropies and log-probs of ``steps[i]`` after ``prompts[i]`` in one
         batched teacher-forced pass."""
 
+    def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
+        """For each prompt, the exact log-prob of each answer's first token at the one position after the prompt
+        (a judge's Yes/No verdict reads nothing else): one request per prompt, no other position scored."""
+
     def reload(self, path: str, version: int) -> None:
         """Swap weights; requests already running finish on the weights they started with."""
+
+    def load_weights(self, weights, version: int, path: str) -> None:
+        """Swap to weights given as ``(name, tensor)`` pairs (a publish over caspo.models.transport), once
+        all of them have arrived; requests already running finish on the weights they started with."""
+
+    # context length in tokens (prompt + step; None: unknown, nothing is checked); with ``tokenizer``,
+    # ``add_special_tokens``, ``delimiter`` and ``max_step_tokens`` what item_tokens counts with
+    max_model_len: int | None
+
+
+def item_tokens(backend, prompt: str, step: str | None = None, new_tokens: int | None = None) -> int:
+    """Tokens an item needs in the model's context: the prompt's as the backend encodes it, plus the given
+    step's with its delimiter (scoring) or room for ``new_tokens`` new ones (sampling: default
+    ``max_step_tokens``; a judge's answer: 1)."""
+    tok = backend.tokenizer
+    need = len(tok.encode(prompt, add_special_tokens=backend.add_special_tokens))
+    if step is None:
+        return need + (backend.max_step_tokens if new_tokens is None else new_tokens)
+    return need + len(tok.encode(step.strip() + backend.delimiter, add_special_tokens=False))
 
 
 def prefix_text(prompt: Callable[[str], str], question: str, steps: Sequence[str], delimiter: str | None = None) -> str:

@@ -12,16 +12,16 @@ import inspect
 import logging
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caspo.config import SYSTEM_PROMPT
 from caspo.core.contract import ProposedStep, derive_seed
-from caspo.core.confidence import token_entropy, token_logprobs
+from caspo.core.confidence import token_entropy, token_logprobs, topk_entropy_estimates
 from caspo.core.steps import DEFAULT_DELIMITER
-from caspo.models.base import ModelLoadError, StepScore
+from caspo.models.base import ModelLoadError, StepScore, context_length
 from caspo.models.tiny import resolve_tiny
 from caspo.models.tiny_chat import resolve_tiny_chat
 
@@ -47,6 +47,22 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelLoadError(f"no model at {name_or_path}: the path does not exist")
     return name_or_path
+
+
+def local_model_path(name_or_path: str, field: str = "model.policy") -> str:
+    """``resolve_model_path`` for what must be a local directory (the policy the loop trains: DPO and
+    publishing read ``config.json`` from disk): a hub id is refused at once, in one line naming ``field``,
+    rather than after a whole data round when DPO first needs the directory."""
+    try:
+        path = resolve_model_path(name_or_path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{field}: {e}") from None
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(
+            f"{field}: {name_or_path!r} is a hub id, not a local model directory; the loop trains the policy with DPO, "
+            f"which needs one: download it first (huggingface-cli download {name_or_path} --local-dir DIR) and set {field} to DIR"
+        )
+    return path
 
 
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None):
@@ -86,6 +102,21 @@ class _Weights:
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _empty_like(model):
+    """A model of ``model``'s architecture, dtype and device with its memory allocated but not filled
+    (what a publish fills; cheaper than copying the old weights first), non-persistent buffers
+    (rotary frequencies) copied, tied weights tied."""
+    p = next(model.parameters())
+    with torch.device("meta"):
+        empty = type(model)(model.config)
+    empty = empty.to(p.dtype).to_empty(device=p.device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            empty.get_buffer(name).copy_(buf)
+    empty.tie_weights()
+    return empty.eval()
+
+
 class HFBackend:
     name = "hf"
 
@@ -99,6 +130,7 @@ class HFBackend:
         device: str | None = None,
         prompt_format: str = "plain",
         system_prompt: str = SYSTEM_PROMPT,
+        max_model_len: int | None = None,
     ):
         self.delimiter = delimiter
         self.prompt_format = prompt_format  # chat: prompts come from the chat template, special tokens included
@@ -109,6 +141,8 @@ class HFBackend:
         self.device_name = device
         self._lock = threading.Lock()
         self._w = self._load(path, version)
+        # the context length: given (model.max_model_len), else the model's own (max_position_embeddings, ...)
+        self.max_model_len = max_model_len or context_length(self._w.model.config.to_dict())
         # False only to measure what the entropies cost (bench overhead suite): steps then carry zeros
         self.compute_entropy = True
         # True: each prompt is prefilled once and its KV cache shared by its n samples; False (to measure
@@ -116,6 +150,7 @@ class HFBackend:
         self.share_prefill = True
         self.forward_passes = 0  # model forward calls so far (prefills and decode steps)
         self.prefill_rows = 0  # prompt rows prefilled so far
+        self.disk_loads = 1  # checkpoints read from disk so far (a publish over the transport reads none)
 
     def _load(self, path: str, version: int) -> _Weights:
         resolved = resolve_model_path(path)
@@ -140,9 +175,41 @@ class HFBackend:
 
     def reload(self, path: str, version: int) -> None:
         new = self._load(path, version)  # load outside the lock: serving goes on meanwhile
+        self.disk_loads += 1
         with self._lock:
             self._w = new
         log.info("reloaded policy version %d from %s", version, new.path)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int, path: str) -> None:
+        """Switch to ``version`` from tensors (name, tensor) as they arrive (caspo.models.transport): they
+        fill a copy of the current model, converted to its dtype and device, while requests keep running on
+        the current one; the switch happens once ``weights`` is exhausted without error, so a broadcast that
+        fails or arrives corrupted leaves the replica serving what it had. ``path`` is the checkpoint these
+        weights are (what ``path`` reports)."""
+        cur = self._w
+        model = _empty_like(cur.model)
+        params = model.state_dict(keep_vars=True)  # every name, tied ones included: the publisher's names
+        filled: set[int] = set()
+        with torch.no_grad():
+            for name, t in weights:
+                if name not in params:
+                    raise ModelLoadError(f"received weight {name!r} is not a parameter of the served model")
+                p = params[name]
+                if tuple(p.shape) != tuple(t.shape):
+                    raise ModelLoadError(f"received weight {name!r} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
+                p.copy_(t)  # the receiving side's dtype and device
+                filled.add(p.data_ptr())
+            old = cur.model.state_dict()
+            for name, p in params.items():  # what was not sent (and is not tied to what was) stays as it is
+                if p.data_ptr() not in filled:
+                    p.copy_(old[name])
+        new = _Weights(model, cur.tok, self.delimiter, version, path)
+        with self._lock:
+            self._w = new
+        log.info("switched to policy version %d over the transport", version)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._w.model.state_dict()
 
     # ---- sampling ----------------------------------------------------------------------------
     def _encode_left(self, w: _Weights, texts: Sequence[str]):
@@ -284,29 +351,80 @@ class HFBackend:
             out += self._score_chunk(w, prompts[s : s + self.max_batch_rows], steps[s : s + self.max_batch_rows])
         return out
 
-    def _score_chunk(self, w: _Weights, prompts, steps) -> list[StepScore]:
+    def step_sequences(self, prompts: Sequence[str], steps: Sequence[str], tok=None) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """Token ids of each prompt followed by its step (``step.strip()`` plus the delimiter) and the step's span
+        ``(start, n)``: what :func:`teacher_forced` scores."""
+        tok = tok or self._w.tok
         seqs, spans = [], []
         for p, st in zip(prompts, steps):
-            pi = w.tok.encode(p, add_special_tokens=self.add_special_tokens)
-            si = w.tok.encode(st.strip() + self.delimiter, add_special_tokens=False)
+            pi = tok.encode(p, add_special_tokens=self.add_special_tokens)
+            si = tok.encode(st.strip() + self.delimiter, add_special_tokens=False)
             seqs.append(pi + si)
             spans.append((len(pi), len(si)))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), w.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, sq in enumerate(seqs):  # right padding: positions are plain 0..L-1
-            ids[i, : len(sq)] = torch.tensor(sq)
-            mask[i, : len(sq)] = 1
-        ids, mask = ids.to(w.device), mask.to(w.device)
-        logits = w.model(input_ids=ids, attention_mask=mask).logits
-        # logits at position t predict token t+1
-        pred, target = logits[:, :-1], ids[:, 1:]
-        tmask = torch.zeros_like(target)
-        for i, (pl, sl) in enumerate(spans):
-            tmask[i, pl - 1 : pl - 1 + sl] = 1
-        h = token_entropy(pred, tmask)
-        lp = token_logprobs(pred, target, tmask)
-        out = []
-        for i, (pl, sl) in enumerate(spans):
-            out.append(StepScore(tuple(h[i, pl - 1 : pl - 1 + sl].tolist()), tuple(lp[i, pl - 1 : pl - 1 + sl].tolist())))
+        return seqs, spans
+
+    def _score_chunk(self, w: _Weights, prompts, steps) -> list[StepScore]:
+        seqs, spans = self.step_sequences(prompts, steps, w.tok)
+        return [StepScore(tuple(h), tuple(lp)) for h, lp in teacher_forced(w.model, seqs, spans, w.tok.pad_token_id)]
+
+    @torch.inference_mode()
+    def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
+        w = self._w
+        wanted = torch.tensor(first_tokens(w.tok, answers), device=w.device)
+        out: list[list[float]] = []
+        for s in range(0, len(prompts), self.max_batch_rows):
+            ids, mask = self._encode_left(w, prompts[s : s + self.max_batch_rows])
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = w.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+            self.forward_passes += 1
+            rows = logits.unsqueeze(1).expand(-1, len(answers), -1)
+            out += token_logprobs(rows, wanted.expand(logits.shape[0], -1)).tolist()
         return out
+
+
+def first_tokens(tok, answers: Sequence[str]) -> list[int]:
+    """The first token id of each answer as it is encoded after a prompt (no special tokens), as ``score_steps``
+    encodes a step."""
+    ids = []
+    for a in answers:
+        enc = tok.encode(a, add_special_tokens=False)
+        if not enc:
+            raise ValueError(f"answer {a!r} encodes to no tokens")
+        ids.append(enc[0])
+    return ids
+
+
+@torch.inference_mode()
+def teacher_forced(model, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], pad_id: int, entropies: bool = True, topk: int | None = None) -> list[tuple]:
+    """The one teacher-forced pass of the project: for each token sequence ``seqs[i]`` and its span ``spans[i] =
+    (start, n)``, the per-token entropies (paper eq. 2's H, exact over the vocabulary; empty when ``entropies`` is
+    False) and log-probs of tokens ``start .. start+n-1`` given the tokens before them, from one right-padded
+    forward pass (positions plain 0..L-1). The scorer scores steps with it and DPO computes its reference log-probs
+    with it; the formulas are :func:`caspo.core.confidence.token_entropy` and ``token_logprobs``. With ``topk``
+    each tuple also holds what a top-k engine would report as the entropies (``topk_entropy_estimates``: the
+    estimate's bias is measured against the exact values)."""
+    if any(start < 1 for start, _ in spans):
+        raise ValueError("a scored span must start after at least one token: its first token needs a context")
+    device = next(model.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, sq in enumerate(seqs):
+        ids[i, : len(sq)] = torch.tensor(list(sq), dtype=torch.long)
+        mask[i, : len(sq)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    # logits at position t predict token t+1
+    pred, target = logits[:, :-1], ids[:, 1:]
+    tmask = torch.zeros_like(target)
+    for i, (start, n) in enumerate(spans):
+        tmask[i, start - 1 : start - 1 + n] = 1
+    h = token_entropy(pred, tmask).tolist() if entropies else None
+    lp = token_logprobs(pred, target, tmask).tolist()
+    out = []
+    for i, (start, n) in enumerate(spans):
+        row = (h[i][start - 1 : start - 1 + n] if h is not None else [], lp[i][start - 1 : start - 1 + n])
+        if topk is not None:
+            row += (topk_entropy_estimates(pred[i, start - 1 : start - 1 + n], target[i, start - 1 : start - 1 + n], topk),)
+        out.append(row)
+    return out

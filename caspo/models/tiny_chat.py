@@ -9,13 +9,16 @@ system prompt, the question as the user turn, and as the assistant turn the solu
 by blank lines (calculator annotations dropped), ending with ``The answer is $\\boxed{x}$.``. Its
 answers are mostly wrong; that every stage runs the real path with it is what it is for.
 
-``caspo train-chat`` runs :func:`train_tiny_chat`. A copy trained with the defaults ships in
+``caspo train-chat --data PATH`` runs :func:`train_tiny_chat` on the GSM8K train split the user names (a
+JSONL file or a ``save_to_disk`` directory; there is no default). A copy trained with the defaults on the
+full train split (7,473 problems; its sha256 is in ``train_meta.json``) ships in
 ``caspo/models/tiny_chat_weights``; ``tiny-chat`` resolves to ``$CASPO_HOME/tiny-chat`` when one was
 trained there, else to the shipped copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -31,10 +34,9 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from caspo.config import SYSTEM_PROMPT
 from caspo.models.tiny import caspo_home
-from caspo.tasks.gsm8k import load_jsonl
+from caspo.tasks.gsm8k import load_gsm8k
 
 SHIPPED_CHAT_DIR = Path(__file__).parent / "tiny_chat_weights"
-DEFAULT_DATA = "/work/shared/data/gsm8k/train.jsonl"
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -108,16 +110,31 @@ def _examples(tokenizer, data, seq_len: int):
     return out
 
 
-def train_tiny_chat(cfg: TinyChatTrainConfig, out_dir: str | Path, data: str = DEFAULT_DATA, progress: bool = True) -> Path:
-    """Train tiny-chat from scratch into ``out_dir`` (seeded: the same data and settings give the same model
-    on one machine)."""
+def describe_data(path: str | Path, problems: int) -> dict:
+    """What a model was trained on, without the path of the machine it was trained on: the file's (or the
+    save_to_disk directory's) name, the sha256 of its bytes (a directory: of its files, in name order)
+    and how many problems it held."""
+    p = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return {"name": p.name, "sha256": h.hexdigest(), "problems": problems}
+
+
+def train_tiny_chat(cfg: TinyChatTrainConfig, out_dir: str | Path, data: str | Path, progress: bool = True) -> Path:
+    """Train tiny-chat from scratch into ``out_dir`` on the GSM8K problems at ``data`` (a JSONL file or a
+    ``save_to_disk`` directory); seeded: the same data and settings give the same model on one machine."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    problems = load_jsonl(data)
+    problems = load_gsm8k(data)
     texts = [p.question for p in problems] + [chat_solution(p.gold_steps) for p in problems] + [SYSTEM_PROMPT, "Yes", "No"]
     tokenizer = build_chat_tokenizer(texts, cfg.vocab_size)
     model = Qwen2ForCausalLM(
@@ -167,7 +184,7 @@ def train_tiny_chat(cfg: TinyChatTrainConfig, out_dir: str | Path, data: str = D
     _template_into_config(out)
     meta = {
         "config": asdict(cfg),
-        "data": str(data),
+        "data": describe_data(data, len(problems)),
         "final_loss_ema": loss_ema,
         "train_seconds": round(time.time() - t0, 1),
         "parameters": sum(p.numel() for p in model.parameters()),

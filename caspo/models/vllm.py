@@ -1,7 +1,7 @@
 """vLLM backend (GPU workers only, extra ``gpu``): step sampling and teacher-forced scoring on ``vllm.LLM``.
 
-Same contract as :class:`caspo.models.hf.HFBackend`, with one documented difference (DESIGN §4, "vLLM
-entropy"): vLLM hands back only the top-k log-probs of a position, not its logits, so every entropy this
+Same contract as :class:`caspo.models.hf.HFBackend`, with one documented difference (docs/design.md §5,
+"vLLM entropy"): vLLM hands back only the top-k log-probs of a position, not its logits, so every entropy this
 backend reports is a **top-k estimate** from :func:`caspo.core.confidence.topk_entropy_estimate` with the
 tail spread uniformly over the rest of the vocabulary (an upper bound that is close for peaked
 distributions), and sampled steps carry ``entropy_estimate=True``. The exact value comes from the
@@ -40,8 +40,8 @@ from caspo.config import SYSTEM_PROMPT
 from caspo.core.contract import ProposedStep, derive_seed
 from caspo.core.confidence import topk_entropy_estimate
 from caspo.core.steps import DEFAULT_DELIMITER
-from caspo.models.base import ModelLoadError, StepScore
-from caspo.models.hf import resolve_model_path
+from caspo.models.base import ModelLoadError, StepScore, context_length
+from caspo.models.hf import first_tokens, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,20 @@ class WeightReloadExtension:
                     for name in st.keys():
                         yield name, st.get_tensor(name)
 
-        runner = self.model_runner  # type: ignore[attr-defined]  (set by vLLM's worker)
-        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-        model.load_weights(weights=weights())
+        self._caspo_model().load_weights(weights=weights())
         torch.cuda.synchronize()
         return len(files)
+
+    def caspo_load_tensors(self, named: list) -> int:
+        """One bucket of a publish over the transport (caspo.models.transport): ``(name, tensor)`` pairs
+        handed to the model's ``load_weights``, which converts them to the engine's dtype and device."""
+        self._caspo_model().load_weights(weights=iter(named))
+        torch.cuda.synchronize()
+        return len(named)
+
+    def _caspo_model(self):
+        runner = self.model_runner  # type: ignore[attr-defined]  (set by vLLM's worker)
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
 
 def _step_end(text: str, delimiter: str) -> int | None:
@@ -135,6 +144,7 @@ class VLLMBackend:
         prompt_format: str = "plain",
         system_prompt: str = SYSTEM_PROMPT,
         gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
         **llm_kwargs: Any,
     ):
         if topk < 1:
@@ -163,7 +173,12 @@ class VLLMBackend:
             raise ModelLoadError(f"cannot load a model from {resolved}: {str(e).splitlines()[0]}") from e
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.vocab_size = int(getattr(text_cfg, "vocab_size", 0) or len(self._tok))
+        # the context length: given (model.max_model_len), else the model's own; vLLM gets it as max_model_len so
+        # its KV cache is sized for it and ModelWorker refuses longer items alone before they reach generate()
+        self.max_model_len = max_model_len or context_length(cfg.to_dict())
         kwargs = dict(llm_kwargs)
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
         kwargs["max_logprobs"] = max(int(kwargs.get("max_logprobs", 20)), topk)
         ext = WeightReloadExtension
         kwargs.setdefault("worker_extension_cls", f"{ext.__module__}.{ext.__qualname__}")
@@ -213,6 +228,30 @@ class VLLMBackend:
             self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
             self._path, self._version = resolved, version
         log.info("reloaded policy version %d from %s (vllm, in place)", version, resolved)
+
+    def load_weights(self, weights, version: int, path: str, bucket_bytes: int = 1 << 28) -> None:
+        """Switch to ``version`` from received tensors (caspo.models.transport): staged on the CPU until the
+        whole version is here and its checksum holds, then handed to the engine's ``load_weights`` through
+        ``collective_rpc`` bucket by bucket (the reload path without the file), then the prefix cache is
+        reset. Not run here yet: vLLM needs a GPU (docs/benchmarks.md says what has run)."""
+        staged = [(name, t.to("cpu", copy=True)) for name, t in weights]  # exhausting it checks the checksum
+        with self._lock:
+            try:
+                bucket, size = [], 0
+                for name, t in staged:
+                    bucket.append((name, t))
+                    size += t.numel() * t.element_size()
+                    if size >= bucket_bytes:
+                        self.llm.collective_rpc("caspo_load_tensors", args=(bucket,))
+                        bucket, size = [], 0
+                if bucket:
+                    self.llm.collective_rpc("caspo_load_tensors", args=(bucket,))
+            except Exception as e:  # noqa: BLE001 - the worker's error arrives wrapped; keep its first line
+                why = str(e).splitlines()[0] if str(e) else repr(e)
+                raise ModelLoadError(f"cannot load received weights of v{version}: {why}") from e
+            self.llm.reset_prefix_cache()
+            self._path, self._version = path, version
+        log.info("switched to policy version %d over the transport (vllm, in place)", version)
 
     # ---- sampling ----------------------------------------------------------------------------
     def _position(self, lps: dict, token_id: int) -> tuple[float, float]:
@@ -307,6 +346,30 @@ class VLLMBackend:
                 r.ended = True  # EOS, a stop token, or the token budget ran out
             pending = still
             rnd += 1
+
+    # ---- a judge's answer -----------------------------------------------------------------------
+    def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
+        """Exact log p of each answer's first token after each prompt, without ``prompt_logprobs``: a one-token
+        greedy request per (prompt, answer) with ``allowed_token_ids=[that token]`` and ``logprobs=0``. vLLM's V1
+        sampler computes the returned log-probs from the raw logits before it applies ``allowed_token_ids``
+        (``logprobs_mode`` raw_logprobs, its default) and always returns the sampled token's, so the forced token's
+        value is its full-vocabulary log-prob. The answers go in one ``generate`` call each, in turn, so every
+        answer after the first finds the prompt's KV blocks in the prefix cache (requests with
+        ``prompt_logprobs`` skip that cache): one prefill per prompt."""
+        if not prompts:
+            return []
+        ids = [{"prompt_token_ids": self._tok.encode(p, add_special_tokens=self.add_special_tokens)} for p in prompts]
+        out: list[list[float]] = [[] for _ in prompts]
+        for t in first_tokens(self._tok, answers):
+            params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[t])
+            with self._lock:
+                outs = self.llm.generate(ids, params, use_tqdm=False)
+            for row, o in zip(out, outs):
+                lps = o.outputs[0].logprobs[0]
+                if t not in lps:
+                    raise RuntimeError(f"vLLM returned no log-prob for the forced token {t}")
+                row.append(float(lps[t].logprob))
+        return out
 
     # ---- teacher-forced scoring ---------------------------------------------------------------
     def score_steps(self, prompts: Sequence[str], steps: Sequence[str]) -> list[StepScore]:

@@ -25,20 +25,25 @@ deadline) is cancelled by Serve, and its search stops at its next step.
 
 Hot reload: each replica watches ``serve.policy_file`` (``runs/NAME/policy.json``, written when
 ``caspo loop`` publishes a policy) and loads the version it names in a thread while it keeps
-answering; model calls already running finish on the weights they started with. Every response
-carries the ``policy_version`` that wrote its last step (a search that spans a reload may have taken
+answering; model calls already running finish on the weights they started with. A publish over the
+tensor transport (caspo/mesh/publisher.py) reaches the replica's worker directly
+(``caspo.models.worker.receive_published``) and switches it once all of the new version has arrived;
+the watcher then finds the file naming the version it already serves. Every response carries the
+``policy_version`` that wrote its last step (a search that spans a reload may have taken
 its earlier steps from the previous version).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import grpc
 from ray import serve
 
-from caspo.config import Config, config_from_dict, load_config
+from caspo import telemetry
+from caspo.config import Config, config_from_dict, load_config, service_resources
 from caspo.core.search import CommittedStep
 from caspo.errors import BadRequest
 from caspo.protos.v1 import cat_pb2
@@ -48,6 +53,7 @@ from caspo.serve.params import SolveParams
 from caspo.serve.request_errors import Unauthenticated
 from caspo.serve.service import CaTService
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
+from caspo.services.server import status_name
 
 GRPC_SERVICER = "caspo.serve.proxy.add_CaTServicer_to_server"  # parse errors -> INVALID_ARGUMENT
 DEPLOYMENT = "CaT"
@@ -77,18 +83,34 @@ class CaTServer:
             raise
 
     async def Solve(self, request, grpc_context):  # noqa: N802 - the RPC's name
-        params = self._grpc_params(request, grpc_context)
-        res, steps, version, seconds = await self.service.solve(params)
-        return response_proto(res, steps, params, version, seconds)
+        t0, status = time.perf_counter(), "INTERNAL"
+        try:
+            params = self._grpc_params(request, grpc_context)
+            res, steps, version, seconds = await self.service.solve(params)
+            status = "OK"
+            return response_proto(res, steps, params, version, seconds)
+        except (BadRequest, Unauthenticated):
+            status = status_name(grpc_context)
+            raise
+        finally:
+            telemetry.grpc_request(DEPLOYMENT, "Solve", time.perf_counter() - t0, status)
 
     async def SolveStream(self, request, grpc_context):  # noqa: N802 - the RPC's name
-        params = self._grpc_params(request, grpc_context)
-        async for ev in self.service.events(params):
-            if isinstance(ev, CommittedStep):
-                yield cat_pb2.SolveEvent(step=step_proto(ev))
-            else:
-                res, steps, version, seconds = ev
-                yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
+        t0, status = time.perf_counter(), "INTERNAL"
+        try:
+            params = self._grpc_params(request, grpc_context)
+            async for ev in self.service.events(params):
+                if isinstance(ev, CommittedStep):
+                    yield cat_pb2.SolveEvent(step=step_proto(ev))
+                else:
+                    res, steps, version, seconds = ev
+                    yield cat_pb2.SolveEvent(result=response_proto(res, steps, params, version, seconds))
+            status = "OK"
+        except (BadRequest, Unauthenticated):
+            status = status_name(grpc_context)
+            raise
+        finally:
+            telemetry.grpc_request(DEPLOYMENT, "SolveStream", time.perf_counter() - t0, status)
 
     def check_health(self) -> None:  # Serve calls this; a replica whose watcher died is restarted
         self.service.check()
@@ -108,7 +130,8 @@ def build_app(cfg: Config):
             "max_replicas": sv.max_replicas,
             "target_ongoing_requests": sv.target_ongoing_requests,
         },
-        ray_actor_options={"num_cpus": sv.num_cpus, "num_gpus": sv.num_gpus},
+        # serve.num_cpus, and serve.num_gpus or the GPUs model.device asks for (caspo.config.service_resources)
+        ray_actor_options=service_resources(cfg)["serve"].ray_options(),
     ).bind(cfg.to_dict())
 
 

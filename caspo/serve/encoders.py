@@ -4,10 +4,11 @@ schemas.py."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 
-from caspo.core.search import CommittedStep, SearchResult
+from caspo.core.search import CommittedStep, SearchConfig, SearchResult, TreeUpdate
 from caspo.protos.v1 import cat_pb2
 from caspo.serve.params import SolveParams
 
@@ -39,6 +40,20 @@ def result_json(res: SearchResult, steps: list[CommittedStep], params: SolvePara
 
 def step_json(step: CommittedStep) -> dict:
     return dict(step.__dict__)
+
+
+def tree_json(update: TreeUpdate) -> list[dict]:
+    """A tree update's nodes (``Node.to_dict``: id, parent (0: the question), step, depth, c, C, status,
+    reason, uncertainty, ...)."""
+    return list(update.nodes)
+
+
+def search_json(cfg: SearchConfig) -> dict:
+    """The search a request runs, every field resolved (an infinite branch_threshold as "inf", as in
+    calibration files: JSON has no infinity)."""
+    out = dict(cfg.__dict__)
+    out["branch_threshold"] = "inf" if math.isinf(cfg.branch_threshold) else cfg.branch_threshold
+    return out
 
 
 def chat_content(res: SearchResult, delimiter: str = "\n") -> str:

@@ -8,7 +8,9 @@ Serve's replica context, have it parse the body and run the search, and encode t
   a ``{"step": ...}`` line per committed step, then ``{"result": ...}``;
 * ``POST /v1/chat/completions`` — OpenAI-compatible; the question is the last user message; with
   ``stream: true``, server-sent ``chat.completion.chunk`` events, one per committed step;
-* ``GET /v1/models``; ``GET /healthz`` (no token needed: probes).
+* ``GET /v1/models``; ``GET /healthz`` (no token needed: probes);
+* ``GET /ui``: a page that draws a question's search tree as it grows (tree_page.py; its static files need
+  no token, its calls to the API do).
 
 Bad input gets 422 naming the field (FastAPI's ``detail`` plus the OpenAI-style ``error`` object); a
 body over ``MAX_BODY_BYTES`` gets 413, counted as it arrives.
@@ -23,17 +25,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from caspo.core.search import CommittedStep
-from caspo.serve.encoders import result_json, step_json
+from caspo.core.search import CommittedStep, TreeUpdate
+from caspo.serve.encoders import result_json, search_json, step_json, tree_json
 from caspo.serve.request_errors import ModelNotFound, ParamError
-from caspo.serve.schemas import ChatBody, SolveBody
+from caspo.serve.schemas import ChatBody, SolveBody, StreamBody
 from caspo.serve.service import CaTService
+from caspo.serve.tree_page import PAGE_PATHS, page
 from caspo.services.security import UNAUTHENTICATED_MESSAGE, authorized
 
 # A transport size like the gRPC message limits (services/server.py): a question is at most
 # serve.max_question_chars, so 1 MiB is far more than any good request.
 MAX_BODY_BYTES = 1 << 20
-PUBLIC_PATHS = frozenset({"/healthz"})  # reachable without the token (probes)
+PUBLIC_PATHS = frozenset({"/healthz", *PAGE_PATHS})  # reachable without the token (probes; the page's static files)
 
 api = FastAPI(title="caspo CaT", description="CaT inference (confidence-aware tree search) over HTTP")
 
@@ -105,6 +108,7 @@ class GuardMiddleware:
 
 
 api.add_middleware(GuardMiddleware)
+api.include_router(page)  # GET /ui: the CaT tree page (tree_page.py)
 
 
 # ---- routes: each parses its body, asks the replica's CaTService and encodes the answer ---------------
@@ -123,17 +127,23 @@ async def solve(body: SolveBody, cat: CaTService = Depends(service)):
 
 
 @api.post("/v1/solve/stream")
-async def solve_stream(body: SolveBody, cat: CaTService = Depends(service)):
-    """NDJSON: one {"step": ...} line per committed step, then {"result": ...}."""
+async def solve_stream(body: StreamBody, cat: CaTService = Depends(service)):
+    """NDJSON: one {"step": ...} line per committed step, then {"result": ...}. With ``tree_events``:
+    first {"search": ...} (the search's resolved fields), and {"tree": [nodes]} after each model call
+    that changed the tree (new or changed nodes; the page at /ui draws them)."""
     try:
         params = cat.solve_params(body.question, body)
     except ParamError as e:
         return _unprocessable(e)
 
     async def lines():
-        async for ev in cat.events(params):
+        if body.tree_events:
+            yield json.dumps({"search": search_json(params.search)}) + "\n"
+        async for ev in cat.events(params, tree_events=body.tree_events):
             if isinstance(ev, CommittedStep):
                 yield json.dumps({"step": step_json(ev)}) + "\n"
+            elif isinstance(ev, TreeUpdate):
+                yield json.dumps({"tree": tree_json(ev)}) + "\n"
             else:
                 res, steps, version, seconds = ev
                 yield json.dumps({"result": result_json(res, steps, params, version, seconds)}) + "\n"

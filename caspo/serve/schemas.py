@@ -28,6 +28,13 @@ class SolveBody(SearchFields):
     question: StrictStr
 
 
+class StreamBody(SolveBody):
+    """``/v1/solve/stream``: with ``tree_events``, the stream also sends the search's configuration
+    first and the tree as it grows (``search_json``, ``tree_json``)."""
+
+    tree_events: StrictBool = False
+
+
 class ChatMessage(BaseModel):
     role: StrictStr
     content: StrictStr

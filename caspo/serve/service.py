@@ -14,14 +14,15 @@ import uuid
 
 import torch
 
+from caspo import telemetry
 from caspo.config import Config
-from caspo.core.search import CommittedStep, Search, SearchResult, stream_search
-from caspo.models.base import ModelLoadError, prefix_text
+from caspo.core.search import CommittedStep, Search, SearchResult, TreeUpdate, stream_search
+from caspo.models.base import ModelLoadError, item_tokens, prefix_text
 from caspo.models.calibration_file import Calibration, CalibrationError, find_calibration
 from caspo.models.factory import make_backend
 from caspo.models.prompting import prompter_for_backend
-from caspo.models.worker import ModelWorker
-from caspo.policy_file import read_policy_file
+from caspo.models.worker import ModelWorker, subscribe
+from caspo.policy_file import read_policy_file, read_policy_info
 from caspo.serve.encoders import chat_chunk, chat_completion, models_list, result_json
 from caspo.serve.params import SolveParams, params_from_body, params_from_grpc
 from caspo.serve.request_errors import ModelNotFound, ParamError
@@ -46,6 +47,17 @@ class _RequestProposer:
         return out
 
 
+def check_context(question: str, worker: ModelWorker, prompter) -> str:
+    """``question``, or ParamError on the field question naming the limit when its prompt and one step
+    (model.max_step_tokens) do not fit the model's context length."""
+    limit = worker.max_model_len
+    if limit:
+        need = item_tokens(worker.backend, prompter(question))
+        if need > limit:
+            raise ParamError("question", f"needs {need} tokens with room for one step (model.max_step_tokens); the model's context length (model.max_model_len) is {limit}")
+    return question
+
+
 class CaTService:
     """One replica's CaT: solve (whole or streamed) and chat (whole or streamed), over one model."""
 
@@ -57,7 +69,9 @@ class CaTService:
         published = self._published()
         if published is not None:
             version, path = published
-        self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms)
+        self.worker = ModelWorker(make_backend(self.cfg, path, version), batch_wait_ms=sv.batch_wait_ms, name="serve")
+        subscribe(self.worker, self._published_over_transport)  # publishes over the tensor transport land here
+        telemetry.policy_version("serve", version)
         self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         self.prompter = prompter_for_backend(self.worker.backend, self.task)  # model.prompt_format, step_delimiter
         self.calibration = self._calibration(path, strict=True)
@@ -89,12 +103,19 @@ class CaTService:
             log.info("policy v%d published at %s: reloading", version, path)
             try:
                 await self.worker.reload(path, version)
+                telemetry.policy_version("serve", self.worker.version)
                 self.reload_error = None
                 self.calibration = self._calibration(path, strict=False)
             except Exception as e:  # noqa: BLE001 - keep serving the weights we have
                 self._failed = published
                 self.reload_error = f"reloading v{version} from {path} failed: {e}"
                 log.error(self.reload_error)
+
+    def _published_over_transport(self, plan: dict) -> None:
+        """After a publish over the transport (caspo/mesh/publisher.py) switched the worker: the
+        calibration that goes with the new policy."""
+        self.reload_error = None
+        self.calibration = self._calibration(plan["path"], strict=False)
 
     def _calibration(self, policy_path: str, strict: bool) -> Calibration | None:
         """cat.calibration (must exist), else the calibration next to the served policy when there is one.
@@ -109,6 +130,11 @@ class CaTService:
             log.error(self.reload_error)
             return None
 
+    def question_of(self, text: str) -> str:
+        """The task's question from what a person typed, refused (ParamError: HTTP 422 / gRPC
+        INVALID_ARGUMENT, naming the limit) when its prompt and one step do not fit the model's context."""
+        return check_context(self.task.question(text), self.worker, self.prompter)
+
     def search_defaults(self) -> dict:
         """What a request's unset fields fall back on beyond serve.*: the cat section and the calibration."""
         return {"cat": self.cfg.cat, "calibration": self.calibration}
@@ -118,16 +144,20 @@ class CaTService:
         self._start_watcher()
         return _RequestProposer(self.worker, self.prompter, self.worker.delimiter)
 
-    async def events(self, params: SolveParams):
-        """Committed steps as the search makes them, then (result, steps, version, seconds)."""
+    async def events(self, params: SolveParams, tree_events: bool = False):
+        """Committed steps as the search makes them (with ``tree_events``, also a ``TreeUpdate`` after each
+        model call), then (result, steps, version, seconds)."""
         t0 = time.perf_counter()
         proposer = self._proposer()
         steps: list[CommittedStep] = []
-        async for ev in stream_search(Search(params.question, params.search), proposer, with_tree=params.with_tree):
+        async for ev in stream_search(Search(params.question, params.search), proposer, with_tree=params.with_tree, tree_events=tree_events):
             if isinstance(ev, CommittedStep):
                 steps.append(ev)
                 yield ev
+            elif isinstance(ev, TreeUpdate):
+                yield ev
             else:
+                telemetry.cat_answer("serve", ev.tokens_generated, ev.branches_pruned)
                 yield ev, steps, proposer.version, time.perf_counter() - t0
 
     async def solve(self, params: SolveParams) -> tuple[SearchResult, list[CommittedStep], int, float]:
@@ -142,6 +172,15 @@ class CaTService:
         backend = self.worker.backend
         return len(backend.tokenizer(self.prompter(question))["input_ids"]) if hasattr(backend, "tokenizer") else 0
 
+    def promotion(self) -> dict | None:
+        """The latest promotion decision of the policy file (the gate's, or an operator's promote or
+        rollback), with its reason; None without a policy file."""
+        pf = self.cfg.serve.policy_file
+        info = read_policy_info(pf) if pf else None
+        if info is None:
+            return None
+        return {"published_version": info["version"], "decision": info.get("decision"), "previous_versions": [h["version"] for h in info.get("history", [])]}
+
     def health(self) -> dict:
         self._start_watcher()
         return {
@@ -152,6 +191,7 @@ class CaTService:
             "calibration": self.calibration.path if self.calibration else None,
             "model_calls": self.worker.backend_calls,  # batched model calls so far
             "proposals_waiting": self.worker.in_flight,  # searches waiting on a model call right now
+            "promotion": self.promotion(),
         }
 
     def models(self) -> dict:
@@ -160,11 +200,11 @@ class CaTService:
     # ---- requests -----------------------------------------------------------------------------
     def solve_params(self, question, body) -> SolveParams:
         """A JSON body's parameters (``question`` given apart: a chat's is its last user message)."""
-        return params_from_body(self.cfg.serve, question, body, self.task.question, **self.search_defaults())
+        return params_from_body(self.cfg.serve, question, body, self.question_of, **self.search_defaults())
 
     def grpc_params(self, request) -> SolveParams:
         """A ``caspo.v1.SolveRequest``'s parameters."""
-        return params_from_grpc(self.cfg.serve, request, self.task.question, **self.search_defaults())
+        return params_from_grpc(self.cfg.serve, request, self.question_of, **self.search_defaults())
 
     def chat_params(self, body) -> SolveParams:
         """An OpenAI chat completion request's parameters: the question is its last user message."""

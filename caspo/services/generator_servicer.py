@@ -32,6 +32,7 @@ def step_message(step: ProposedStep, version: int) -> common_pb2.Step:
         entropy_estimate=step.entropy_estimate,
         ended=step.ended,
         policy_version=version,
+        over_context=step.over_context,
     )
 
 

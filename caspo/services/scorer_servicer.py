@@ -53,6 +53,7 @@ class ScorerServicer(scorer_pb2_grpc.ConfidenceScorerServicer):
                     mean_entropy=mean_entropy(s.token_entropies),
                     confidence=step_confidence(s.token_entropies),
                     multiplier=step_multiplier(s.token_entropies),
+                    over_context=s.over_context,  # refused alone by the worker; its batch-mates were scored
                 )
                 for s in scores
             ],

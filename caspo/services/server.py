@@ -12,11 +12,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 
 import grpc
 
 from caspo.errors import BadRequest, NotFound, Unavailable
 from caspo.services.security import AuthGuard, auth_token, tls_server_credentials
+from caspo.telemetry import grpc_request
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +44,40 @@ class _Undecodable:
         self.error = error
 
 
+def status_name(context) -> str:
+    """The name of the status code a servicer set on its gRPC context (UNKNOWN when it set none)."""
+    code = context.code() if hasattr(context, "code") else None
+    return getattr(code, "name", None) or "UNKNOWN"
+
+
 def rpc(method):
-    """Decorator for async servicer methods: exceptions → gRPC statuses, the server keeps serving."""
+    """Decorator for async servicer methods: exceptions → gRPC statuses, the server keeps serving. Every
+    call is counted with its latency and status (caspo_grpc_* metrics, caspo/telemetry.py)."""
+    service = method.__qualname__.split(".")[0].removesuffix("Servicer")
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
+        t0, status = time.perf_counter(), "OK"
         try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # noqa: BLE001 - every failure must become a status
-            for exc_type, code in _STATUS:
-                if isinstance(e, exc_type):
-                    await context.abort(code, str(e))
-            log.exception("%s failed", method.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            if isinstance(request, _Undecodable):
+                status = grpc.StatusCode.INVALID_ARGUMENT.name
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
+            try:
+                return await method(self, request, context)
+            except grpc.aio.AbortError:
+                if status == "OK":  # the servicer aborted with its own status
+                    status = status_name(context)
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure must become a status
+                for exc_type, code in _STATUS:
+                    if isinstance(e, exc_type):
+                        status = code.name
+                        await context.abort(code, str(e))
+                log.exception("%s failed", method.__qualname__)
+                status = grpc.StatusCode.INTERNAL.name
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        finally:
+            grpc_request(service, method.__name__, time.perf_counter() - t0, status)
 
     return wrapper
 

@@ -1,4 +1,4 @@
-"""The pair store: each round's preference pairs in Redis, with their lineage (DESIGN §3, §7).
+"""The pair store: each round's preference pairs in Redis, with their lineage (docs/design.md §3, §6).
 
 Redis layout (prefix ``caspo:``):
 

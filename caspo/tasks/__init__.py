@@ -11,14 +11,15 @@ TASKS = ("arith", "gsm8k", "math")
 
 def get_task(name: str, data: str | None = None, options: TaskConfig | None = None) -> Task:
     """The task called ``name``; ``data`` is the file that file-backed tasks read (for arith, a file of
-    ``{"question", "answer"}`` lines replaces the generated problems; for math, JSONL, Parquet or a
+    ``{"question", "answer"}`` lines replaces the generated problems; for gsm8k, JSONL or a ``save_to_disk``
+    directory; for math, JSONL, Parquet or a
     ``save_to_disk`` directory). ``options``: the config's task section (math's field names, split and
     answer timeout)."""
     if name == "arith":
         return ArithTask(data)
     if name == "gsm8k":
         if not data:
-            raise TaskError("task gsm8k needs a data file: pass --data PATH (GSM8K-format JSONL)")
+            raise TaskError("task gsm8k needs a data file: pass --data PATH (GSM8K-format JSONL or a save_to_disk directory)")
         return GSM8KTask(data)
     if name == "math":
         if not data:

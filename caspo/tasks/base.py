@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
+from datasets import Dataset, DatasetDict, load_from_disk
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -77,6 +79,22 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, str, dict]]:
             if not isinstance(obj, dict):
                 raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, where, obj
+
+
+def read_saved_dataset(path: str | os.PathLike, split: str | None = None, split_source: str = "") -> list[tuple[str | None, Dataset]]:
+    """``(split name, Dataset)`` parts of a directory written by ``datasets``' ``save_to_disk``: one part
+    (name None) for a Dataset; for a DatasetDict, the split ``split`` (TaskError naming the splits it has
+    when it has not; ``split_source`` names where the split was chosen), or every split when ``split`` is
+    None. TaskError when the directory is no such dataset."""
+    try:
+        ds = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise TaskError(f"{path}: not a dataset saved with save_to_disk ({str(e).splitlines()[0]})") from None
+    if not isinstance(ds, DatasetDict):
+        return [(None, ds)]
+    if split is not None and split not in ds:
+        raise TaskError(f"{path}: no split {split!r}{f' ({split_source})' if split_source else ''}; it has {', '.join(ds)}")
+    return [(split, ds[split])] if split is not None else list(ds.items())
 
 
 def hash_split(question: str, test_fraction: int) -> str:

@@ -7,7 +7,8 @@
   A real deployment points it at a strong model (the paper: Qwen2.5-Math-7B-Instruct).
 * ``JudgeCritic`` (``critic.kind: judge``): a model *verifies* the step. Its prompt shows the problem,
   the steps so far and the candidate step and asks for Yes or No; P(yes) comes from the judge's
-  log-probabilities of the two answers (one batched teacher-forced pass, the backends' ``score_steps``),
+  log-probabilities of the two answers' first tokens at the one position after the prompt (the backends'
+  ``answer_logprobs``: one row per item),
   and the step is correct when P(yes) >= ``critic.threshold``. For an incorrect step the judge model
   writes the reference step (greedy, in the policy's prompt format). Verdicts are cached per
   (question, prefix, step) within a scope (the data round that asks), so a repeated question costs nothing.
@@ -145,7 +146,7 @@ def judge_question(question: str, prefix: Sequence[str], step: str) -> str:
 class JudgeCritic:
     """``critic.kind: judge``: an LLM verifies each step (see the module docstring).
 
-    ``worker``: a ModelWorker (async ``score_steps``/``sample_steps``, ``.path``); ``render(system,
+    ``worker``: a ModelWorker (async ``answer_logprobs``/``sample_steps``, ``.path``); ``render(system,
     user)``: the judge model's chat prompt (its chat template, or plain text); ``policy_prompt``: model
     input for the reference step, ``policy_prompt.text(question, prefix)`` (a Prompter).
     """
@@ -200,12 +201,10 @@ class JudgeCritic:
 
     async def _judge(self, items: list[JudgeItem]) -> list[Judgement]:
         prompts = [self.prompt(it) for it in items]
-        yes, no = JUDGE_ANSWERS
-        scores = await self.worker.score_steps(prompts * 2, [yes] * len(items) + [no] * len(items))
-        probs = [
-            verdict_probability(scores[i].token_logprobs[0], scores[len(items) + i].token_logprobs[0])
-            for i in range(len(items))
-        ]
+        # one row per item: log p of Yes's and No's first token right after the prompt, nothing else scored;
+        # an item over the judge's context length is refused alone (an empty row): no verdict
+        answers = await self.worker.answer_logprobs(prompts, JUDGE_ANSWERS)
+        probs = [verdict_probability(*row) if row else math.nan for row in answers]
         out: list[Judgement] = []
         wrong = []
         for i, (it, p) in enumerate(zip(items, probs)):

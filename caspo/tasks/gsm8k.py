@@ -1,6 +1,7 @@
 """GSM8K: grade-school word problems with calculator-annotated gold solutions.
 
-A data file holds one JSON object a line, ``{"question": ..., "answer": ...}``; the answer is a
+A data file holds one JSON object a line, ``{"question": ..., "answer": ...}`` (or is a directory written
+by ``datasets``' ``save_to_disk`` with those two columns: :func:`load_gsm8k`); the answer is a
 worked solution, one step a line, with calculator annotations ``<<expr=value>>`` inside the steps and
 a last line ``#### <final answer>``::
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from caspo.core.steps import answers_match, final_answer, split_steps, step_result
-from caspo.tasks.base import Judgement, Problem, TaskError, hash_split, read_jsonl, sample_problems
+from caspo.tasks.base import Judgement, Problem, TaskError, hash_split, read_jsonl, read_saved_dataset, sample_problems
 
 # ---- safe arithmetic --------------------------------------------------------------------------
 
@@ -293,33 +294,41 @@ def _fmt(v: Fraction) -> str:
 # ---- data -------------------------------------------------------------------------------------
 
 
+def _problem(obj: dict, where: str, n: int, meta: dict) -> Problem:
+    """One GSM8K record (``where`` names it in errors) as problem ``gsm8k-<n>``."""
+    if not isinstance(obj, dict):
+        raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("question", "answer"):
+        if key not in obj:
+            raise TaskError(f"{where}: missing field {key!r}")
+        if not isinstance(obj[key], str):
+            raise TaskError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+    steps = split_steps(obj["answer"])
+    final = final_answer(steps[-1]) if steps else None
+    if not final or not steps[-1].lstrip().startswith("####"):
+        raise TaskError(f"{where}: answer does not end with a '#### <final answer>' line")
+    return Problem(id=f"gsm8k-{n}", question=obj["question"], answer=final.replace(",", ""), gold_steps=tuple(steps), meta=meta)
+
+
 def load_jsonl(path: str | Path) -> list[Problem]:
     """GSM8K problems from a JSONL file; ids are ``gsm8k-<1-based line number>``.
 
     Raises TaskError for a missing file, and for a line that is not a JSON object with string
     ``question`` and ``answer`` fields or whose answer has no ``#### <final answer>`` last line.
     """
-    problems: list[Problem] = []
-    for lineno, where, obj in read_jsonl(path):
-        for key in ("question", "answer"):
-            if key not in obj:
-                raise TaskError(f"{where}: missing field {key!r}")
-            if not isinstance(obj[key], str):
-                raise TaskError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-        steps = split_steps(obj["answer"])
-        final = final_answer(steps[-1]) if steps else None
-        if not final or not steps[-1].lstrip().startswith("####"):
-            raise TaskError(f"{where}: answer does not end with a '#### <final answer>' line")
-        problems.append(
-            Problem(
-                id=f"gsm8k-{lineno}",
-                question=obj["question"],
-                answer=final.replace(",", ""),
-                gold_steps=tuple(steps),
-                meta={"line": lineno, "path": str(path)},
-            )
-        )
-    return problems
+    return [_problem(obj, where, n, {"line": n, "path": str(path)}) for n, where, obj in read_jsonl(path)]
+
+
+def load_gsm8k(path: str | Path) -> list[Problem]:
+    """GSM8K problems from a JSONL file (:func:`load_jsonl`) or a directory written by ``datasets``'
+    ``save_to_disk``: a Dataset, or a DatasetDict whose ``train`` split is read (as the hub's
+    ``openai/gsm8k`` ``main`` saves). A saved dataset's ids are ``gsm8k-<1-based row>``, the line numbers
+    the same rows have in the train JSONL. TaskError, naming the path, for anything else."""
+    p = Path(path)
+    if not p.is_dir():
+        return load_jsonl(p)
+    parts = read_saved_dataset(p, "train") if (p / "dataset_dict.json").exists() else read_saved_dataset(p)
+    return [_problem(row, f"{path}, row {i}", i, {"row": i, "path": str(path)}) for _, d in parts for i, row in enumerate(d, 1)]
 
 
 def check_data(path: str | Path, perturb: bool = False, seed: int = 0, limit: int | None = None) -> dict:
@@ -332,7 +341,7 @@ def check_data(path: str | Path, perturb: bool = False, seed: int = 0, limit: in
     digit changed, chosen with random.Random(seed), so that a sound verifier rejects nearly all steps.
     """
     rng = random.Random(seed)
-    problems = load_jsonl(path)
+    problems = load_gsm8k(path)
     if limit is not None:
         problems = problems[:limit]
     out = {"steps": 0, "verified": 0, "failed": 0, "unannotated": 0, "examples": []}
@@ -393,7 +402,7 @@ class GSM8KTask:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._problems: list[Problem] = load_jsonl(self.path)
+        self._problems: list[Problem] = load_gsm8k(self.path)
 
     # ---- problems ---------------------------------------------------------------------------
     def split_of(self, question: str) -> str:

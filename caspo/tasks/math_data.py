@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Sequence
 
 import pyarrow.parquet as pq
-from datasets import Dataset, DatasetDict, load_from_disk
 
 from caspo.core.steps import final_answer, split_steps
 from caspo.tasks.answers import DEFAULT_TIMEOUT_S, AnswerChecker
-from caspo.tasks.base import Judgement, Problem, TaskError, hash_split, read_jsonl, sample_problems
+from caspo.tasks.base import Judgement, Problem, TaskError, hash_split, read_jsonl, read_saved_dataset, sample_problems
 
 SOLUTION_DELIMITER = "\n\n"  # a worked solution's steps are its paragraphs
 
@@ -57,19 +56,8 @@ def load_math(path: str | Path, fields: tuple[str, str, str] = ("problem", "answ
     split of a DatasetDict; without it every split is read and remembered (``meta["split"]``)."""
     p = Path(path)
     if p.is_dir():
-        try:
-            ds = load_from_disk(str(p))
-        except (FileNotFoundError, ValueError, OSError) as e:
-            raise TaskError(f"{path}: not a dataset saved with save_to_disk ({str(e).splitlines()[0]})") from None
-        if isinstance(ds, DatasetDict):
-            if split is not None and split not in ds:
-                raise TaskError(f"{path}: no split {split!r} (task.split); it has {', '.join(ds)}")
-            parts = [(split, ds[split])] if split is not None else list(ds.items())
-        else:
-            parts = [(None, ds)]
         out = []
-        for name, d in parts:
-            assert isinstance(d, Dataset)
+        for name, d in read_saved_dataset(p, split, "task.split"):
             for i, row in enumerate(d, 1):
                 tag = f"{name}-{i}" if name else str(i)
                 out.append(_problem(row, f"{path}, {'split ' + name + ', ' if name else ''}row {i}", fields, tag, {"row": i, "split": name, "path": str(path)}))

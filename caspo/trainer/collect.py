@@ -1,4 +1,4 @@
-"""One data round through the mesh (DESIGN §3–4), entirely over gRPC.
+"""One data round through the mesh (docs/design.md §3, §5), entirely over gRPC.
 
 For every question, walk the *corrected* trajectory: at sub-question q_j the generator samples K
 candidate steps (the first is the policy's step s_j, the rest are its competitors), the scorer gives
@@ -49,6 +49,7 @@ class StepRecord:
     confidence: float  # eq. 2: -mean entropy (exact, from the scorer)
     competitors: list[Candidate]
     reference: str
+    over_context: bool = False  # the prompt or step did not fit the model's context length: never a pair
 
 
 @dataclass
@@ -206,6 +207,7 @@ async def _walk(client, task: Task, problems: Sequence[Problem], cfg: PairsConfi
                     confidence=float(sc[0].confidence) if sc[0] is not None else 0.0,
                     competitors=competitors,
                     reference=own_v.reference,
+                    over_context=gen.candidates[active.index(i)].steps[0].over_context or bool(sc[0] is not None and sc[0].over_context),
                 )
             )
             nxt = own if (own_v.correct and own.strip()) else own_v.reference
@@ -228,6 +230,9 @@ def make_pairs(records: Sequence[StepRecord], cfg: PairsConfig) -> tuple[float, 
     tau = resolve_tau([r.confidence for r in records], cfg.tau, cfg.tau_quantile)
     pairs, skipped = [], Counter()
     for r in records:
+        if r.over_context:
+            skipped["over_context"] += 1
+            continue
         if not r.step.strip():
             skipped["empty_step"] += 1
             continue

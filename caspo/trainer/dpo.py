@@ -1,4 +1,4 @@
-"""One round of step-wise DPO (DESIGN §4): TRL's ``DPOTrainer`` run data-parallel by Ray Train.
+"""One round of step-wise DPO (docs/design.md §3, §5): TRL's ``DPOTrainer`` run data-parallel by Ray Train.
 
 The reference model is the previous round's policy and stays frozen, so by default its log-probs are computed
 once before training (``precompute_ref_log_probs``) and it is not held in memory while the policy trains.
@@ -14,27 +14,35 @@ How the pieces fit:
   launch) is involved;
 * each worker runs :func:`_train_loop`: load policy, reference and tokenizer, build the ``datasets.Dataset``,
   run ``DPOTrainer`` (wrapped by Ray's ``prepare_trainer``), then rank 0 writes the trained policy;
-* with ``fsdp`` (GPUs only) accelerate shards the policy with FSDP2 instead of DDP, each decoder layer a unit:
+* with ``fsdp`` accelerate shards the policy with FSDP2 instead of DDP, each decoder layer a unit (on CPUs too, over
+  gloo: see ``_StepDPOTrainer.create_accelerator_and_postprocess``):
   weights, gradients and AdamW moments are split over the workers, which is what a 7B policy needs; the whole
   weights are gathered onto rank 0 to be written;
 * the loop's return value on rank 0 (``Result.return_value``, Ray Train V2) carries the metrics back; each rank
   also calls ``ray.train.report`` once with the summary so Ray's own callbacks see it (and so V1's
   ``Result.metrics`` carries it when ``RAY_TRAIN_V2_ENABLED=0``).
 
-Two things are done by hand because TRL 1.16 does them differently from what step-wise DPO needs:
+Three things are done by hand because TRL 1.16 does them differently from what step-wise DPO needs:
 
 * TRL appends ``eos_token`` to every plain-text completion. A step is not the end of a solution: the model
   must learn to end the *step* with the delimiter, not the document with ``<eos>``, so :class:`_StepDPOTrainer`
   drops that appended token after TRL's own tokenisation. Chosen and rejected are then scored over exactly the
   tokens ``HFBackend.score_steps`` scores (step text plus delimiter).
-* TRL caches the precomputed reference log-probs in a file named next to the dataset's cache files and lets only
-  the main process write it; the others read it back. A dataset built in memory has no cache files, so every
-  process would pick its own random temporary file and the non-main ranks would fail to read. Rank 0 therefore
-  saves the rows with ``save_to_disk`` into the run's scratch directory and every rank loads that copy.
+* The reference log-probs: TRL would precompute them inside ``DPOTrainer.__init__`` with the policy as it is before
+  the trainer wraps it (under FSDP: float32 on the CPU). :meth:`_StepDPOTrainer._precompute_ref_logps` computes them
+  there instead, with the teacher-forced pass the scorer uses (:func:`caspo.models.hf.teacher_forced`) over
+  exactly the tokens TRL's collator trains on, on this process's device (under FSDP on GPUs a bf16 copy of the
+  reference on the rank's GPU), each rank a share of the rows, and hands them to TRL as the dataset's
+  ``ref_chosen_logps``/``ref_rejected_logps`` columns; TRL computes nothing and caches nothing.
+* accelerate shards with FSDP only on accelerators; on CPUs (gloo) the trainer makes it shard as well, so the CPU
+  tests run the GPU code path (:meth:`_StepDPOTrainer.create_accelerator_and_postprocess`).
+
+Rank 0 saves the rows with ``save_to_disk`` into the run's scratch directory and every rank loads that copy, so
+the ``datasets`` caches of TRL's tokenisation are shared files a resumed run reuses.
 
 Files: the scratch directory is ``.<out_dir name>.dpo`` next to ``out_dir``. It holds ``fingerprint.json`` (a
 hash of the rows, the settings that change the result, the two models' files and the library versions), the
-dataset copy ``data/`` with the ``datasets`` cache files TRL's maps and the reference log-probs write beside it,
+dataset copy ``data/`` with the ``datasets`` cache files TRL's maps write beside it,
 ``trainer/`` (``DPOConfig.output_dir``: the HF Trainer checkpoints) and ``ray/`` (``RunConfig.storage_path``,
 wiped at each call). It is removed after a successful run and kept when :func:`train_dpo` raises or its process
 is killed. The trained policy is written by rank 0 only, first into the scratch directory and then renamed to
@@ -77,17 +85,21 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from ray.train import FailureConfig, RunConfig, ScalingConfig  # the V2 classes unless RAY_TRAIN_V2_ENABLED=0
 from ray.train.huggingface.transformers import prepare_trainer
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import is_v2_enabled
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import global_then_local_main_first
 
-from caspo.config import DPOTrainConfig
+from caspo.config import DPOTrainConfig, dpo_worker_resources
 from caspo.core.losses import dpop_loss, dpop_penalty
 from caspo.core.pairs import Pair
+from caspo.models.hf import teacher_forced
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +134,7 @@ def _rows(pairs: Sequence[Pair], delimiter: str) -> list[dict]:
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # settings that do not change the trained model: a re-run that differs only in these still resumes
 _FSDP_MODEL = "pytorch_model_fsdp.bin"  # accelerate's save_fsdp_model file (FULL_STATE_DICT)
-_NOT_IN_FINGERPRINT = ("checkpoint_steps", "max_failures", "cpus_per_worker", "resources")
+_NOT_IN_FINGERPRINT = ("checkpoint_steps", "max_failures", "cpus_per_worker", "resources", "report_to")
 
 
 def _zip_ok(path: Path) -> bool:
@@ -273,13 +285,79 @@ def _loss_sum(history: list[dict], upto: int) -> tuple[float, int]:
     return total, covered
 
 
-class _StepDPOTrainer(DPOTrainer):
-    """``DPOTrainer`` that keeps TRL's tokenisation but drops the ``<eos>`` TRL appends to each completion, and
-    adds the losses TRL lacks (``dpop_lambda`` > 0: DPO-Positive, ``caspo.core.losses.dpop_loss``)."""
+def reference_logps(model, dataset, pad_id: int, max_length: int | None, batch: int, rank: int = 0, world: int = 1) -> tuple[list[float], list[float]]:
+    """Each row's summed log-prob of its chosen and of its rejected tokens under ``model`` (the frozen reference),
+    over exactly the tokens TRL's collator trains on: ``prompt_ids + chosen_ids`` (and rejected) cut to
+    ``max_length`` from the start, the completion's tokens scored. One teacher-forced pass per batch
+    (:func:`caspo.models.hf.teacher_forced`, what the scorer uses). With ``world`` > 1 each rank scores rows
+    ``rank, rank + world, ...`` and the ranks exchange them (every rank returns every row's values)."""
+    mine = list(range(rank, len(dataset), world))
+    values: dict[int, tuple[float, float]] = {}
+    for s in range(0, len(mine), max(1, batch)):
+        idx = mine[s : s + batch]
+        seqs, spans = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for i in idx:
+                row = dataset[i]
+                seq = (list(row["prompt_ids"]) + list(row[key]))[:max_length]
+                start = len(row["prompt_ids"])
+                seqs.append(seq)
+                spans.append((start, max(0, len(seq) - start)))
+        scored = teacher_forced(model, seqs, spans, pad_id, entropies=False)
+        for j, i in enumerate(idx):
+            values[i] = (math.fsum(scored[j][1]), math.fsum(scored[len(idx) + j][1]))
+    if world > 1:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, values)
+        values = {i: v for part in parts for i, v in part.items()}
+    if sorted(values) != list(range(len(dataset))):
+        raise RuntimeError(f"reference log-probs cover {len(values)} of {len(dataset)} rows")
+    return [values[i][0] for i in range(len(dataset))], [values[i][1] for i in range(len(dataset))]
 
-    def __init__(self, *args, dpop_lambda: float = 0.0, **kwargs):
+
+class _StepDPOTrainer(DPOTrainer):
+    """``DPOTrainer`` that keeps TRL's tokenisation but drops the ``<eos>`` TRL appends to each completion, adds
+    the losses TRL lacks (``dpop_lambda`` > 0: DPO-Positive, ``caspo.core.losses.dpop_loss``), computes the
+    reference log-probs itself (``reference``: the frozen reference model, default the policy before training)
+    and shards with FSDP2 on CPU too (see :meth:`create_accelerator_and_postprocess`)."""
+
+    def __init__(self, *args, dpop_lambda: float = 0.0, reference=None, **kwargs):
         self.dpop_lambda = dpop_lambda
+        self._reference = reference
         super().__init__(*args, **kwargs)
+
+    def create_accelerator_and_postprocess(self):
+        """accelerate keeps an FSDP plugin only on accelerator devices: ``AcceleratorState.__init__``
+        (accelerate/state.py) makes the distributed type FSDP only for MULTI_GPU and its kin, so under a gloo process
+        group on CPUs (MULTI_CPU) it drops the plugin and the Trainer trains replicated with DDP. FSDP2
+        (``fully_shard``) itself runs on CPU over a gloo device mesh, so here the state is made FSDP as it is on
+        GPUs, and from then on the CPU run takes the GPU run's code path: accelerate's ``fsdp2_prepare_model``,
+        its sharded optimizer step, and ``get_state_dict`` gathering the whole weights onto rank 0."""
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """Where TRL would run its own precompute (inside ``__init__``, before the policy is wrapped): the
+        reference log-probs become the dataset's ``ref_chosen_logps``/``ref_rejected_logps`` columns, computed by
+        :func:`reference_logps` with the reference model on this process's device, so TRL computes nothing (its
+        pass would score with the policy as it is before wrapping: under FSDP still float32 on the CPU)."""
+        if self.ld_alpha is not None:
+            raise ValueError("ld_alpha is not supported: the reference log-probs are plain sums")
+        model = self._reference if self._reference is not None else self.model
+        training = model.training
+        model.eval()
+        model.to(self.accelerator.device)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        chosen, rejected = reference_logps(model, dataset, self._tokenizer.pad_token_id, self.args.max_length, batch_size, rank, world)
+        model.train(training)
+        self._reference = None  # scored: the trainer keeps no reference
+        dataset = dataset.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in dataset.column_names])
+        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -365,9 +443,19 @@ def _sharding(s: DPOTrainConfig) -> dict:
     return {"fsdp": True, "fsdp_config": {**s.fsdp_config, "state_dict_type": "FULL_STATE_DICT"}}
 
 
-def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_dir: str, use_gpu: bool = False, progress: bool = False) -> _StepDPOTrainer:
+def _reporters(s: DPOTrainConfig, tb_dir: str | None) -> list[str] | str:
+    """TrainingArguments.report_to: ``dpo.report_to``, tensorboard only where its files go (``tb_dir``,
+    handed to transformers' TensorBoardCallback as $TENSORBOARD_LOGGING_DIR)."""
+    names = [r for r in s.report_to if r != "tensorboard" or tb_dir]
+    return names or "none"
+
+
+def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_dir: str, use_gpu: bool = False, progress: bool = False, tb_dir: str | None = None) -> _StepDPOTrainer:
     """TRL's trainer for one round, with the project's loss and checkpointing; Ray Train's workers and the
-    loss tests build it the same way."""
+    loss tests build it the same way. ``tb_dir``: where TRL's curves go when ``dpo.report_to`` names
+    tensorboard (the loop gives runs/NAME/tb/dpo/roundK)."""
+    if tb_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir  # read by the callback transformers makes below
     bf16 = use_gpu and torch.cuda.is_bf16_supported()
     loss = _loss(s)
     args = DPOConfig(
@@ -381,7 +469,7 @@ def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_di
         **loss["args"],
         precompute_ref_log_probs=s.precompute_ref_log_probs,
         gradient_checkpointing=s.gradient_checkpointing,
-        report_to="none",
+        report_to=_reporters(s, tb_dir),
         # full checkpoints (weights, optimizer, scheduler, trainer state, per-rank RNG) for an exact resume
         save_strategy="steps" if s.checkpoint_steps > 0 else "no",
         save_steps=max(s.checkpoint_steps, 1),
@@ -400,6 +488,11 @@ def build_trainer(policy, ref, tokenizer, train_ds, s: DPOTrainConfig, output_di
         ddp_find_unused_parameters=False,
         **_sharding(s),
     )
+    # with precomputed reference log-probs the reference only scores, in _StepDPOTrainer._precompute_ref_logps;
+    # TRL gets none (under FSDP TRL 1.16 then loads a copy of the policy as its own reference in __init__, unused
+    # and freed at the end of __init__: DPOTrainer.__init__'s `ref_model is None` branch)
+    if s.precompute_ref_log_probs:
+        return _StepDPOTrainer(model=policy, ref_model=None, reference=ref, args=args, train_dataset=train_ds, processing_class=tokenizer, **loss["trainer"])
     return _StepDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=train_ds, processing_class=tokenizer, **loss["trainer"])
 
 
@@ -432,8 +525,6 @@ def _train_loop(config: dict) -> dict:
             dist.barrier()
 
     use_gpu = s.use_gpu and torch.cuda.is_available()
-    if s.fsdp and not use_gpu:
-        raise RuntimeError("dpo.fsdp needs a GPU on every trainer worker (accelerate shards only across GPUs); none is visible here")
     bf16 = use_gpu and torch.cuda.is_bf16_supported()
     # the policy's weights stay float32 (the optimizer's master copy) and bf16 is autocast compute: an AdamW
     # step at the paper's lr 5e-7 is far below bf16's resolution of a weight (~1e-4 at 0.02) and would be
@@ -447,15 +538,17 @@ def _train_loop(config: dict) -> dict:
     policy = AutoModelForCausalLM.from_pretrained(config["policy_path"], dtype=torch.float32, use_safetensors=True)
     same = os.path.realpath(config["policy_path"]) == os.path.realpath(config["ref_path"])
     ref = None
-    if not (same and s.precompute_ref_log_probs):
-        # with the same weights and precomputation, TRL scores the reference with the initial policy itself
+    if not (same and s.precompute_ref_log_probs) or (s.fsdp and use_gpu):
+        # with the same weights and precomputation the initial policy scores the reference log-probs itself, except
+        # under FSDP on GPUs: the policy is float32 on the CPU until training shards it, so a bf16 copy on this
+        # rank's GPU scores them (and is freed right after)
         ref = AutoModelForCausalLM.from_pretrained(config["ref_path"], dtype=ref_dtype, use_safetensors=True)
 
     data_dir = run_dir / "data"
     trainer_dir = run_dir / "trainer"
     if rank == 0:
         # a re-run with the same fingerprint (a Ray Train restart, or train_dpo called again) finds the copy already
-        # there, with the cache files of TRL's maps and of the reference log-probs beside it: reuse them. The copy is
+        # there, with the cache files of TRL's maps beside it: reuse them. The copy is
         # renamed into place whole, so "state.json present" means complete.
         if not (data_dir / "state.json").exists():
             staging = run_dir / "data.tmp"
@@ -473,10 +566,10 @@ def _train_loop(config: dict) -> dict:
     if rank == 0:
         log.info("DPO %s", f"resuming from {resume}" if resume else "starting at step 0")
 
-    trainer = build_trainer(policy, ref, tok, train_ds, s, str(trainer_dir), use_gpu, progress)
-    if s.precompute_ref_log_probs and trainer.ref_model is not None:
-        trainer.ref_model = None  # its log-probs are in the dataset now; free it before training
-        ref = None
+    trainer = build_trainer(policy, ref, tok, train_ds, s, str(trainer_dir), use_gpu, progress, config.get("tb_dir"))
+    ref = None  # with precomputation its log-probs are in the dataset now and the trainer holds no reference
+    if s.fsdp and not trainer.is_fsdp_enabled:  # never train replicated under the name FSDP
+        raise RuntimeError(f"dpo.fsdp is set but accelerate did not shard (distributed type {trainer.accelerator.distributed_type})")
     trainer = prepare_trainer(trainer)  # Ray's hook for Ray Data iterables; a no-op for a datasets.Dataset
     trainer.add_callback(_NoFinalCheckpoint())
     n_train = len(trainer.train_dataset)
@@ -507,6 +600,8 @@ def _train_loop(config: dict) -> dict:
         "reward_accuracy_end": float(last.get("rewards/accuracies", float("nan"))),
         "train_runtime": runtime,
         "workers": int(world),
+        # under FSDP every parameter is a DTensor shard (what the FSDP tests read)
+        "sharded": bool(trainer.is_fsdp_enabled) and all(isinstance(p, DTensor) for p in trainer.model.parameters()),
     }
 
     staging = run_dir / "model"
@@ -516,7 +611,10 @@ def _train_loop(config: dict) -> dict:
     state = trainer.accelerator.get_state_dict(trainer.model)  # every rank: under FSDP the shards gather on rank 0
     if rank == 0:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        save_policy(model, tok, state, staging, torch.bfloat16 if bf16 else torch.float32)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        if config.get("source") is not None:  # the publisher gets the weights from memory, before the disk has them
+            ray.get(config["source"].hold.remote(config["out_dir"], {k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in state.items()}))
+        save_policy(model, tok, state, staging, dtype)
         os.replace(staging, config["out_dir"])  # one rename: readers see no model or the whole model
     barrier()
     ray.train.report(summary)
@@ -542,6 +640,8 @@ def train_dpo(
     out_dir: str,
     cfg: DPOTrainConfig,
     progress: bool = True,
+    source=None,
+    tb_dir: str | None = None,
 ) -> dict:
     """Train ``policy_path`` with DPO against ``ref_path`` on ``pairs``; write the result to ``out_dir``.
 
@@ -557,6 +657,9 @@ def train_dpo(
     ``loss`` and ``rewards/margins`` at the first and last logged steps, averaged over workers), ``workers``,
     ``seconds`` (wall time of this call) and ``history`` (TRL's log history).
 
+    ``source``: a :class:`caspo.mesh.publisher.PolicySource` handle; rank 0 hands it the trained weights
+    (in the checkpoint's dtype) before writing the checkpoint, so a publish over the transport reads no file.
+
     Resume: a call that finds the scratch directory of an earlier call with the same fingerprint (same rows, models
     and result-changing settings; it died or raised) continues from its newest complete checkpoint, as does Ray
     Train after a worker died. ``resumed_from_step`` says where the last attempt began (0: from scratch). ``steps``,
@@ -566,8 +669,8 @@ def train_dpo(
     rows = _rows(pairs, cfg.delimiter)
     if cfg.num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {cfg.num_workers}")
-    if cfg.fsdp and not cfg.use_gpu:
-        raise ValueError("fsdp needs use_gpu: accelerate shards only across GPUs (on CPU it would silently replicate)")
+    if cfg.fsdp and cfg.num_workers < 2 and not cfg.use_gpu:
+        raise ValueError("fsdp on CPU needs num_workers >= 2 (one CPU process has nothing to shard over)")
     if cfg.checkpoint_steps < 0 or cfg.max_failures < -1:
         raise ValueError("checkpoint_steps must be >= 0 and max_failures >= -1 (-1: restart without limit)")
     for name, p in (("policy", policy_path), ("reference", ref_path)):
@@ -599,11 +702,13 @@ def train_dpo(
                 "run_dir": str(run_dir),
                 "settings": asdict(cfg),
                 "progress": progress,
+                "source": source,
+                "tb_dir": str(Path(tb_dir).expanduser().resolve()) if tb_dir else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers,
                 use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **cfg.resources},
+                resources_per_worker=dpo_worker_resources(cfg),
             ),
             run_config=RunConfig(
                 name="dpo",

@@ -7,9 +7,16 @@ Round k (k = 1, 2, ...):
            independently sampled full solutions per question: the control)
   train    exactly round k's pairs, read from the pair store over gRPC (consumer group "trainer") →
            DPO on Ray Train, reference = policy k-1 → checkpoint runs/NAME/policies/vk
-  publish  the generator pool and the scorer reload version k; runs/NAME/policy.json names it for Serve
+  publish  version k goes from the trainer's memory to the generator pool and the scorer over a tensor
+           transport (caspo/mesh/publisher.py; ``publish.transport: disk``: they read the checkpoint);
+           Serve gets it only through the promotion gate, after eval
   eval     the fixed held-out set through the generator service: greedy metrics, CaT@K with entropy and
-           with logprob scoring → one row appended to runs/NAME/rounds.jsonl
+           with logprob scoring; then the promotion gate (caspo/trainer/serving.py): version k reaches
+           Serve (runs/NAME/policy.json) only when its evaluation, paired with the serving version's on
+           the same problems, passes serve.promotion → one row appended to runs/NAME/rounds.jsonl
+
+Every stage's duration, the pairs, DPO's loss and drift, and the gate's decisions are exported as
+Prometheus metrics (caspo/telemetry.py) and written to TensorBoard under runs/NAME/tb (tracking.py).
 
 Round 0 is the base policy evaluated the same way. Overlap: eval of round k and the pairs stage of
 round k+1 both use policy k, so they run concurrently; the generator pool keeps serving while DPO
@@ -32,8 +39,10 @@ import time
 import zlib
 from pathlib import Path
 
+import ray
 import redis
 
+from caspo import telemetry
 from caspo.config import Config, PairsConfig, config_from_dict
 from caspo.core.contract import derive_seed
 from caspo.core.search import SearchConfig
@@ -42,14 +51,17 @@ from caspo.core.pairs import Pair
 from caspo.evaluation import METRICS as ROUND_METRICS
 from caspo.evaluation import evaluate_async, write_records
 from caspo.mesh.client import MeshClient, MeshProposer
-from caspo.models.hf import resolve_model_path
+from caspo.mesh.publisher import policy_source, publish_policy
+from caspo.models.hf import local_model_path
 from caspo.models.prompting import load_prompter
 from caspo.netutil import redact_url
 from caspo.progress import say
 from caspo.tasks import get_task
 from caspo.trainer.collect import collect_round, solution_pairs
-from caspo.trainer.shift import round_drift
 from caspo.trainer.dpo import scratch_dir, train_dpo
+from caspo.trainer.serving import apply_gate, ensure_serving, eval_records_path, gate_round
+from caspo.trainer.shift import round_drift
+from caspo.trainer.tracking import dpo_dir, write_round
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +138,14 @@ class RoundController:
         (self.run_dir / "config.json").write_text(json.dumps(shown, indent=2) + "\n")
         self.state = RunState(self.run_dir, redis_url, self.cfg.loop.run)
         if self.state.policy(0) is None:
-            self.state.set_policy(0, resolve_model_path(self.cfg.model.policy))
+            self.state.set_policy(0, local_model_path(self.cfg.model.policy))
         self.task = get_task(self.cfg.task.name, self.cfg.task.data, self.cfg.task)
         # model input in the policy's format (model.prompt_format, model.step_delimiter); only its tokenizer is read
         self.prompter = load_prompter(self.cfg.model, self.task)
         self.eval_problems = self.task.problems(self.cfg.loop.eval_n, seed=self.cfg.loop.eval_seed, split="test")
         self.rows_path = self.run_dir / "rounds.jsonl"
+        # rank 0 of DPO hands its weights to this source; publishing broadcasts them from its memory
+        self.source = policy_source(self.cfg) if self.cfg.publish.transport == "collective" and ray.is_initialized() else None
 
     def _sr(self, k: int) -> int:
         return store_round(self.cfg.loop.run, k)
@@ -172,10 +186,17 @@ class RoundController:
         return max(int(v) for v, p in self.state.data["policies"].items() if p is not None and (v == "0" or self.state.done(int(v), "train")))
 
     async def _ensure_published(self, version: int) -> None:
-        """After a restart the services may hold an older policy: publish the newest trained one."""
+        """After a restart the services may hold an older policy: publish the newest trained one to the
+        generators. Serve gets the base policy until a round passes the promotion gate."""
+        ensure_serving(self.run_dir, 0, self.state.policy(0))
         services = {s["name"]: s for s in await self.client.registry()}
         if services.get("generator", {}).get("policy_version") != version:
-            await self.client.publish(version, self.state.policy(version), self.run_dir / "policy.json")
+            await publish_policy(self.client, self.cfg, version, self.state.policy(version), None, self.source, targets="mesh")
+
+    def _timed(self, k: int, stage: str, t0: float) -> float:
+        seconds = round(time.time() - t0, 1)
+        telemetry.round_stage(self.cfg.loop.run, k, stage, seconds)
+        return seconds
 
     # ---- stages -------------------------------------------------------------------------------
     async def _pairs(self, k: int, progress: bool) -> None:
@@ -187,7 +208,8 @@ class RoundController:
         else:
             rep = await collect_round(self.client, self.task, problems, pcfg, self._sr(k), progress=progress, desc=f"round {k} pairs", prompter=self.prompter)
             summary = rep.summary()
-        summary["seconds"] = round(time.time() - t0, 1)
+        summary["seconds"] = self._timed(k, "pairs", t0)
+        telemetry.round_pairs(self.cfg.loop.run, k, summary.get("pairs", {}))
         summary["store_round"] = self._sr(k)
         summary["round"] = k
         (self.run_dir / f"round{k}_pairs.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -223,6 +245,7 @@ class RoundController:
             await self.client.ack_pairs(self._sr(k), TRAINER_GROUP, ids[i : i + 1000])
 
     async def _train(self, k: int, progress: bool) -> None:
+        t0 = time.time()
         out = self.run_dir / "policies" / f"v{k}"
         pairs, ids = await self._read_round(k)
         prev = self.state.policy(k - 1)
@@ -235,22 +258,29 @@ class RoundController:
             metrics = {"pairs": 0, "carried_over": True}
         else:
             dpo = dataclasses.replace(self.cfg.dpo, seed=k)
-            metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), dpo, progress)
+            metrics = await asyncio.to_thread(train_dpo, pairs, prev, prev, str(out), dpo, progress, self.source, str(dpo_dir(self.run_dir, k)))
             metrics.pop("history", None)
             if self.cfg.loop.drift:
                 heldout = [(self.prompter(p.question), "".join(s + self.cfg.dpo.delimiter for s in p.gold_steps)) for p in self.eval_problems[:200]]
                 metrics["drift"] = await asyncio.to_thread(round_drift, prev, str(out), pairs, heldout, self.cfg.dpo.delimiter)
         await self._ack(k, ids)
         metrics["pairs_read"] = len(pairs)
+        metrics["stage_seconds"] = self._timed(k, "train", t0)
+        telemetry.round_training(self.cfg.loop.run, k, metrics)
         self.state.set_policy(k, str(out))
         self.state.mark(k, "train", metrics)
         (self.run_dir / f"round{k}_train.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
     async def _publish(self, k: int) -> None:
-        await self.client.publish(k, self.state.policy(k), self.run_dir / "policy.json")
-        self.state.mark(k, "publish", {"version": k, "path": self.state.policy(k)})
+        """Version k to the generators and the scorer (over the transport unless publish.transport is disk);
+        Serve only through the gate, after eval."""
+        t0 = time.time()
+        out = await publish_policy(self.client, self.cfg, k, self.state.policy(k), None, self.source, targets="mesh")
+        b = out["broadcast"] or {}
+        self.state.mark(k, "publish", {"version": k, "path": self.state.policy(k), "transport": out["transport"], "fallback": out["fallback"], "bytes": b.get("bytes"), "seconds": self._timed(k, "publish", t0)})
 
     async def _eval(self, k: int, progress: bool) -> dict:
+        t0 = time.time()
         lc = self.cfg.loop
         proposer = MeshProposer(self.client, self.prompter, self.prompter.delimiter)
         greedy = await evaluate_async(proposer, self.task, self.eval_problems, SearchConfig(method="greedy", seed=lc.eval_seed), batch=lc.eval_batch, progress=progress, desc=f"round {k} eval greedy")
@@ -280,11 +310,23 @@ class RoundController:
             "drift": (self.state.info(k, "train") or {}).get("drift") if k > 0 else None,
             "finished_at": time.time(),
         }
-        write_records(self.run_dir / "eval" / f"round{k}_greedy.jsonl", greedy.records)
+        write_records(eval_records_path(self.run_dir, k), greedy.records)
+        row["eval_seconds"] = self._timed(k, "eval", t0)
+        if k > 0:  # the promotion gate: does version k reach Serve?
+            gate = gate_round(self.run_dir, lc.run, k, self.state.policy(k), self.cfg.serve, apply=False)
+            if gate["promote"] and gate["compared_with"] != k:  # Serve's replicas get the weights first, then the record
+                await publish_policy(self.client, self.cfg, k, self.state.policy(k), None, self.source, targets="serve")
+            gate = apply_gate(self.run_dir, lc.run, gate, self.state.policy(k))
+            row["promotion"] = {key: gate[key] for key in ("promote", "policy", "reason", "figures", "n", "serving", "compared_with")}
+        write_round(self.run_dir, row)
         with self.rows_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.state.mark(k, "eval", True)
         say(summary_line(row))
+        if row.get("promotion"):  # in the records and `caspo status`; the printed output stays one line a round
+            g = row["promotion"]
+            outcome = "promoted to Serve" if g["promote"] else f"not promoted, Serve keeps v{g['serving']}"
+            log.info("round %d: %s: %s", k, outcome, g["reason"])
         return row
 
 

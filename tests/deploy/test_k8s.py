@@ -3,6 +3,7 @@ and the security settings (bearer token, Redis ACL user, optional mesh TLS) reac
 
 import base64
 import functools
+import json
 import os
 import re
 import shlex
@@ -58,7 +59,9 @@ def test_overlay_has_every_piece(built):
     kinds = sorted(d["kind"] for d in docs)
     want = ["ConfigMap", "Namespace", "NetworkPolicy", "NetworkPolicy", "PersistentVolumeClaim", "RayJob", "RayService", "Service", "StatefulSet"]
     # cpu-dev generates its two dev-only Secrets; the gpu overlay generates none (the operator creates them)
-    assert kinds == sorted(want + (["Secret", "Secret"] if overlay == "cpu-dev" else []))
+    # and has the monitoring component (PodMonitor, its NetworkPolicy, the Grafana dashboard's ConfigMap)
+    extra = ["Secret", "Secret"] if overlay == "cpu-dev" else ["ConfigMap", "NetworkPolicy", "PodMonitor"]
+    assert kinds == sorted(want + extra)
     if overlay == "cpu-dev":
         assert sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Secret") == ["caspo-auth", "caspo-redis"]
     assert all(d["metadata"].get("namespace") == "caspo" for d in docs if d["kind"] != "Namespace")
@@ -72,7 +75,7 @@ def _validate_core(docs):
     import kubernetes_validate
 
     for d in docs:
-        if d["apiVersion"].startswith("ray.io/"):
+        if d["apiVersion"].startswith(("ray.io/", "monitoring.coreos.com/")):  # CRDs: checked below
             continue
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)  # raises ValidationError naming the field
 
@@ -194,6 +197,7 @@ def test_serve_config_in_the_rayservice_builds_the_real_application(built, tmp_p
     built_app = import_attr(app.import_path)({**app.args, "config": str(mounted)})
     assert built_app._bound_deployment.name == DEPLOYMENT
     cfg = built_app._bound_deployment.init_args[0]
+    # /shared: the cluster's own volume (the PVC caspo-shared), where the loop publishes and Serve reads
     assert cfg["serve"]["host"] == "0.0.0.0" and cfg["serve"]["policy_file"].startswith("/shared/")
 
 
@@ -329,7 +333,7 @@ def test_no_secret_value_in_a_configmap_or_an_env_literal(built):
                         m = re.fullmatch(r"[a-z]*:\$\(([A-Z_]+)\)", creds)
                         assert m and m.group(1) in from_secrets, e
                     assert "bearer" not in e["value"].lower(), e
-    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    cm = _one(docs, "ConfigMap", "caspo-config")
     cfg = yaml.safe_load(cm["data"]["caspo.yaml"])
     assert cfg["mesh"].get("redis_url") is None  # Redis from $CASPO_REDIS_URL (the Secret), not from the ConfigMap
     keys = set(_all_keys(cfg))
@@ -484,7 +488,11 @@ def test_the_mesh_tls_component_turns_tls_on_in_every_ray_container(overlay, tmp
     """The documented way: `components: [../../components/mesh-tls]` in an overlay (here a copy of k8s/)."""
     shutil.copytree(ROOT / "k8s", tmp_path / "k8s", ignore=shutil.ignore_patterns("schemas"))
     kust = tmp_path / "k8s" / "overlays" / overlay / "kustomization.yaml"
-    kust.write_text(kust.read_text() + "components:\n  - ../../components/mesh-tls\n")
+    text = kust.read_text()
+    if "\ncomponents:\n" in text:  # the overlay has components already (gpu: monitoring): one more
+        kust.write_text(text.replace("\ncomponents:\n", "\ncomponents:\n  - ../../components/mesh-tls\n", 1))
+    else:
+        kust.write_text(text + "components:\n  - ../../components/mesh-tls\n")
     docs = _build(kust.parent)
     _validate_core(docs)
     _validate_ray(docs)
@@ -508,3 +516,79 @@ def test_the_mesh_tls_component_turns_tls_on_in_every_ray_container(overlay, tmp
     # the files the variables name are the Secret's keys, as cert-manager writes them
     assert {Path(p).name for k, p in TLS_ENV.items() if k != "CASPO_TLS_SERVER_NAME"} == {"tls.crt", "tls.key", "ca.crt"}
     assert "secretName: caspo-mesh-tls" in DOCS and "caspo-mesh.caspo.svc" in DOCS
+
+
+def _ray_pod_templates(docs):
+    for d in docs:
+        if d["kind"] == "RayService":
+            yield from (spec for spec in _templates(d["spec"]["rayClusterConfig"]))
+        elif d["kind"] == "RayJob":
+            yield from (spec for spec in _templates(d["spec"]["rayClusterSpec"]))
+
+
+def _templates(cluster_spec):
+    yield cluster_spec["headGroupSpec"]["template"]
+    for g in cluster_spec["workerGroupSpecs"]:
+        yield g["template"]
+
+
+def test_every_ray_pod_is_scraped_on_kuberays_metrics_port(built):
+    """KubeRay's documented scrape annotations on every Ray pod (its metrics port 8080), in both overlays."""
+    _, docs = built
+    templates = list(_ray_pod_templates(docs))
+    assert len(templates) == 7
+    for t in templates:
+        ann = t["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8080" and ann["prometheus.io/path"] == "/metrics"
+
+
+def test_monitoring_component_podmonitor_and_grafana_dashboard():
+    """The gpu overlay's PodMonitor selects every Ray pod on the port KubeRay names metrics; Prometheus may
+    reach it; the Grafana dashboard plots every metric caspo records, and only those."""
+    from caspo.telemetry import SPECS
+
+    docs = _build(ROOT / "k8s" / "overlays" / "gpu")
+    pm = _one(docs, "PodMonitor", "caspo-ray")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["spec"]["namespaceSelector"]["matchNames"] == ["caspo"]
+    selector = pm["spec"]["selector"]["matchLabels"]
+    for t in _ray_pod_templates(docs):
+        assert selector.items() <= t["metadata"]["labels"].items()
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    netpol = _one(docs, "NetworkPolicy", "caspo-metrics")
+    assert netpol["spec"]["podSelector"]["matchLabels"] == selector
+    assert netpol["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8080}]
+    cm = _one(docs, "ConfigMap", "caspo-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dash = json.loads(cm["data"]["caspo-dashboard.json"])
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_caspo_\w+", e)}
+    assert used == {f"ray_{name}" for name in SPECS}
+
+
+def test_caspo_plan_places_every_service_on_the_overlay_groups(built, tmp_path, capsys):
+    """`caspo plan` packs each service's actors onto the overlay's pods as Ray would: on the gpu overlay every
+    GPU service holds one GPU on its own group; what cannot be placed is refused in one line (exit 2)."""
+    from caspo.cli.main import main
+
+    overlay, docs = built
+    cluster, config = tmp_path / "cluster.yaml", tmp_path / "caspo.yaml"
+    cluster.write_text(yaml.safe_dump_all(docs))
+    config.write_text(_one(docs, "ConfigMap", "caspo-config")["data"]["caspo.yaml"])
+    args = ["plan", "--config", str(config), "--cluster", str(cluster)]
+    assert main([*args, "--json"]) == 0
+    plans = {p["service"]: p for p in json.loads(capsys.readouterr().out)["services"]}
+    assert plans["pair_store"]["group"] == "head" and plans["pair_store"]["num_gpus"] == 0
+    if overlay != "gpu":
+        return
+    serve_group = _one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    for service, group in {"generator": "generator", "scorer": "scorer", "critic": "critic", "dpo": "trainer", "serve": serve_group}.items():
+        assert (plans[service]["num_gpus"], plans[service]["group"]) == (1, group), service
+    for bad, needle in [
+        ("critic.model=Qwen/Qwen2.5-Math-72B-Instruct", "critic: Qwen/Qwen2.5-Math-72B-Instruct needs about 134 GiB"),  # what the overlay shipped
+        ("generator.replicas=3", "generator: actor 3 of 3 asks for GPU 1"),  # two generator pods of one GPU each
+    ]:
+        assert main([*args, "--set", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err

@@ -1,4 +1,4 @@
-"""Real parts for integration tests (DESIGN §6): a redis-server child process per test module."""
+"""Real parts for integration tests (docs/design.md §6): a redis-server child process per test module."""
 
 from __future__ import annotations
 

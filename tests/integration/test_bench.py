@@ -37,12 +37,21 @@ def test_suite_runs_and_writes_json_markdown_and_plot(suite, out):
         assert [r["clients"] for r in rows] == [1, 2]
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows)
         assert data["reload_s"] is not None and data["reload_s"] > 0
+    elif suite == "entropy":  # the top-k estimate is an upper bound of the exact entropy, looser for smaller k
+        assert [r["k"] for r in rows] == [20, 5] and all(r["tokens"] > 0 for r in rows)
+        assert all(r["token_bias_mean"] >= 0 and r["estimate_H"] >= r["exact_H"] for r in rows)
+        assert rows[1]["token_bias_mean"] >= rows[0]["token_bias_mean"]
     elif suite == "pareto":
         names = [r["name"] for r in rows]
         assert names == ["greedy", "SC@2", "wSC@2 logprob", "BoN@2 logprob", "CaT@2 Alg.2 entropy τ=0.5", "CaT@2 adaptive (recommended)", "CaT@2 critic (ceiling)"]
         assert rows[0]["diff_vs_greedy"] == 0.0 and rows[0]["tokens_x_greedy"] == 1.0
         assert all(len(r["accuracy_ci"]) == 2 and r["latency_x_greedy"] > 0 for r in rows)
         assert rows[-1]["ceiling_share"] is None and any("critic cost" in n for n in data["notes"])
+    elif suite == "publish":
+        assert [(r["model"], r["path"]) for r in rows] == [("tiny", "disk"), ("tiny", "transport")]
+        assert all(r["seconds"] > 0 and len(r["replica_s"]) == 2 for r in rows)
+        disk, wire = rows
+        assert abs(wire["MB_moved"] - disk["MB_moved"] * 2 / 3) <= 0.1  # 2 copies over the wire vs a write and 2 reads
     elif suite == "mesh":
         assert rows[0]["replicas"] == 1 and rows[0]["questions_per_min"] > 0
         assert isinstance(rows[0]["pairs"], int) and rows[0]["steps_per_min"] >= rows[0]["questions_per_min"]  # >= 1 step each

@@ -114,17 +114,33 @@ def test_save_policy_writes_bf16_weights_that_load(tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
 
-def test_fsdp_is_refused_without_gpus(tmp_path):
-    """accelerate shards only across GPUs: on CPU it would train replicated under the name FSDP, so say so."""
+def test_fsdp_on_cpu_needs_two_workers(tmp_path):
+    """FSDP on CPU shards over the gloo workers: one worker has nothing to shard over, so say so."""
     from caspo.config import ConfigError, load_config
 
     tiny = str(resolve_tiny())
-    with pytest.raises(ValueError, match="fsdp needs use_gpu"):
-        train_dpo(make_arith_pairs(2, seed=1), tiny, tiny, str(tmp_path / "out"), DPOTrainConfig(fsdp=True))
-    with pytest.raises(ConfigError, match="dpo.fsdp needs dpo.use_gpu"):
-        load_config(None, ["dpo.fsdp=true"])
+    with pytest.raises(ValueError, match="fsdp on CPU needs num_workers >= 2"):
+        train_dpo(make_arith_pairs(2, seed=1), tiny, tiny, str(tmp_path / "out"), DPOTrainConfig(fsdp=True, num_workers=1))
+    with pytest.raises(ConfigError, match="dpo.fsdp on CPU needs dpo.num_workers >= 2"):
+        load_config(None, ["dpo.fsdp=true", "dpo.num_workers=1"])
     cfg = load_config(None, ["dpo.fsdp=true", "dpo.use_gpu=true", "dpo.fsdp_config={cpu_offload: true}"])
     assert cfg.dpo.fsdp and cfg.dpo.fsdp_config == {"cpu_offload": True}
+
+
+def test_fsdp_round_on_cpu_two_workers(ray_local, arith_pairs, tmp_path):
+    """The GPU path of dpo.fsdp on two CPU workers (gloo): accelerate's FSDP2 shards every parameter, the reference
+    log-probs are computed before sharding, training lowers the loss, and rank 0 gathers and writes whole weights
+    that load with from_pretrained and score the chosen steps higher than before."""
+    tiny = str(resolve_tiny())
+    out = tmp_path / "policy-fsdp-cpu"
+    s = DPOTrainConfig(num_workers=2, per_device_batch_size=12, epochs=2, learning_rate=2e-4, fsdp=True, cpus_per_worker=1, checkpoint_steps=0)
+    m = train_dpo(arith_pairs, tiny, tiny, str(out), s, progress=False)
+    assert m["workers"] == 2 and m["sharded"] is True
+    assert m["steps"] == 2
+    assert m["loss_start"] == pytest.approx(0.6931, abs=1e-2)  # reference = policy: the first step starts at log 2
+    assert m["loss_end"] < m["loss_start"]
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    assert _mean_margin(str(out), arith_pairs) > _mean_margin(tiny, arith_pairs)
 
 
 def test_fsdp_settings_reach_accelerate_as_full_state_dict(tmp_path):

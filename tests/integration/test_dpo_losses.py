@@ -49,3 +49,33 @@ def test_each_loss_lowers_itself_and_raises_the_margin(loss, tmp_path):
     if loss["loss_type"] == "dpop":
         assert all(h["dpop/penalty"] >= 0 for h in steps)
         assert last["rewards/chosen"] > -1e-3  # DPOP does not let the chosen log-prob fall
+
+
+def test_reference_columns_equal_trl_precompute_and_give_the_same_loss(tmp_path):
+    """The reference log-probs the project computes (the scorer's teacher-forced pass, before the trainer wraps the
+    model) equal TRL's own precompute on the same tokenised rows to 1e-5, and so does the loss of a batch."""
+    from trl import DPOTrainer
+
+    torch.manual_seed(0)
+    tiny = str(resolve_tiny())
+    tok = AutoTokenizer.from_pretrained(tiny)
+    tok.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(tiny)
+    cfg = dataclasses.replace(DPOTrainConfig(), per_device_batch_size=8, epochs=1, checkpoint_steps=0, num_workers=1, max_length=40)
+    rows = _rows(arith_pairs(12, seed=7), cfg.delimiter)
+    trainer = build_trainer(policy, None, tok, datasets.Dataset.from_list(rows), cfg, str(tmp_path / "trainer"))
+    ours = trainer.train_dataset
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(ours.column_names)
+    assert any(len(r["prompt_ids"]) + len(r["chosen_ids"]) > 40 for r in ours)  # truncation is exercised
+    # TRL's own precompute on the same tokenised rows (its parent method, with the same unwrapped model)
+    bare = ours.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    theirs = DPOTrainer._precompute_ref_logps(trainer, bare, "check", 8)
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert torch.tensor(ours[col]) == pytest.approx(torch.tensor(theirs[col]), abs=1e-5)
+    batch = trainer.data_collator([ours[i] for i in range(8)])
+    batch_trl = trainer.data_collator([theirs[i] for i in range(8)])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss_trl = trainer.compute_loss(trainer.model, batch_trl)
+    assert float(loss) == pytest.approx(float(loss_trl), abs=1e-5)
+    assert float(loss) == pytest.approx(0.6931, abs=1e-4)  # reference = this policy: log 2

@@ -50,18 +50,20 @@ def test_p_yes_is_the_models_renormalised_yes_probability_and_cache_is_per_scope
         async with serving((critic_service.add_to_server, servicer)) as ch:
             stub = critic_pb2_grpc.CriticStub(ch)
             r = await stub.Judge(_request(ITEMS, scope="round:1"))
-            calls = backend.score_calls + backend.sample_calls
+            calls = backend.answer_calls + backend.sample_calls
             again = await stub.Judge(_request(ITEMS, scope="round:1"))
-            assert backend.score_calls + backend.sample_calls == calls  # all three from the cache
+            assert backend.answer_calls + backend.sample_calls == calls  # all three from the cache
             assert [v.p_correct for v in again.verdicts] == [v.p_correct for v in r.verdicts]
-            before = backend.score_calls
+            before = backend.answer_calls
             await stub.Judge(_request(ITEMS[:1], scope="round:2"))
-            assert backend.score_calls == before + 1  # a new round judges afresh
+            assert backend.answer_calls == before + 1  # a new round judges afresh
+            assert backend.score_calls == 0  # nothing but the answer position is scored
             return r
 
     r = asyncio.run(main())
     assert r.critic == f"judge:{backend.path}"
     prompts = [prompter.chat(JUDGE_SYSTEM, judge_question(q, p, s)) for _, q, p, s in ITEMS]
+    # the judge's one-position request equals the full teacher-forced scoring of prompt + answer it replaced
     scores = backend.inner.score_steps(prompts * 2, ["Yes"] * 3 + ["No"] * 3)
     for i, v in enumerate(r.verdicts):
         want = verdict_probability(scores[i].token_logprobs[0], scores[3 + i].token_logprobs[0])

@@ -25,7 +25,7 @@ def test_one_round_of_the_qwen_math_config_with_tiny_chat_and_the_judge(tmp_path
     rows = [json.loads(line) for line in MATH.read_text().splitlines()]
     DatasetDict({"train": Dataset.from_list(rows[:6]), "test": Dataset.from_list(rows[6:])}).save_to_disk(str(tmp_path / "math"))
     sets = [
-        "model.policy=tiny-chat", "model.backend=hf", "critic.model=tiny-chat", f"task.data={tmp_path / 'math'}",
+        "model.policy=tiny-chat", "model.backend=hf", "model.device=cpu", "critic.model=tiny-chat", f"task.data={tmp_path / 'math'}",
         "mesh.placement={}", "dpo.use_gpu=false", "dpo.fsdp=false", "dpo.resources={}", "dpo.cpus_per_worker=0.5", "dpo.num_workers=1",
         "dpo.per_device_batch_size=4", "dpo.gradient_accumulation_steps=1", "dpo.max_length=512", "dpo.gradient_checkpointing=false",
         f"mesh.run_dir={tmp_path / 'mesh'}", "mesh.host=127.0.0.1", "mesh.num_cpus=2", "mesh.namespace=caspo-real-config-test",
@@ -73,7 +73,7 @@ def test_serve_the_real_config_with_tiny_chat_and_stream_with_openai(tmp_path):
     cfg = load_config(
         ROOT / "configs" / "qwen2.5-math-7b-instruct.yaml",
         [
-            "model.policy=tiny-chat", "model.backend=hf", "critic.model=tiny-chat", f"task.data={MATH}", "model.max_step_tokens=24",
+            "model.policy=tiny-chat", "model.backend=hf", "model.device=cpu", "critic.model=tiny-chat", f"task.data={MATH}", "model.max_step_tokens=24",
             "serve.host=127.0.0.1", f"serve.http_port={free_port()}", f"serve.grpc_port={free_port()}", f"serve.policy_file={tmp_path}/policy.json",
             "serve.num_cpus=0.5", "serve.num_gpus=0", "serve.max_replicas=1",
         ],

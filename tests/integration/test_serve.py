@@ -16,7 +16,9 @@ from caspo.models.base import PromptedProposer
 from caspo.models.hf import HFBackend, resolve_model_path
 from caspo.protos.v1 import cat_pb2, cat_pb2_grpc
 from caspo.serve.cat_client import SolveError, solve_grpc, solve_http
+from caspo.serve.params import params_from_grpc
 from caspo.tasks import get_task
+from tests.prom import fast_metrics_export
 
 QUESTION = "12+7*3-5"
 
@@ -40,11 +42,13 @@ def served(tmp_path_factory):
             "serve.request_timeout_s=60",
         ],
     )
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    metrics_port = free_port()
+    with fast_metrics_export():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _metrics_export_port=metrics_port)
     try:
         serve.start(**serve_options(cfg))
         serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
-        yield cfg, root
+        yield cfg, root, metrics_port
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -79,7 +83,7 @@ def _local_search(cfg: SearchConfig, with_tree: bool = False):
 
 
 def test_grpc_solve_equals_the_core_search_for_the_same_seed(served):
-    cfg, _ = served
+    cfg, _, _ = served
     channel, stub = _stub(cfg)
     with channel:
         resp = stub.Solve(cat_pb2.SolveRequest(question=QUESTION, method="cat", k=4, tau=0.3, seed=7, with_tree=True, branching="always", scoring="entropy"), timeout=60)
@@ -95,7 +99,7 @@ def test_grpc_solve_equals_the_core_search_for_the_same_seed(served):
 def test_a_cat_request_without_search_fields_runs_the_recommended_cat(served):
     from caspo.models.calibration_file import read_calibration
 
-    cfg, _ = served
+    cfg, _, _ = served
     with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
         cal_path = json.loads(resp.read())["calibration"]
     recommended = cfg.cat.search_config(read_calibration(cal_path) if cal_path else None, seed=7)
@@ -109,7 +113,7 @@ def test_a_cat_request_without_search_fields_runs_the_recommended_cat(served):
 
 
 def test_grpc_stream_sends_steps_then_the_answer(served):
-    cfg, _ = served
+    cfg, _, _ = served
     events = list(solve_grpc(_grpc(cfg), QUESTION, method="cat", k=4, tau=0.3, seed=7))
     *steps, last = events
     assert "result" in last and all("step" in e for e in steps)
@@ -123,7 +127,7 @@ def test_grpc_stream_sends_steps_then_the_answer(served):
 
 
 def test_http_solve_and_stream_agree_with_grpc(served):
-    cfg, _ = served
+    cfg, _, _ = served
     body = {"question": QUESTION, "method": "cat", "k": 4, "tau": 0.3, "seed": 7}
     status, out = _post(_http(cfg) + "/v1/solve", body)
     assert status == 200
@@ -141,7 +145,7 @@ def test_http_solve_and_stream_agree_with_grpc(served):
 def test_openai_client_chat_completions_and_models(served):
     import openai
 
-    cfg, _ = served
+    cfg, _, _ = served
     client = openai.OpenAI(base_url=_http(cfg) + "/v1", api_key="unused")
     models = client.models.list()
     model_id = models.data[0].id
@@ -165,7 +169,7 @@ def test_openai_client_chat_completions_and_models(served):
 def test_openai_client_streams_a_cat_answer(served):
     import openai
 
-    cfg, _ = served
+    cfg, _, _ = served
     client = openai.OpenAI(base_url=_http(cfg) + "/v1", api_key="unused")
     stream = client.chat.completions.create(
         model="caspo-arith",
@@ -221,7 +225,7 @@ GRPC_BAD = [
 
 @pytest.mark.parametrize("fields,message", GRPC_BAD)
 def test_grpc_bad_input_is_invalid_argument_naming_the_field(served, fields, message):
-    cfg, _ = served
+    cfg, _, _ = served
     channel, stub = _stub(cfg)
     with channel:
         for call in (stub.Solve, lambda r, timeout: list(stub.SolveStream(r, timeout=timeout))):
@@ -250,14 +254,36 @@ HTTP_BAD = [
 
 @pytest.mark.parametrize("body,field", HTTP_BAD)
 def test_http_bad_input_is_422_naming_the_field(served, body, field):
-    cfg, _ = served
+    cfg, _, _ = served
     status, out = _post(_http(cfg) + "/v1/solve", body)
     assert status == 422
     assert any(field in " ".join(map(str, d["loc"])) and field in d["msg"] for d in out["detail"]), out
 
 
+def test_a_question_over_the_context_length_is_refused_naming_the_limit():
+    """A replica's check (CaTService.question_of) refuses a question whose prompt and one step
+    (model.max_step_tokens 32) do not fit model.max_model_len: ParamError on the field question, which gRPC
+    answers INVALID_ARGUMENT and HTTP 422 (the tests above)."""
+    from caspo.models.factory import make_backend
+    from caspo.models.prompting import prompter_for_backend
+    from caspo.models.worker import ModelWorker
+    from caspo.serve.service import check_context
+    from caspo.serve.request_errors import ParamError
+
+    cfg = load_config(None, ["model.max_model_len=45"])
+    worker = ModelWorker(make_backend(cfg))
+    assert worker.max_model_len == 45 and ModelWorker(HFBackend("tiny")).max_model_len == 512  # the override, else config.json's
+    task = get_task("arith")
+    question_of = lambda q: check_context(task.question(q), worker, prompter_for_backend(worker.backend, task))  # noqa: E731
+    assert question_of("1+2") == "1+2"  # "<bos>Q:1+2\n": 7 tokens + 32 fit
+    with pytest.raises(ParamError, match=r"question needs 46 tokens with room for one step .* context length \(model.max_model_len\) is 45"):
+        question_of("12+7*3-4*5")
+    with pytest.raises(ParamError, match="model.max_model_len"):
+        params_from_grpc(cfg.serve, cat_pb2.SolveRequest(question="12+7*3-4*5"), question_of)
+
+
 def test_http_malformed_json_and_the_service_keeps_serving(served):
-    cfg, _ = served
+    cfg, _, _ = served
     status, out = _post(_http(cfg) + "/v1/solve", None, raw=b'{"question": ')
     assert status == 422
     status, out = _post(_http(cfg) + "/v1/chat/completions", {"model": "caspo-arith", "messages": [], "method": "greedy"})
@@ -270,7 +296,7 @@ def test_http_malformed_json_and_the_service_keeps_serving(served):
 
 
 def test_deadline_cancels_and_the_service_keeps_serving(served):
-    cfg, _ = served
+    cfg, _, _ = served
     channel, stub = _stub(cfg)
     with channel:
         with pytest.raises(grpc.RpcError) as err:
@@ -297,7 +323,7 @@ def _health(cfg) -> dict:
 
 
 def test_health_and_hot_reload_during_traffic(served):
-    cfg, root = served
+    cfg, root, _ = served
     with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
         health = json.loads(resp.read())
     assert health["status"] == "ok" and health["policy_version"] == 0
@@ -329,7 +355,7 @@ def test_server_reflection_lists_the_cat_service(served):
     """What grpcurl relies on to call the service without proto files."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    cfg, _ = served
+    cfg, _, _ = served
     with grpc.insecure_channel(_grpc(cfg)) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         reqs = [
@@ -342,7 +368,7 @@ def test_server_reflection_lists_the_cat_service(served):
 
 
 def test_a_policy_that_fails_to_load_leaves_the_service_on_its_weights(served):
-    cfg, root = served
+    cfg, root, _ = served
     with urllib.request.urlopen(_http(cfg) + "/healthz", timeout=30) as resp:
         before = json.loads(resp.read())["policy_version"]
     (root / "policy.json").write_text(json.dumps({"version": 7, "path": str(root / "no-such-model")}))
@@ -357,3 +383,79 @@ def test_a_policy_that_fails_to_load_leaves_the_service_on_its_weights(served):
     assert health["policy_version"] == before
     events = list(solve_grpc(_grpc(cfg), QUESTION, method="greedy"))
     assert events[-1]["result"]["policy_version"] == before and events[-1]["result"]["has_answer"]
+
+
+def test_promote_and_rollback_switch_serve_under_traffic_with_no_failed_request(served):
+    """`caspo promote RUN VERSION` and `caspo rollback RUN` rewrite the policy file the replicas watch:
+    the switch goes through the same hot reload, concurrent requests all succeed, /healthz says why."""
+    from caspo.cli.main import main
+
+    cfg, root, _ = served
+    base = resolve_model_path("tiny")
+    for v in ("v1", "v2"):
+        shutil.copytree(base, root / "policies" / v)
+    state = {"done": {"1": {"train": {}}, "2": {"train": {}}}, "policies": {"0": base, "1": str(root / "policies" / "v1"), "2": str(root / "policies" / "v2")}}
+    (root / "state.json").write_text(json.dumps(state))
+
+    def ask(i):
+        events = list(solve_grpc(_grpc(cfg), QUESTION, method="cat", k=2, tau=0.3, seed=i))
+        return events[-1]["result"]["policy_version"]
+
+    def until_served(pool, futures, version):
+        deadline = time.time() + 60
+        while time.time() < deadline and _health(cfg)["policy_version"] != version:
+            futures.append(pool.submit(ask, len(futures)))  # traffic while the replica reloads
+            time.sleep(0.2)
+        on_it = [pool.submit(ask, len(futures) + i) for i in range(2)]  # and requests on the new version
+        assert [f.result() for f in on_it] == [version, version]
+        futures.extend(on_it)
+
+    futures = []
+    with cf.ThreadPoolExecutor(6) as pool:
+        futures += [pool.submit(ask, i) for i in range(4)]
+        assert main(["promote", str(root), "1"]) == 0
+        until_served(pool, futures, 1)
+        assert main(["promote", str(root), "v2"]) == 0
+        until_served(pool, futures, 2)
+        assert main(["rollback", str(root)]) == 0
+        until_served(pool, futures, 1)
+        versions = [f.result() for f in futures]  # .result() raises if any request failed
+    assert {1, 2} <= set(versions)
+    health = _health(cfg)
+    assert health["policy_version"] == 1 and health["reload_error"] is None
+    assert health["promotion"]["decision"]["by"] == "rollback"
+    assert health["promotion"]["decision"]["reason"] == "rolled back by hand from v2 to v1"
+    # refused in one line, nothing changed: a version that does not exist
+    assert main(["promote", str(root), "9"]) == 2
+    assert _health(cfg)["promotion"]["published_version"] == 1
+
+
+def test_serve_exports_its_metrics_on_rays_endpoint(served):
+    """The replica's gRPC method counts and latency, its micro-batcher, the policy version it holds and
+    CaT's tokens and pruned branches, scraped from Ray's real metrics endpoint."""
+    from caspo.telemetry import TOKENS
+    from tests.prom import find, wait_for
+
+    cfg, _, port = served
+    stub_channel, stub = _stub(cfg)
+    with stub_channel:
+        results = [stub.Solve(cat_pb2.SolveRequest(question=QUESTION, method="cat", k=2, tau=0.9, seed=i), timeout=60) for i in range(3)]
+        with pytest.raises(grpc.RpcError):
+            stub.Solve(cat_pb2.SolveRequest(question=QUESTION, method="cat", k=10_000), timeout=60)
+    version = _health(cfg)["policy_version"]
+    wanted = {
+        "requests": ("ray_caspo_grpc_requests_total", {"service": "CaT", "method": "Solve"}, lambda v: v and max(v) >= 4),
+        "errors": ("ray_caspo_grpc_errors_total", {"service": "CaT", "method": "Solve", "code": "INVALID_ARGUMENT"}, lambda v: v and max(v) >= 1),
+        "latency": ("ray_caspo_grpc_latency_seconds_count", {"service": "CaT", "method": "Solve"}, lambda v: v and max(v) >= 4),
+        "batches": ("ray_caspo_worker_batch_size_count", {"worker": "serve", "kind": "sample"}, lambda v: v and max(v) >= 1),
+        "queue": ("ray_caspo_worker_queue_depth", {"worker": "serve"}, lambda v: bool(v)),
+        "version": ("ray_caspo_policy_version", {"service": "serve"}, lambda v: version in v),
+        "tokens": ("ray_caspo_cat_tokens_per_answer_count", {"service": "serve"}, lambda v: v and max(v) >= 3),
+        "pruned": ("ray_caspo_cat_branches_pruned_total", {"service": "serve"}, lambda v: v and max(v) >= sum(r.branches_pruned for r in results)),
+    }
+    samples, missing = wait_for(port, wanted)
+    assert not missing, missing
+    # bucket counts are exact (Ray approximates a histogram's sum from bucket midpoints): every answer of ours
+    # lies at or below the first bound that holds the longest of them
+    bound = min(b for b in TOKENS if b >= max(r.tokens_generated for r in results))
+    assert max(find(samples, "ray_caspo_cat_tokens_per_answer_bucket", service="serve", le=float(bound))) >= len(results)

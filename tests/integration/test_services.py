@@ -34,7 +34,7 @@ from caspo.services.server import MESSAGE_OPTIONS, new_server
 from caspo.tasks import get_task
 from caspo.tasks.arith import ArithTask
 
-GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "train_sample.jsonl"  # shipped with the tests
 PROMPT = "Q:12+7*3\n"
 GEN_CFG = GeneratorConfig(max_k=8, max_prompts=16, max_prompt_chars=64, max_steps=8)
 
@@ -51,6 +51,7 @@ class CountingBackend:
         self.inner = inner
         self.sample_calls = 0
         self.score_calls = 0
+        self.answer_calls = 0
 
     def sample_steps(self, *args, **kwargs):
         self.sample_calls += 1
@@ -59,6 +60,10 @@ class CountingBackend:
     def score_steps(self, *args, **kwargs):
         self.score_calls += 1
         return self.inner.score_steps(*args, **kwargs)
+
+    def answer_logprobs(self, *args, **kwargs):
+        self.answer_calls += 1
+        return self.inner.answer_logprobs(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -154,6 +159,48 @@ def test_micro_batcher_merges_concurrent_requests(backend):
             assert counting.score_calls < len(items)
             assert all(len(s.scores) == 1 and len(s.scores[0].token_entropies) > 0 for s in srs)
         assert worker.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_an_over_long_item_in_a_merged_batch_is_refused_alone(backend):
+    """The tiny model has 512 positions: a prompt of 600 characters (tokens) does not fit. Merged with
+    short ones into one backend call, it is refused alone (marked over_context) and they are served."""
+    long_prompt = "Q:" + "1+" * 300 + "1\n"
+    assert backend.max_model_len == 512 and len(backend.tokenizer.encode(long_prompt)) > 512
+
+    async def main():
+        counting = CountingBackend(backend)
+        worker = ModelWorker(counting, batch_wait_ms=200)
+        gen = generator_service.GeneratorServicer([worker], GeneratorConfig(max_prompt_chars=1000))
+        scorer = scorer_service.ScorerServicer(worker, ScorerConfig())
+        async with serving((generator_service.add_to_server, gen), (scorer_service.add_to_server, scorer)) as ch:
+            stub = generator_pb2_grpc.GeneratorStub(ch)
+            short = [f"Q:{10 + i}+{i + 2}*2\n" for i in range(3)]
+            rs = await asyncio.gather(
+                *(stub.ProposeSteps(propose([p], n=2, temperature=0.7, seeds=[i])) for i, p in enumerate(short)),
+                stub.ProposeSteps(propose([long_prompt], n=2, temperature=0.7, seeds=[9])),
+                stub.ProposeSteps(propose([short[0], long_prompt], n=2, temperature=0.7, seeds=[0, 9])),
+            )
+            assert counting.sample_calls == 1  # one merged call, without the long prompt
+            for r in rs[:3]:
+                assert all(s.text and not s.over_context for s in r.candidates[0].steps)
+            assert [(s.text, s.ended, s.over_context, s.tokens) for s in rs[3].candidates[0].steps] == [("", True, True, 0)] * 2
+            mixed = rs[4].candidates
+            assert [s.text for s in mixed[0].steps] == [s.text for s in rs[0].candidates[0].steps]  # same seed, same steps
+            assert all(s.over_context for s in mixed[1].steps)
+
+            sstub = scorer_pb2_grpc.ConfidenceScorerStub(ch)
+            items = [scorer_pb2.ScoreItem(prompt=p, step="7*3=21; 12+21") for p in (*short, long_prompt)]
+            srs = await asyncio.gather(*(sstub.Score(scorer_pb2.ScoreRequest(items=[it])) for it in items))
+            assert counting.score_calls == 1
+            assert all(len(s.scores[0].token_entropies) > 0 and not s.scores[0].over_context for s in srs[:3])
+            assert srs[3].scores[0].over_context and len(srs[3].scores[0].token_entropies) == 0
+
+            # a judge's answer log-probs (one token after the prompt): the long prompt gets an empty row
+            rows = await asyncio.gather(*(worker.answer_logprobs([p], ("Yes", "No")) for p in (*short, long_prompt)))
+            assert counting.answer_calls == 1 and [len(r[0]) for r in rows] == [2, 2, 2, 0]
+        assert worker.refused == 4 and worker.in_flight == 0
 
     asyncio.run(main())
 
@@ -260,8 +307,6 @@ def test_exact_critic(backend):
 
 
 def test_exact_critic_gsm8k_problem_ids():
-    if not GSM8K.exists():
-        pytest.skip(f"no GSM8K data at {GSM8K}")
     task = get_task("gsm8k", str(GSM8K))
     problem = task.all_problems("any")[0]
 

@@ -6,7 +6,12 @@ A data round completes with the generator's replica on the second node and the s
 the head. Then the second node is removed mid-round (its raylet and workers killed, not drained): no
 node has the ``generator`` resource, so the replica waits; a new node with that resource joins, Ray
 restarts the replica there, and the round completes. Redis still holds every pair acknowledged before
-the failure, and the interrupted round's pairs exactly once each."""
+the failure, and the interrupted round's pairs exactly once each.
+
+GPUs are Ray's logical ones (``num_gpus`` of a node; no CUDA here): the Qwen config's placement with two
+generator replicas on the second node, each asking for one GPU (``mesh.gpus``), and the scorer asking for
+one on the head. Each GPU service holds the GPU ids it asked for, distinct on its node, and its process
+sees only those in ``CUDA_VISIBLE_DEVICES``; the services that hold no model hold no GPU."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import asyncio
 import shutil
 import threading
 import warnings
+from pathlib import Path
 
 import psutil
 import pytest
@@ -31,9 +37,12 @@ from caspo.trainer.collect import collect_round, make_pairs
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
-PLACEMENT = "mesh.placement={generator: {generator: 1}, scorer: {scorer: 1}, critic: {critic: 1}}"
-HEAD = {"num_cpus": 1, "resources": {"scorer": 1, "critic": 1}}
-GENERATOR_NODE = {"num_cpus": 1, "resources": {"generator": 1}}
+ROOT = Path(__file__).resolve().parents[2]
+# the real config's placement, two replicas on one node, every model actor asking for a GPU
+PLACEMENT = load_config(ROOT / "configs" / "qwen2.5-math-7b-instruct.yaml", ["model.device=cpu", "model.backend=hf"]).mesh.placement
+GPUS = ["generator.replicas=2", "mesh.gpus={generator: 1, scorer: 1, critic: 1}"]
+HEAD = {"num_cpus": 1, "num_gpus": 1, "resources": {"scorer": 1, "critic": 1}}
+GENERATOR_NODE = {"num_cpus": 1, "num_gpus": 2, "resources": {"generator": 2}}
 
 
 def _descendants(p: psutil.Process) -> list[psutil.Process]:
@@ -70,14 +79,29 @@ def _add_node(cluster: Cluster, attempts: int = 3, **node_args):
             warnings.warn(f"Ray node start timed out (attempt {attempt} of {attempts}); killed its {len(stray)} processes, trying again")
 
 
+def _nodes_of(class_name: str) -> list[str]:
+    return [a.node_id for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
+
+
 def _node_of(class_name: str) -> str:
-    alive = [a for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
+    alive = _nodes_of(class_name)
     assert len(alive) == 1, alive
-    return alive[0].node_id
+    return alive[0]
+
+
+def _assert_replica_gpus(runner: MeshRunner, node_id: str) -> None:
+    """Both replicas on ``node_id``, one GPU each, distinct, and each sees only its own."""
+    devs = ray.get(runner.actors["generator"].replica_devices.remote())
+    assert [d["node_id"] for d in devs] == [node_id, node_id]
+    assert all(len(d["gpu_ids"]) == 1 and d["cuda_visible_devices"] == d["gpu_ids"][0] for d in devs), devs
+    assert sorted(d["gpu_ids"][0] for d in devs) == ["0", "1"]
 
 
 class NodeKillingClient(MeshClient):
-    """Removes ``node`` from the cluster just before the round's ``at``-th generator call."""
+    """Removes ``node`` from the cluster just before the round's ``at``-th generator call. On one machine
+    ``Cluster.remove_node`` kills the node's raylet but its actor processes linger until they notice, and a
+    call in that window is still answered; a lost machine takes its processes with it, so the replicas on
+    the node (this test's own actors) are killed with it."""
 
     def __init__(self, registry_address, cluster, node, at: int):
         super().__init__(registry_address)
@@ -85,11 +109,23 @@ class NodeKillingClient(MeshClient):
         self.generator_calls = 0
         self.removed = threading.Event()
 
+    def _lose_node(self) -> None:
+        replicas = [a.pid for a in list_actors(filters=[("class_name", "=", "ReplicaActor"), ("state", "=", "ALIVE")]) if a.node_id == self.node.node_id]
+        self.cluster.remove_node(self.node, False)
+        procs = []
+        for pid in replicas:
+            try:
+                procs.append(psutil.Process(pid))
+                procs[-1].kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+
     async def call(self, service, stub_cls, method, request, timeout: float = 600.0):
         if service == "generator":
             self.generator_calls += 1
             if self.generator_calls == self.at:
-                await asyncio.to_thread(self.cluster.remove_node, self.node, False)
+                await asyncio.to_thread(self._lose_node)
                 self.removed.set()
         return await super().call(service, stub_cls, method, request, timeout)
 
@@ -102,14 +138,21 @@ def test_services_placed_by_group_and_the_generator_comes_back_on_a_new_node(tmp
         gen_node = _add_node(cluster, **GENERATOR_NODE)
         cluster.wait_for_nodes(timeout=120)  # a retried start may leave a dead node for the GCS to notice
         ray.init(address=cluster.address, namespace="caspo-two-nodes", include_dashboard=False, logging_level="WARNING")
-        cfg = load_config(None, [f"mesh.run_dir={tmp_path / 'mesh'}", "mesh.namespace=caspo-two-nodes", PLACEMENT, "pairs.batch=4", "pairs.max_steps=6"])
+        cfg = load_config(None, [f"mesh.run_dir={tmp_path / 'mesh'}", "mesh.namespace=caspo-two-nodes", f"mesh.placement={PLACEMENT}", *GPUS, "pairs.batch=4", "pairs.max_steps=6"])
+        assert cfg.mesh.placement == {"generator": {"generator": 1}, "scorer": {"scorer": 1}, "critic": {"critic": 1}}
         runner = MeshRunner(cfg)
         runner.start(progress=False)
         head_id = ray.get_runtime_context().get_node_id()  # the driver runs on the head
-        assert _node_of("ReplicaActor") == gen_node.node_id
+        assert _nodes_of("ReplicaActor") == [gen_node.node_id] * 2
         assert _node_of("ScorerActor") == head_id and _node_of("CriticActor") == head_id
         # what placement does not pin stays on the head, not on a worker group's node that may go away
         assert _node_of("RegistryActor") == head_id and _node_of("PairStoreActor") == head_id and _node_of("GeneratorActor") == head_id
+        # every GPU service holds the GPUs it asked for and sees only those; the head's model-less services hold none
+        _assert_replica_gpus(runner, gen_node.node_id)
+        scorer = ray.get(runner.actors["scorer"].devices.remote())
+        assert (scorer["gpu_ids"], scorer["cuda_visible_devices"]) == (["0"], "0")
+        for name in ("critic", "pair_store", "generator"):  # the exact critic and the pool's front hold no model
+            assert ray.get(runner.actors[name].devices.remote())["gpu_ids"] == [], name
 
         task = get_task("arith")
 
@@ -137,7 +180,8 @@ def test_services_placed_by_group_and_the_generator_comes_back_on_a_new_node(tmp
         t.join(600)
         assert not t.is_alive() and "r" in result, "the round did not complete after the new node joined"
         second = result["r"]
-        assert _node_of("ReplicaActor") == new_node.node_id  # restarted where the resource is
+        assert _nodes_of("ReplicaActor") == [new_node.node_id] * 2  # restarted where the resource is
+        _assert_replica_gpus(runner, new_node.node_id)
 
         # nothing acknowledged was lost; the interrupted round's pairs are there exactly once
         assert acked_first <= {f["key"] for _, f in store.client.xrange(store.stream_key(1))}

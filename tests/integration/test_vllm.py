@@ -1,4 +1,4 @@
-"""vLLM backend on a real GPU, held against the exact HF backend (DESIGN §4 "vLLM entropy": both paths are
+"""vLLM backend on a real GPU, held against the exact HF backend (docs/design.md §5 "vLLM entropy": both paths are
 tested against each other where a GPU is available). Skipped without CUDA or without the ``gpu`` extra.
 
 Both sides run the tiny reasoner in float32 (vLLM ``dtype="float32"``, HF on the CPU), so differences

@@ -286,3 +286,69 @@ def test_k_samples_at_temperature_zero_are_refused_for_every_sampling_method(met
         SearchConfig(method=method, k=2, temperature=0.0)
     assert SearchConfig(method=method, k=1, temperature=0.0).k == 1
     assert SearchConfig(method="greedy", k=4, temperature=0.0).method == "greedy"
+
+
+def test_tree_events_grow_the_same_tree_the_result_reports():
+    """With tree_events, the updates (new or changed nodes after each model call) add up to the
+    result's tree; pruned and dropped nodes say why, and no update repeats an unchanged node."""
+    from caspo.core.search import TreeUpdate
+
+    script = {
+        (): [cand("a", 0.9), cand("b", 0.8), cand("c", 0.3)],  # c: under tau
+        ("a",): [cand("a1", 0.9), cand("a2", 0.95)],
+        ("b",): [cand("b1", 0.9), cand("b2", 0.95)],  # width 2: b's children are outranked by a's
+        ("a", "a1"): [cand("#### 1", 0.9)],
+        ("a", "a2"): [cand("#### 2", 0.9)],
+    }
+
+    async def go():
+        return [ev async for ev in stream_search(Search("q", SearchConfig(method="cat", k=3, tau=0.45, width=2)), AsyncScripted(script), with_tree=True, tree_events=True)]
+
+    events = asyncio.run(go())
+    result = events[-1]
+    updates = [ev for ev in events if isinstance(ev, TreeUpdate)]
+    assert len(updates) == 3  # one per step of the search
+    grown: dict[int, dict] = {}
+    for u in updates:
+        assert all(grown.get(d["id"]) != d for d in u.nodes)
+        grown.update((d["id"], d) for d in u.nodes)
+    assert list(grown.values()) == sorted(result.tree, key=lambda d: d["id"]) == result.tree
+    why = {d["step"]: (d["status"], d["reason"]) for d in result.tree}
+    assert why["c"] == ("pruned", "under_tau")
+    assert why["b1"] == why["b2"] == ("dropped", "width")
+    assert result.answer == "2"
+    # without tree_events the stream is what it was: steps, then the result
+    plain = asyncio.run(_async_list(stream_search(Search("q", SearchConfig(method="cat", k=3, tau=0.45, width=2)), AsyncScripted(script))))
+    assert not any(isinstance(ev, TreeUpdate) for ev in plain) and plain[-1].answer == "2"
+
+
+def test_adaptive_tree_marks_the_uncertainty_that_expanded_a_branch():
+    """Each node carries its parent's probe uncertainty (what branch_threshold was compared with): the
+    root's unsure probe (H 0.9 > 0.5) expanded it into two steps; the sure probe under "b" did not."""
+    from caspo.core.search import TreeUpdate
+
+    def step(text, h):
+        return ProposedStep(text, (h,), (-h,))
+
+    script = {(): [step("b", 0.9), step("a", 0.7)], ("b",): [step("#### 3", 0.05)], ("a",): [step("#### 4", 0.05)]}
+    cfg = SearchConfig(method="cat", k=2, tau=0.0, branching="adaptive", branch_threshold=0.5, uncertainty="first_entropy", width=2)
+
+    class ProbeThenSample:  # the greedy probe is a prefix's first scripted step, a sample its last
+        async def propose(self, prefixes, n, temperature):
+            return [[script[p.steps][0 if temperature == 0 else -1]] * n for p in prefixes]
+
+    async def go():
+        return [ev async for ev in stream_search(Search("q", cfg), ProbeThenSample(), tree_events=True)]
+
+    nodes: dict[int, dict] = {}
+    for ev in asyncio.run(go()):
+        if isinstance(ev, TreeUpdate):
+            nodes.update((d["id"], d) for d in ev.nodes)
+    by_step = {d["step"]: d for d in nodes.values()}
+    assert by_step["b"]["branched"] and by_step["a"]["branched"]
+    assert by_step["b"]["uncertainty"] == by_step["a"]["uncertainty"] == pytest.approx(0.9)
+    assert not by_step["#### 3"]["branched"] and by_step["#### 3"]["uncertainty"] == pytest.approx(0.05)
+
+
+async def _async_list(agen):
+    return [ev async for ev in agen]

@@ -79,6 +79,12 @@ def test_resume_gives_the_same_model_as_an_unbroken_run(tmp_path):
         (["calibrate", "-n", "0"], "-n must be >= 1"),
         (["calibrate", "--taus", "0", "2"], "--taus must each be in [0, 1], got 2.0"),
         (["calibrate", "--max-tokens-x", "0"], "--max-tokens-x must be > 0"),
+        (["publish", "/nonexistent/model", "--version", "1"], "path '/nonexistent/model' is not a model directory"),
+        (["publish", "tiny", "--version", "-1"], "--version must be >= 0"),
+        (["publish", "tiny", "--version", "1", "--set", "publish.transport=pigeon"], "publish.transport must be collective or disk"),
+        # the shipped real-model config names a hub id: refused before any mesh or round work
+        (["loop", "--config", "configs/qwen2.5-math-7b-instruct.yaml", "--rounds", "1"], "model.policy: 'Qwen/Qwen2.5-Math-7B-Instruct' is a hub id, not a local model directory"),
+        (["loop", "--set", "model.policy=/nonexistent/model", "--rounds", "1"], "model.policy: no model at /nonexistent/model"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):

@@ -82,7 +82,7 @@ def test_scorings():
         log_step_score("ppl", ents, lps)
 
 
-# ---- top-k entropy estimate (what the vLLM generator reports; DESIGN §4 "vLLM entropy") ----------
+# ---- top-k entropy estimate (what the vLLM generator reports; docs/design.md §5 "vLLM entropy") ----------
 from caspo.core.confidence import topk_entropy_estimate  # noqa: E402
 
 

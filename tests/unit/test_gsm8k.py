@@ -18,13 +18,14 @@ from caspo.tasks.gsm8k import (
     annotation_spans,
     calc_annotations,
     check_data,
+    load_gsm8k,
     load_jsonl,
     eval_fraction,
     verify_step_annotations,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
-needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"GSM8K data not found at {DATA}")
+# the first 300 lines of GSM8K's train split, shipped with the tests (tests/data/gsm8k/README.md)
+DATA = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "train_sample.jsonl"
 
 GOLD = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -48,28 +49,26 @@ def small_file(tmp_path: Path) -> Path:
 # ---- the gold data ----------------------------------------------------------------------------
 
 
-@needs_data
 def test_gold_annotations_verify():
-    # Every calculator annotation of the first 500 gold solutions evaluates exactly (rational
+    # Every calculator annotation of the sample's 300 gold solutions evaluates exactly (rational
     # arithmetic) to its value, and the number written after it is that value (some written with
     # thousands commas, e.g. <<4500*5=22500>>22,500). No known data errors: failed must be 0.
-    r = check_data(DATA, limit=500)
+    r = check_data(DATA)
     assert r["failed"] == 0, r["examples"]
-    assert r["steps"] == r["verified"] > 1000
-    assert r["unannotated"] > 0  # GSM8K has some prose-only steps
+    assert r["steps"] == r["verified"] == 1012
+    assert r["unannotated"] == 113  # GSM8K has some prose-only steps
+    assert check_data(DATA, limit=100)["steps"] < 1012  # limit: the first 100 problems only
 
 
-@needs_data
 def test_perturbed_annotations_fail():
-    r = check_data(DATA, perturb=True, seed=3, limit=500)
-    assert r["steps"] > 1000
+    r = check_data(DATA, perturb=True, seed=3)
+    assert r["steps"] == 1012
     assert r["verified"] <= 0.01 * r["steps"]
     assert r["failed"] == r["steps"] - r["verified"]
     assert len(r["examples"]) == 10
     assert all({"line", "step", "reason"} <= set(e) for e in r["examples"])
 
 
-@needs_data
 def test_perturbation_is_caught_by_arithmetic():
     # The copy after the annotation is perturbed too, so the failure is the arithmetic, not the copy.
     r = check_data(DATA, perturb=True, seed=0, limit=20)
@@ -276,11 +275,36 @@ def test_problems_deterministic_and_disjoint(small_file):
         task.problems(3, seed=0, split="dev")
 
 
-@needs_data
 def test_problems_real_data():
     task = GSM8KTask(DATA)
-    test = task.problems(50, seed=7)
-    assert len(test) == 50 and test == task.problems(50, seed=7)
+    assert len(task.all_problems("test")) == 34 and len(task.all_problems("train")) == 266
+    test = task.problems(30, seed=7)
+    assert len(test) == 30 and test == task.problems(30, seed=7)
     assert all(task.split_of(p.question) == "test" for p in test)
     assert all(task.judge(p, [], p.gold_steps[0]).correct for p in test)
     assert all(task.judge(p, p.gold_steps[:-1], p.gold_steps[-1]).correct for p in test)
+
+
+def test_a_save_to_disk_directory_reads_as_its_jsonl(tmp_path):
+    # the hub's openai/gsm8k saves a DatasetDict (train, test): its train split is read, with the ids the
+    # same rows have as lines of the train JSONL
+    from datasets import Dataset, DatasetDict
+
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()[:40]]
+    cols = {k: [r[k] for r in rows] for k in ("question", "answer")}
+    DatasetDict({"train": Dataset.from_dict(cols), "test": Dataset.from_dict({k: v[:3] for k, v in cols.items()})}).save_to_disk(tmp_path / "dd")
+    Dataset.from_dict(cols).save_to_disk(tmp_path / "one")
+    want = load_jsonl(DATA)[:40]
+    for d in ("dd", "one"):
+        got = load_gsm8k(tmp_path / d)
+        assert [(p.id, p.question, p.answer, p.gold_steps) for p in got] == [(p.id, p.question, p.answer, p.gold_steps) for p in want]
+    assert check_data(tmp_path / "dd")["failed"] == 0
+    DatasetDict({"test": Dataset.from_dict(cols)}).save_to_disk(tmp_path / "notrain")
+    with pytest.raises(TaskError, match="no split 'train'; it has test"):
+        load_gsm8k(tmp_path / "notrain")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TaskError, match="not a dataset saved with save_to_disk"):
+        load_gsm8k(tmp_path / "empty")
+    Dataset.from_dict({"question": ["q"], "answer": ["no final line"]}).save_to_disk(tmp_path / "bad")
+    with pytest.raises(TaskError, match="row 1: answer does not end"):
+        GSM8KTask(tmp_path / "bad")

@@ -1,4 +1,4 @@
-"""Unit tests for caspo.core.pairs: the three-case rule of Algorithm 1 (DESIGN §4)."""
+"""Unit tests for caspo.core.pairs: the three-case rule of Algorithm 1 (docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -214,3 +214,13 @@ def test_a_pair_crosses_the_grpc_and_redis_boundaries_unchanged():
     assert pair_to_proto(pair).key == pair_to_redis(pair)["key"] == pair.key == pair_key(pair)
     # the key is the content's: lineage and scores do not change it
     assert dataclasses.replace(pair, policy_version=9, confidence=0.0, critic="llm").key == pair.key
+
+
+def test_a_step_over_the_context_length_is_counted_and_never_paired():
+    from caspo.config import PairsConfig
+    from caspo.trainer.collect import StepRecord, make_pairs
+
+    rec = dict(problem_id="p", prompt="Q", competitors=[], reference="")
+    records = [StepRecord(step="a", correct=True, confidence=-0.1, **rec), StepRecord(step="", correct=False, confidence=0.0, over_context=True, **rec)]
+    _, pairs, skipped = make_pairs(records, PairsConfig())
+    assert skipped["over_context"] == 1 and all(r.step == "a" for r, _ in pairs)

@@ -40,7 +40,7 @@ def test_real_model_config_loads_with_the_papers_settings(name, policy):
 def test_the_cpu_override_of_the_real_config_is_valid():
     cfg = load_config(
         CONFIGS / "qwen2.5-math-7b-instruct.yaml",
-        ["model.policy=tiny-chat", "model.backend=hf", "critic.model=tiny-chat", "mesh.placement={}", "dpo.use_gpu=false", "dpo.fsdp=false", "dpo.resources={}"],
+        ["model.policy=tiny-chat", "model.backend=hf", "model.device=cpu", "critic.model=tiny-chat", "mesh.placement={}", "dpo.use_gpu=false", "dpo.fsdp=false", "dpo.resources={}"],
     )
     assert (cfg.model.policy, cfg.model.prompt_format, cfg.model.step_delimiter) == ("tiny-chat", "chat", "\n\n")
     assert cfg.mesh.placement == {} and not cfg.dpo.use_gpu

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from caspo.models.tiny_chat import SHIPPED_CHAT_DIR
 from caspo.tasks import get_task
 
 MATH = Path(__file__).resolve().parents[1] / "data" / "math_small.jsonl"
+GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "train_sample.jsonl"
 
 
 def test_shipped_tiny_chat_is_a_small_qwen2_with_its_template_in_tokenizer_config():
@@ -47,9 +49,27 @@ def test_eval_tiny_chat_on_math(capsys):
 
 
 def test_train_chat_command_writes_a_loadable_chat_model(tmp_path, capsys):
-    assert main(["train-chat", "--out", str(tmp_path / "m"), "--steps", "2"]) == 0
+    assert main(["train-chat", "--data", str(GSM8K), "--out", str(tmp_path / "m"), "--steps", "2"]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     assert tok.chat_template and not (tmp_path / "m" / "chat_template.jinja").exists()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.model_type == "qwen2"
     assert main(["train-chat", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "data file not found" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "m" / "train_meta.json").read_text())
+    # what it was trained on, by name and content, never by the path of the machine it ran on
+    assert meta["data"] == {"name": "train_sample.jsonl", "sha256": hashlib.sha256(GSM8K.read_bytes()).hexdigest(), "problems": 300}
+
+
+def test_train_chat_without_data_names_the_flag(tmp_path, capsys):
+    # no default that names some machine's copy of GSM8K: one line, exit 2
+    assert main(["train-chat", "--out", str(tmp_path / "m"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data" in err and not (tmp_path / "m").exists()
+    assert main(["check-data"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data" in err
+
+
+def test_the_shipped_model_records_its_data_by_content():
+    meta = json.loads((SHIPPED_CHAT_DIR / "train_meta.json").read_text())
+    assert meta["data"]["name"] == "train.jsonl" and meta["data"]["problems"] == 7473 and len(meta["data"]["sha256"]) == 64
