@@ -34,15 +34,31 @@ def _round_rows(rows: list[dict]) -> list[dict]:
     return [{**r, "pairs": " ".join(f"{c}={n}" for c, n in sorted(r.get("pairs", {}).items())) or "-"} for r in rows]
 
 
+# `caspo demo --quick` (`make demo QUICK=1`): a quicker look with fewer training questions and held-out
+# problems, in a run directory of its own so that it never resumes into the full demo's run or the reverse
+QUICK = {"run": "demo-quick", "loop.questions": 500, "loop.eval_n": 200}
+
+
+def demo_settings(args) -> list[str]:
+    """The config overrides ``caspo demo`` runs with: its run and rounds, the quick look's sizes with
+    --quick, then the user's --set, which win."""
+    quick = [f"{k}={v}" for k, v in QUICK.items() if k != "run"] if args.quick else []
+    run = args.run or (QUICK["run"] if args.quick else "demo")
+    return [f"loop.run={run}", f"loop.rounds={args.rounds}", *quick, *args.set]
+
+
 def cmd_demo(args) -> int:
     """The main job on the built-in model, in one screen: CASPO rounds through the mesh with the config's
     recipe, each round's policy judged on the held-out set greedily and with CaT (Algorithm 2 and the
     recommended search); library logs go to a file."""
-    args.set = [f"loop.run={args.run}", f"loop.rounds={args.rounds}", *args.set]
+    args.set = demo_settings(args)
     cfg = config_of(args)
     run_dir = Path(cfg.loop.runs_dir) / cfg.loop.run
     log = quiet_terminal(run_dir / "logs" / "demo.log")
     t0 = time.time()
+    if args.quick:
+        say(f"quick look: {cfg.loop.questions} training questions, {cfg.loop.eval_n} held-out problems, wider intervals "
+            f"(run {run_dir}); `make demo` for the full table")
     say(f"caspo demo: policy {cfg.model.policy!r}; {cfg.loop.rounds} CASPO round(s) of {cfg.loop.questions} questions "
         f"({cfg.loop.pairs} pairs, {cfg.dpo.loss_type} lr {cfg.dpo.learning_rate:g}); each policy judged on {cfg.loop.eval_n} held-out problems")
     say(f"library logs: {log}\n")
@@ -192,8 +208,10 @@ def cmd_sweep(args) -> int:
 def add_parser(sub) -> None:
     """The demo, generate-pairs, loop, report, sweep subcommands."""
     p = command(sub, "demo", help="the main job on the built-in model: inference methods side by side, then CASPO rounds", func=cmd_demo, config=True)
-    p.add_argument("--run", default="demo", help="run name: runs/NAME (default demo)")
+    p.add_argument("--run", help="run name: runs/NAME (default demo; demo-quick with --quick)")
     p.add_argument("--rounds", type=int, default=1, help="CASPO rounds (default 1: about 15 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help=f"a quicker look: {QUICK['loop.questions']} training questions and "
+                   f"{QUICK['loop.eval_n']} held-out problems instead of the config's (wider intervals), in runs/{QUICK['run']}")
 
     p = command(sub, "generate-pairs", help="one data round through the mesh: rollouts, confidence, critic, pairs", func=cmd_generate_pairs, config=True)
     p.add_argument("--round", type=int, default=0)

@@ -136,3 +136,23 @@ def test_redact_url_hides_passwords_only():
     assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redact_url(None) is None
+
+
+@pytest.mark.parametrize(
+    "argv, run, questions, eval_n",
+    [
+        (["demo"], "demo", 2000, 1000),  # the full demo: configs/tiny-cpu.yaml's sizes
+        (["demo", "--quick"], "demo-quick", 500, 200),  # a run directory of its own, never mixed with the full one
+        (["demo", "--quick", "--set", "loop.eval_n=100"], "demo-quick", 500, 100),  # the user's --set wins
+        (["demo", "--quick", "--run", "mine"], "mine", 500, 200),
+    ],
+)
+def test_demo_quick_look_sizes_and_run_directory(argv, run, questions, eval_n):
+    from caspo.cli.cmd_loop import demo_settings
+    from caspo.cli.main import build_parser
+    from caspo.cli.shared import config_of
+
+    args = build_parser().parse_args(argv)
+    args.set = demo_settings(args)
+    cfg = config_of(args)
+    assert (cfg.loop.run, cfg.loop.questions, cfg.loop.eval_n, cfg.loop.rounds) == (run, questions, eval_n, 1)
