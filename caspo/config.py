@@ -164,7 +164,7 @@ class DPOTrainConfig:
     loss_type: str = "sigmoid"  # sigmoid (the paper's DPO) | ipo | dpop (DPO-Positive); see _loss in caspo/trainer/dpo.py
     dpop_lambda: float = 50.0  # weight of DPO-Positive's penalty on the chosen log-prob falling (loss_type dpop)
     sft_weight: float = 0.0  # NLL on the chosen step added to the DPO loss (0: plain DPO as in the paper)
-    learning_rate: float = 2e-6  # tiny model (larger rates shift its digits, see README); paper (7B): 5e-7
+    learning_rate: float = 2e-6  # tiny model (larger rates shift its digits, see docs/training.md); paper (7B): 5e-7
     per_device_batch_size: int = 8  # per Ray Train worker
     gradient_accumulation_steps: int = 1
     epochs: float = 2

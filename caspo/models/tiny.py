@@ -99,7 +99,7 @@ class TinyTrainConfig:
     threads: int = 0  # 0: torch's default
     # weight of the result digits of each step in the loss. Copying the expression is learned at once;
     # arithmetic is what a small model learns last, and at 1x it had not yet (9% held-out accuracy after
-    # 1,300 steps); at 3x, 1,600 steps reach 66% (README, "The built-in tiny reasoner")
+    # 1,300 steps); at 3x, 1,600 steps reach 66% (docs/models.md, "The previous model (recipe v1)")
     result_weight: float = 3.0
     # True: each packed document starts at position 0 and attends to itself only, as it is served (one
     # question alone after <bos>); False: documents run on across the window and see the ones before

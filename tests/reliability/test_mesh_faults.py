@@ -160,7 +160,7 @@ def test_round_completes_when_generator_scorer_and_critic_die_mid_round(mesh, lo
         store.close()
     # nothing lost to the faults: the pairs of the round without them. Seeded sampling repeats exactly
     # as long as a prompt meets the same batch padding; a retry merges requests into other batches, and
-    # the README notes a sampled token can then differ now and then, so allow a stray pair or two.
+    # a sampled token can then differ now and then (docs/training.md, on repeatability), so allow a stray pair or two.
     print(f"mesh faults: kills {sorted(client.killed)}; {len(keys)} pairs stored, {len(clean_keys)} without faults, {len(keys ^ clean_keys)} different")
     assert len(keys ^ clean_keys) <= max(2, len(clean_keys) // 20), (len(keys), len(clean_keys), len(keys & clean_keys))
     assert abs(report.steps_judged - clean.steps_judged) <= max(2, clean.steps_judged // 20)
