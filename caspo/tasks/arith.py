@@ -460,7 +460,9 @@ class ArithTask:
 
     # ---- format ----------------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
-        return f"Q:{question.strip()}\n"
+        """``Q:<expression>`` with every space taken out: the model was trained on ``(41+35)*2-94``, and a
+        person types ``(41 + 35) * 2 - 94`` (with the spaces the shipped model answered it 38)."""
+        return f"Q:{''.join(question.split())}\n"
 
     # ---- critic ----------------------------------------------------------------------------------
     def reference_step(self, problem: Problem, prefix: Sequence[str]) -> str:
