@@ -84,9 +84,10 @@ def test_bad_cat_section_names_field_and_limit(override, needle):
 
 
 def test_the_shipped_config_holds_the_recommended_cat():
-    # the defaults, with the threshold `caspo calibrate --model tiny` chose on the shipped model
+    # the defaults, with the threshold `caspo calibrate --model tiny -n 300` chose on the shipped model
+    # (every threshold at 1.000 on the warm-up problems: never branching is the cheapest)
     cfg = load_config("configs/tiny-cpu.yaml")
-    assert cfg.cat == dataclasses.replace(CatConfig(), branch_threshold=0.62)
+    assert cfg.cat == dataclasses.replace(CatConfig(), branch_threshold=math.inf)
 
 
 # ---- calibration on a scripted model: half the problems have an unsure, wrong greedy first step -----------
