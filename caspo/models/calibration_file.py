@@ -6,6 +6,7 @@ here; the rule that fills it is ``caspo.core.calibration``, the warm-up that run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -78,7 +79,11 @@ def calibration_path_for(model: str) -> Path:
     path = Path(resolve_model_path(model))
     if path.is_dir() and path.resolve() != SHIPPED_DIR.resolve():
         return path / CALIBRATION_FILE
-    name = "tiny-shipped" if path.is_dir() else str(path).replace("/", "--")
+    if path.is_dir():  # the shipped weights: named by which weights they are, so an upgrade's new
+        # weights do not pick up the calibration that was measured on the old ones
+        name = "tiny-shipped-" + hashlib.sha1((path / "train_meta.json").read_bytes()).hexdigest()[:8]
+    else:
+        name = str(path).replace("/", "--")
     return caspo_home() / "calibration" / f"{name}.json"
 
 
