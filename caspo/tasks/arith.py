@@ -460,9 +460,10 @@ class ArithTask:
 
     # ---- format ----------------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
-        """``Q:<expression>`` with every space taken out: the model was trained on ``(41+35)*2-94``, and a
-        person types ``(41 + 35) * 2 - 94`` (with the spaces the shipped model answered it 38)."""
-        return f"Q:{''.join(question.split())}\n"
+        """``Q:<expression>``, the expression as the model was trained on it: ``(41+35)*2-94``. A person
+        types ``(41 + 35) * 2 - 94`` or ``What is 12+7*3-5?`` (with the spaces the shipped model answered
+        the first 38), so the question's words and spaces are taken out first."""
+        return f"Q:{''.join(extract_expression(question).split())}\n"
 
     # ---- critic ----------------------------------------------------------------------------------
     def reference_step(self, problem: Problem, prefix: Sequence[str]) -> str:

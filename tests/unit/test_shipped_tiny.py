@@ -24,6 +24,7 @@ def test_the_shipped_weights_are_the_default_recipes_validation_choice():
 @pytest.mark.parametrize("method", ["greedy", "cat"])
 def test_the_readme_questions_are_answered_right(method):
     task = ArithTask()
+    # as README writes them: the third with spaces, as a person types it
     problems = [task.make_problem(q) for q in ("12+7*3-5", "8*(12-5)+3", "(41 + 35) * 2 - 94")]
     report = evaluate(HFBackend(str(SHIPPED_DIR)), task, problems, SearchConfig(method=method, k=4, tau=0.0, seed=0))
     answers = [r.answer for r in report.records]
