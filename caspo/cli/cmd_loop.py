@@ -209,7 +209,7 @@ def add_parser(sub) -> None:
     """The demo, generate-pairs, loop, report, sweep subcommands."""
     p = command(sub, "demo", help="the main job on the built-in model: inference methods side by side, then CASPO rounds", func=cmd_demo, config=True)
     p.add_argument("--run", help="run name: runs/NAME (default demo; demo-quick with --quick)")
-    p.add_argument("--rounds", type=int, default=1, help="CASPO rounds (default 1: about 15 minutes on 2 cores)")
+    p.add_argument("--rounds", type=int, default=1, help="CASPO rounds (default 1: about 9 minutes on 2 cores)")
     p.add_argument("--quick", action="store_true", help=f"a quicker look: {QUICK['loop.questions']} training questions and "
                    f"{QUICK['loop.eval_n']} held-out problems instead of the config's (wider intervals), in runs/{QUICK['run']}")
 
