@@ -52,7 +52,7 @@ def resolve_tiny() -> Path:
         return user
     if (SHIPPED_DIR / "config.json").exists():
         return SHIPPED_DIR
-    log.warning("no tiny model found; training one into %s (recipe %s, about 25 minutes on 2 cores)", user, DEFAULT_RECIPE)
+    log.warning("no tiny model found; training one into %s (recipe %s: 36 minutes measured on 2 shared cores, docs/reasoner.md)", user, DEFAULT_RECIPE)
     train_tiny(TinyTrainConfig(**TINY_RECIPES[DEFAULT_RECIPE]), user)
     return user
 
